@@ -1,0 +1,36 @@
+# aim-platform: `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU build by default (it lies on this machine's disk); on a CUDA machine, e.g.
+#   make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.setup-done
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test lint doctor clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile infra/pillow_simd.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	bash infra/pillow_simd.sh $(PY)
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/aimctl selfcheck
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check platform tests jobs
+
+doctor: setup
+	$(VENV)/bin/aimctl doctor
+
+clean:
+	rm -rf $(VENV) .pytest_cache

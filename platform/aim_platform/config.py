@@ -1,0 +1,261 @@
+"""Typed configuration: pydantic models, YAML loading and ``--set a.b=c`` overrides.
+
+Every config model forbids unknown keys, and impossible combinations fail with a
+:class:`ConfigError` whose message names the field (``model.embed_dim: ...``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from aim_platform.models.sizes import SIZES
+
+# Pre-training attention; downstream runs the trunk bidirectionally (or causally for Table 3d
+# probes), which a pre-training objective cannot: every position would see its target.
+PretrainAttention = Literal["prefix_causal", "causal"]
+PatternKind = Literal["raster", "spiral", "checkerboard", "random"]
+HeadKind = Literal["none", "mlp", "transformer"]
+TargetKind = Literal["normalized", "raw"]
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names each offending field."""
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class HeadConfig(StrictModel):
+    """Pixel head on top of the trunk (paper Section 3 and Table 3e/4)."""
+
+    kind: HeadKind = "mlp"
+    num_blocks: int = Field(12, ge=0, description="residual MLP or transformer blocks")
+    width: int = Field(2048, ge=1, description="width of the head's blocks")
+    mlp_ratio: float = Field(4.0, gt=0)
+    num_heads: int = Field(8, ge=1, description="attention heads (transformer head only)")
+
+
+class ModelConfig(StrictModel):
+    """An AIM model: trunk shapes, attention, autoregression pattern, head and target.
+
+    ``size`` names a registered variant (``aim-600M``, ``aim-tiny``, ...) whose shapes fill
+    every field that is not given explicitly.
+    """
+
+    size: str | None = "aim-tiny"
+    img_size: int = Field(..., ge=1)
+    patch_size: int = Field(..., ge=1)
+    embed_dim: int = Field(..., ge=2)
+    num_blocks: int = Field(..., ge=1)
+    num_heads: int = Field(..., ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+    norm_eps: float = Field(1e-6, gt=0)
+    head: HeadConfig = HeadConfig()
+    attention: PretrainAttention = "prefix_causal"
+    pattern: PatternKind = "raster"
+    pattern_seed: int = 0
+    prefix_min: int = Field(1, description="smallest prefix length S (prefix_causal only)")
+    prefix_max: int | None = Field(None, description="largest prefix length S; None: K-1")
+    target: TargetKind = "normalized"
+    target_eps: float = Field(1e-6, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_size(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        size = data.get("size", cls.model_fields["size"].default)
+        if size is None:
+            return data
+        if size not in SIZES:
+            raise ValueError(f"size: unknown size {size!r}; registered: {', '.join(SIZES)}")
+        spec = SIZES[size]
+        for name in ("img_size", "patch_size", "embed_dim", "num_blocks", "num_heads"):
+            data.setdefault(name, getattr(spec, name))
+        head = data.get("head")
+        if head is None or isinstance(head, dict):
+            head = dict(head or {})
+            head.setdefault("num_blocks", spec.head_blocks)
+            head.setdefault("width", spec.head_width)
+            data["head"] = head
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        problems = []
+        if self.embed_dim % self.num_heads:
+            problems.append(
+                f"embed_dim: {self.embed_dim} is not divisible by num_heads={self.num_heads}"
+            )
+        elif (self.embed_dim // self.num_heads) % 2:
+            problems.append(f"embed_dim: head dim {self.embed_dim // self.num_heads} must be even")
+        if self.embed_dim % 4:
+            problems.append(
+                f"embed_dim: {self.embed_dim} must be divisible by 4 (2-D sine-cosine embedding)"
+            )
+        if self.img_size % self.patch_size:
+            problems.append(
+                f"img_size: {self.img_size} is not divisible by patch_size={self.patch_size}"
+            )
+        k = (self.img_size // self.patch_size) ** 2
+        if k < 2:
+            problems.append(f"patch_size: {self.patch_size} leaves {k} patch(es); need at least 2")
+        if self.attention == "prefix_causal" and k >= 2:
+            hi = k - 1 if self.prefix_max is None else self.prefix_max
+            if not 1 <= self.prefix_min <= k - 1:
+                problems.append(f"prefix_min: {self.prefix_min} is outside [1, K-1] = [1, {k - 1}]")
+            if not 1 <= hi <= k - 1:
+                problems.append(f"prefix_max: {hi} is outside [1, K-1] = [1, {k - 1}]")
+            if self.prefix_min > hi:
+                problems.append(f"prefix_min: {self.prefix_min} is larger than prefix_max={hi}")
+        if self.head.kind == "transformer" and self.head.width % self.head.num_heads:
+            problems.append(
+                f"head.width: {self.head.width} is not divisible by head.num_heads="
+                f"{self.head.num_heads}"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def grid_size(self) -> int:
+        """Patches along one side of the image."""
+        return self.img_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """K, the length of the patch sequence."""
+        return self.grid_size**2
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per patch: patch_size * patch_size * 3."""
+        return self.patch_size * self.patch_size * 3
+
+    @property
+    def prefix_range(self) -> tuple[int, int]:
+        """Inclusive range of the prefix length S sampled in pre-training."""
+        hi = self.num_patches - 1 if self.prefix_max is None else self.prefix_max
+        return self.prefix_min, hi
+
+
+class JobConfig(StrictModel):
+    """Root of a job's configuration (extended by the data, training and eval sections)."""
+
+    name: str = Field("aim-run", min_length=1)
+    seed: int = 0
+    model: ModelConfig = ModelConfig()
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    """One line per problem, each starting with the dotted path of the field it names."""
+    lines = []
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and _NAMED.match(msg):
+            # A model-level check names its own fields: "embed_dim: ...; img_size: ...".
+            for part in msg.split("; "):
+                lines.append(f"{where}.{part}" if where else part)
+        else:
+            lines.append(f"{where}: {msg}" if where else msg)
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+_NAMED = re.compile(r"^[A-Za-z_][\w.]*: ")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b=c`` into a key path and a YAML-parsed value (``1`` -> int, ``[1,2]`` -> list)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form key.path=value")
+    key, raw = item.split("=", 1)
+    path = [p for p in key.strip().split(".")]
+    if not all(path):
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with each ``a.b=c`` override set (nested dicts created)."""
+    out = _deep_copy(data)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override {item!r}: {where} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def build_config(cls: type[C], data: dict[str, Any], overrides: list[str] | None = None) -> C:
+    """Validate ``data`` (plus overrides) into ``cls``; errors become :class:`ConfigError`."""
+    merged = apply_overrides(data, overrides or [])
+    try:
+        return cls.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = JobConfig
+) -> C:
+    """Load a YAML config file (or defaults when ``path`` is None) with overrides applied."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level")
+        data = loaded
+    return build_config(cls, data, overrides)
+
+
+def dump_config(config: BaseModel) -> str:
+    """The config as YAML (what checkpoints and MLflow store; never a pickled object)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            out.update(flatten(value, name))
+        else:
+            out[name] = value
+    return out

@@ -1,0 +1,76 @@
+"""``aimctl doctor``: what is really installed and imported, and which devices are seen."""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import sys
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def pil_report() -> dict[str, str]:
+    """Which PIL is imported (Pillow or Pillow-SIMD) and whether it decodes with libjpeg-turbo."""
+    import PIL
+    from PIL import features
+
+    simd = _version("pillow-simd")
+    plain = _version("pillow")
+    imported = PIL.__version__
+    if simd and imported == simd:
+        flavour = "Pillow-SIMD"
+    else:
+        flavour = "Pillow"
+    report = {
+        "PIL": f"{flavour} {imported} ({os.path.dirname(PIL.__file__)})",
+        "libjpeg-turbo": f"{features.check_feature('libjpeg_turbo')} (jpeg {features.version('jpg')})",
+    }
+    if simd and plain:
+        report["warning"] = (
+            f"both Pillow {plain} and Pillow-SIMD {simd} are installed; a later pip install put "
+            "Pillow back: run `bash infra/pillow_simd.sh .venv/bin/python`"
+        )
+    return report
+
+
+def device_report() -> list[str]:
+    """Devices torch can use."""
+    import torch
+
+    lines = [f"cpu: {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(
+                f"cuda:{i}: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}"
+            )
+    else:
+        lines.append("cuda: not available")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        lines.append("mps: available")
+    return lines
+
+
+def report() -> dict[str, object]:
+    """Everything ``aimctl doctor`` prints."""
+    import torch
+
+    info: dict[str, object] = {
+        "python": f"{sys.version.split()[0]} ({sys.executable})",
+        "platform": platform.platform(),
+        "aim-platform": _version("aim-platform") or "not installed",
+        "torch": f"{torch.__version__} (cuda {torch.version.cuda})",
+        "ray": _version("ray") or "not installed",
+        "mlflow": _version("mlflow") or "not installed",
+        "pyarrow": _version("pyarrow") or "not installed",
+    }
+    info.update(pil_report())
+    info["devices"] = device_report()
+    return info

@@ -1,0 +1,265 @@
+"""The AIM trunk, the pre-training model (trunk + pixel head + loss) and the classifier.
+
+Control flow lives in ``forward``; the pieces are in :mod:`.layers`, :mod:`.heads`,
+:mod:`.patterns` and :mod:`.losses`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from aim_platform.models.heads import AttentiveProbe, LinearProbe, PixelHead
+from aim_platform.models.layers import (
+    AttentionKind,
+    Block,
+    PatchEmbed,
+    attention_mask,
+    patchify,
+    sincos_pos_embed_2d,
+)
+from aim_platform.models.losses import LossOutput, next_patch_loss, normalize_patches
+from aim_platform.models.patterns import pattern_order
+
+if TYPE_CHECKING:  # config imports the size registry from this package
+    from aim_platform.config import ModelConfig
+
+# Input normalization of the official AIM v1 code (ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def pixels_to_input(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 patch sequences -> normalized float model input.
+
+    Args:
+        patches: (B, K, p*p*3) uint8 (or float in [0, 255]), channel last within a patch.
+
+    Returns:
+        (B, K, p*p*3) float32: ``(x / 255 - mean_c) / std_c`` per colour channel.
+    """
+    b, k, pdim = patches.shape
+    x = patches.float().reshape(b, k, pdim // 3, 3) / 255.0  # (B, K, p*p, 3)
+    mean = x.new_tensor(IMAGENET_MEAN)
+    std = x.new_tensor(IMAGENET_STD)
+    return ((x - mean) / std).reshape(b, k, pdim)  # (B, K, P)
+
+
+def sample_prefix_lengths(
+    batch: int, low: int, high: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Prefix lengths S ~ U{low..high} (inclusive), one per sample. (B,) int64 on the CPU."""
+    return torch.randint(low, high + 1, (batch,), generator=generator)
+
+
+class AIMTrunk(nn.Module):
+    """ViT trunk: patch embedding + 2-D sine-cosine positions, pre-norm blocks, final norm.
+
+    No class token. The position embedding is a buffer (not a parameter) so it follows the
+    module to its device and dtype and is never recomputed in ``forward``.
+    """
+
+    def __init__(
+        self,
+        *,
+        patch_dim: int,
+        grid_size: int,
+        embed_dim: int,
+        num_blocks: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_patches = grid_size * grid_size
+        self.patch_embed = PatchEmbed(patch_dim, embed_dim, eps)
+        self.blocks = nn.ModuleList(
+            [Block(embed_dim, num_heads, mlp_ratio, eps) for _ in range(num_blocks)]
+        )
+        self.post_trunk_norm = nn.LayerNorm(embed_dim, eps=eps)
+        pos = sincos_pos_embed_2d(grid_size, embed_dim)  # (K, D)
+        self.register_buffer("pos_embed", pos, persistent=False)
+
+    def forward(
+        self,
+        patches: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        num_blocks: int | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Run the trunk.
+
+        Args:
+            patches: (B, K, P) normalized float patches in sequence order.
+            mask: Boolean attention mask from :func:`attention_mask` (None: bidirectional).
+            positions: (K,) raster index of the patch at each sequence position (None: raster).
+            num_blocks: Run only the first ``num_blocks`` blocks (None: all).
+
+        Returns:
+            ``(features, block_outputs)``: post-norm features (B, K, D) of the last block run,
+            and the raw output of every block run, each (B, K, D).
+        """
+        pos = self.pos_embed if positions is None else self.pos_embed[positions]  # (K, D)
+        x = self.patch_embed(patches) + pos.to(patches.dtype)  # (B, K, D)
+        outputs = []
+        for block in self.blocks[:num_blocks]:
+            x = block(x, mask)  # (B, K, D)
+            outputs.append(x)
+        return self.post_trunk_norm(x), outputs
+
+    def features(
+        self,
+        patches: torch.Tensor,
+        layers: Sequence[int],
+        attention: AttentionKind = "bidirectional",
+    ) -> torch.Tensor:
+        """Mean of the raw outputs of the chosen blocks (what the probes read).
+
+        Args:
+            patches: (B, K, P) normalized float patches in raster order.
+            layers: Block indices (negative counts from the end).
+            attention: ``bidirectional`` (downstream default) or ``causal``.
+
+        Returns:
+            (B, K, D).
+        """
+        n = len(self.blocks)
+        idx = [i % n for i in layers]
+        mask = attention_mask(attention, patches.shape[1])
+        mask = None if mask is None else mask.to(patches.device)
+        _, outputs = self(patches, mask=mask, num_blocks=max(idx) + 1)
+        return torch.stack([outputs[i] for i in idx]).mean(dim=0)  # (B, K, D)
+
+
+def build_trunk(cfg: ModelConfig) -> AIMTrunk:
+    """The trunk described by a :class:`ModelConfig`."""
+    trunk = AIMTrunk(
+        patch_dim=cfg.patch_dim,
+        grid_size=cfg.grid_size,
+        embed_dim=cfg.embed_dim,
+        num_blocks=cfg.num_blocks,
+        num_heads=cfg.num_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        eps=cfg.norm_eps,
+    )
+    init_weights(trunk)
+    return trunk
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-uniform linear weights, zero biases, unit LayerNorms (MAE/AIM style)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class AIMForPretraining(nn.Module):
+    """Trunk + pixel head + next-patch loss, with the pattern and prefix handled here.
+
+    ``loss`` is the whole pre-training objective from uint8 patches: normalize the input,
+    order the patches by the pattern (tokens, position embeddings and targets alike), build the
+    attention mask, predict, and take the MSE on the patches after the prefix.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = build_trunk(cfg)
+        self.head = PixelHead(
+            cfg.head.kind,
+            in_dim=cfg.embed_dim,
+            patch_dim=cfg.patch_dim,
+            num_blocks=cfg.head.num_blocks,
+            width=cfg.head.width,
+            mlp_ratio=cfg.head.mlp_ratio,
+            num_heads=cfg.head.num_heads,
+            eps=cfg.norm_eps,
+        )
+        init_weights(self.head)
+        order = pattern_order(cfg.pattern, cfg.grid_size, cfg.pattern_seed)  # (K,)
+        self.register_buffer("order", order, persistent=False)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        prefix_len: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predictions in sequence order: output k predicts the patch at position k+1.
+
+        Args:
+            tokens: (B, K, P) normalized float patches in sequence (pattern) order.
+            positions: (K,) raster index of each sequence position (None: raster).
+            prefix_len: (B,) prefix lengths for ``prefix_causal`` attention.
+
+        Returns:
+            (B, K, P).
+        """
+        k = tokens.shape[1]
+        mask = attention_mask(self.cfg.attention, k, prefix_len)
+        if mask is not None:
+            mask = mask.to(tokens.device)
+        x, _ = self.trunk(tokens, mask=mask, positions=positions)  # (B, K, D)
+        pos = self.trunk.pos_embed if positions is None else self.trunk.pos_embed[positions]
+        return self.head(x + pos.to(x.dtype))  # (B, K, P)
+
+    def loss(self, pixels: torch.Tensor, prefix_len: torch.Tensor | None = None) -> LossOutput:
+        """The pre-training loss on a batch of raster-order patches.
+
+        Args:
+            pixels: (B, K, P) uint8 patch sequences in raster order, as the pipeline delivers.
+            prefix_len: (B,) prefix lengths; required for ``prefix_causal``, ignored otherwise.
+        """
+        x = pixels_to_input(pixels)  # (B, K, P) float
+        seq = x[:, self.order]  # (B, K, P) in pattern order
+        target = (
+            normalize_patches(seq, self.cfg.target_eps) if self.cfg.target == "normalized" else seq
+        )
+        if self.cfg.attention != "prefix_causal":
+            prefix_len = None
+        elif prefix_len is None:
+            raise ValueError("prefix_causal pre-training needs prefix_len (B,)")
+        else:
+            prefix_len = prefix_len.to(x.device)
+        pred = self(seq, positions=self.order, prefix_len=prefix_len)  # (B, K, P)
+        return next_patch_loss(pred, target, prefix_len)
+
+
+class AIMClassifier(nn.Module):
+    """Frozen-trunk classifier: bidirectional trunk, mean of chosen blocks, probe head.
+
+    Matches the official AIM v1 ``AIMForImageClassification`` when built by
+    :func:`aim_platform.models.interop.load_ml_aim_v1`.
+    """
+
+    def __init__(
+        self,
+        trunk: AIMTrunk,
+        probe: AttentiveProbe | LinearProbe,
+        layers: Sequence[int],
+        patch_size: int,
+    ) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.probe = probe
+        self.layers = list(layers)
+        self.patch_size = patch_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalized images -> (B, C) logits."""
+        patches = patchify(images, self.patch_size)  # (B, K, P)
+        return self.probe(self.trunk.features(patches, self.layers))  # (B, C)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (works on the ``meta`` device: nothing is allocated)."""
+    return sum(p.numel() for p in module.parameters())
