@@ -60,6 +60,9 @@ class ModelConfig(StrictModel):
     norm_eps: float = Field(1e-6, gt=0)
     head: HeadConfig = HeadConfig()
     attention: PretrainAttention = "prefix_causal"
+    attention_backend: Literal["sdpa", "flex"] = Field(
+        "sdpa", description="sdpa: boolean mask (CPU); flex: FlexAttention block mask (GPU)"
+    )
     pattern: PatternKind = "raster"
     pattern_seed: int = 0
     prefix_min: int = Field(1, description="smallest prefix length S (prefix_causal only)")
@@ -148,12 +151,149 @@ class ModelConfig(StrictModel):
         return self.prefix_min, hi
 
 
+class OptimConfig(StrictModel):
+    """AdamW with linear warm-up then cosine decay (no decay on norms and biases)."""
+
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    min_lr: float = Field(0.0, ge=0, description="learning rate at the end of the cosine")
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_steps: int = Field(10, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None: off")
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr: {self.min_lr} is larger than lr={self.lr}")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas: {self.betas} must lie in [0, 1)")
+        return self
+
+
+class TrainConfig(StrictModel):
+    """Distributed pre-training: scale, batch, precision, cadence of validation/checkpoints."""
+
+    steps: int = Field(100, ge=1, description="optimizer steps")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers")
+    cpus_per_worker: float = Field(0.5, gt=0, description="logical CPUs each worker reserves")
+    use_gpu: bool = False
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="how workers are placed on nodes (SPREAD: one per node if possible)"
+    )
+    global_batch_size: int = Field(64, ge=1, description="images per optimizer step")
+    micro_batch_size: int = Field(32, ge=1, description="images per worker per forward")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto: bf16 mixed precision on GPU, float32 on CPU"
+    )
+    activation_checkpointing: bool = False
+    compile: bool = False
+    val_every: int = Field(50, ge=1, description="validate every N steps (and at the end)")
+    checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = Field(2, ge=1, description="keep the latest k checkpoints")
+    log_every: int = Field(10, ge=1)
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
+    storage_path: str = Field("./runs", description="any fsspec URL: folder or s3://bucket/x")
+    warmup_throughput_steps: int = Field(3, ge=0, description="steps excluded from images/s")
+    peak_flops: float | None = Field(None, gt=0, description="override the device peak for MFU")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        per_step = self.micro_batch_size * self.num_workers
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} is not a multiple of "
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x "
+                f"{self.num_workers}"
+            )
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches each worker accumulates per optimizer step."""
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+
+class TrackingConfig(StrictModel):
+    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage."""
+
+    tracking_uri: str | None = None
+    experiment: str = Field("aim-pretrain", min_length=1)
+
+
+class DataSource(StrictModel):
+    """One ingested dataset (``aimctl ingest`` output) and its weight in the mixture.
+
+    ``url`` is any fsspec URL of an ingest root (it holds ``_manifest.json``), or
+    ``builtin:digits`` / ``builtin:photos``, ingested once into a local cache folder.
+    """
+
+    url: str = Field(..., min_length=1)
+    weight: float = Field(1.0, gt=0, description="sampling weight (normalized over sources)")
+    name: str | None = Field(None, description="the rows' `source`; None: last part of url")
+
+    @property
+    def source_name(self) -> str:
+        """The name carried in each row's ``source`` column."""
+        if self.name:
+            return self.name
+        return self.url.rstrip("/").rsplit("/", 1)[-1].removeprefix("builtin:")
+
+
+class DataConfig(StrictModel):
+    """Parquet shards -> Ray Data -> uint8 patch sequences (see ``aim_platform.data``)."""
+
+    sources: list[DataSource] = Field(
+        default_factory=lambda: [DataSource(url="builtin:digits")], min_length=1
+    )
+    val_url: str | None = Field(None, description="ingest root for validation; None: sources")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options (endpoint_url, ...); no secrets here"
+    )
+    samples_per_epoch: int | None = Field(
+        None, ge=1, description="rows drawn per epoch; None: the sources' train rows in total"
+    )
+    crop_scale: tuple[float, float] = (0.4, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_prob: float = Field(0.5, ge=0, le=1)
+    max_pixels: int = Field(89_478_485, ge=1, description="larger images count as corrupt")
+    decode_batch_size: int = Field(32, ge=1, description="rows per decode task call")
+    decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
+    cpus_per_task: float = Field(0.5, ge=0, description="logical CPUs per read/decode task")
+    prefetch_batches: int = Field(2, ge=0, description="batches prefetched by the consumer")
+    local_shuffle_buffer: int = Field(0, ge=0, description="consumer-side shuffle rows; 0: off")
+    preserve_order: bool = Field(True, description="deterministic row order (same seed)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        problems = []
+        lo, hi = self.crop_scale
+        if lo > hi:
+            problems.append(f"crop_scale: lower bound {lo} > upper {hi}")
+        elif not 0 < lo <= hi <= 1:
+            problems.append(f"crop_scale: ({lo}, {hi}) must lie in (0, 1]")
+        rlo, rhi = self.crop_ratio
+        if rlo > rhi:
+            problems.append(f"crop_ratio: lower bound {rlo} > upper {rhi}")
+        elif rlo <= 0:
+            problems.append(f"crop_ratio: ({rlo}, {rhi}) must be positive")
+        names = [s.source_name for s in self.sources]
+        if len(set(names)) != len(names):
+            problems.append(f"sources: names {names} are not unique; set `name` on each")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
 class JobConfig(StrictModel):
     """Root of a job's configuration (extended by the data, training and eval sections)."""
 
     name: str = Field("aim-run", min_length=1)
     seed: int = 0
     model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -11,13 +11,16 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from aim_platform.models.heads import AttentiveProbe, LinearProbe, PixelHead
 from aim_platform.models.layers import (
     AttentionKind,
     Block,
+    BlockMask,
     PatchEmbed,
     attention_mask,
+    flex_block_mask,
     patchify,
     sincos_pos_embed_2d,
 )
@@ -59,7 +62,10 @@ class AIMTrunk(nn.Module):
     """ViT trunk: patch embedding + 2-D sine-cosine positions, pre-norm blocks, final norm.
 
     No class token. The position embedding is a buffer (not a parameter) so it follows the
-    module to its device and dtype and is never recomputed in ``forward``.
+    module to its device and dtype and is never recomputed in ``forward``. With
+    ``activation_checkpointing`` each block's activations are recomputed in the backward
+    (``torch.utils.checkpoint``, non-reentrant) instead of being kept: same values and
+    gradients, less memory, one more block forward per step.
     """
 
     def __init__(
@@ -72,8 +78,10 @@ class AIMTrunk(nn.Module):
         num_heads: int,
         mlp_ratio: float = 4.0,
         eps: float = 1e-6,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        self.activation_checkpointing = activation_checkpointing
         self.embed_dim = embed_dim
         self.num_patches = grid_size * grid_size
         self.patch_embed = PatchEmbed(patch_dim, embed_dim, eps)
@@ -87,7 +95,7 @@ class AIMTrunk(nn.Module):
     def forward(
         self,
         patches: torch.Tensor,
-        mask: torch.Tensor | None = None,
+        mask: torch.Tensor | BlockMask | None = None,
         positions: torch.Tensor | None = None,
         num_blocks: int | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -95,7 +103,8 @@ class AIMTrunk(nn.Module):
 
         Args:
             patches: (B, K, P) normalized float patches in sequence order.
-            mask: Boolean attention mask from :func:`attention_mask` (None: bidirectional).
+            mask: Boolean attention mask from :func:`attention_mask`, or a FlexAttention
+                block mask from :func:`flex_block_mask` (None: bidirectional).
             positions: (K,) raster index of the patch at each sequence position (None: raster).
             num_blocks: Run only the first ``num_blocks`` blocks (None: all).
 
@@ -106,8 +115,12 @@ class AIMTrunk(nn.Module):
         pos = self.pos_embed if positions is None else self.pos_embed[positions]  # (K, D)
         x = self.patch_embed(patches) + pos.to(patches.dtype)  # (B, K, D)
         outputs = []
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks[:num_blocks]:
-            x = block(x, mask)  # (B, K, D)
+            if recompute:
+                x = checkpoint(block, x, mask, use_reentrant=False)  # (B, K, D)
+            else:
+                x = block(x, mask)  # (B, K, D)
             outputs.append(x)
         return self.post_trunk_norm(x), outputs
 
@@ -129,14 +142,13 @@ class AIMTrunk(nn.Module):
         """
         n = len(self.blocks)
         idx = [i % n for i in layers]
-        mask = attention_mask(attention, patches.shape[1])
-        mask = None if mask is None else mask.to(patches.device)
+        mask = attention_mask(attention, patches.shape[1], device=patches.device)
         _, outputs = self(patches, mask=mask, num_blocks=max(idx) + 1)
         return torch.stack([outputs[i] for i in idx]).mean(dim=0)  # (B, K, D)
 
 
-def build_trunk(cfg: ModelConfig) -> AIMTrunk:
-    """The trunk described by a :class:`ModelConfig`."""
+def build_trunk(cfg: ModelConfig, activation_checkpointing: bool = False) -> AIMTrunk:
+    """The trunk described by a :class:`ModelConfig` (see :class:`AIMTrunk` for the flag)."""
     trunk = AIMTrunk(
         patch_dim=cfg.patch_dim,
         grid_size=cfg.grid_size,
@@ -145,6 +157,7 @@ def build_trunk(cfg: ModelConfig) -> AIMTrunk:
         num_heads=cfg.num_heads,
         mlp_ratio=cfg.mlp_ratio,
         eps=cfg.norm_eps,
+        activation_checkpointing=activation_checkpointing,
     )
     init_weights(trunk)
     return trunk
@@ -168,12 +181,17 @@ class AIMForPretraining(nn.Module):
     ``loss`` is the whole pre-training objective from uint8 patches: normalize the input,
     order the patches by the pattern (tokens, position embeddings and targets alike), build the
     attention mask, predict, and take the MSE on the patches after the prefix.
+
+    Args:
+        cfg: The model; ``cfg.attention_backend`` picks SDPA with a boolean mask (``sdpa``, the
+            CPU path) or FlexAttention with a block mask (``flex``, for GPUs).
+        activation_checkpointing: Recompute each trunk block in the backward.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = build_trunk(cfg)
+        self.trunk = build_trunk(cfg, activation_checkpointing)
         self.head = PixelHead(
             cfg.head.kind,
             in_dim=cfg.embed_dim,
@@ -187,6 +205,18 @@ class AIMForPretraining(nn.Module):
         init_weights(self.head)
         order = pattern_order(cfg.pattern, cfg.grid_size, cfg.pattern_seed)  # (K,)
         self.register_buffer("order", order, persistent=False)
+        # Raster order is the identity: skip the per-step gathers of patches and positions.
+        self.identity_order = cfg.pattern == "raster"
+
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """``torch.compile`` every trunk and head block in place (per block, as torchtitan).
+
+        Compiling blocks rather than the whole model keeps masks, the loss and the optimizer
+        in eager mode, composes with activation checkpointing and FSDP2 (``fully_shard`` per
+        block), and lets the blocks share one compiled graph.
+        """
+        for block in [*self.trunk.blocks, *self.head.blocks]:
+            block.compile(**compile_kwargs)
 
     def forward(
         self,
@@ -205,9 +235,10 @@ class AIMForPretraining(nn.Module):
             (B, K, P).
         """
         k = tokens.shape[1]
-        mask = attention_mask(self.cfg.attention, k, prefix_len)
-        if mask is not None:
-            mask = mask.to(tokens.device)
+        if self.cfg.attention_backend == "flex":
+            mask = flex_block_mask(self.cfg.attention, k, prefix_len, tokens.device)
+        else:
+            mask = attention_mask(self.cfg.attention, k, prefix_len, tokens.device)
         x, _ = self.trunk(tokens, mask=mask, positions=positions)  # (B, K, D)
         pos = self.trunk.pos_embed if positions is None else self.trunk.pos_embed[positions]
         return self.head(x + pos.to(x.dtype))  # (B, K, P)
@@ -220,7 +251,8 @@ class AIMForPretraining(nn.Module):
             prefix_len: (B,) prefix lengths; required for ``prefix_causal``, ignored otherwise.
         """
         x = pixels_to_input(pixels)  # (B, K, P) float
-        seq = x[:, self.order]  # (B, K, P) in pattern order
+        seq = x if self.identity_order else x[:, self.order]  # (B, K, P) in pattern order
+        positions = None if self.identity_order else self.order
         target = (
             normalize_patches(seq, self.cfg.target_eps) if self.cfg.target == "normalized" else seq
         )
@@ -230,7 +262,7 @@ class AIMForPretraining(nn.Module):
             raise ValueError("prefix_causal pre-training needs prefix_len (B,)")
         else:
             prefix_len = prefix_len.to(x.device)
-        pred = self(seq, positions=self.order, prefix_len=prefix_len)  # (B, K, P)
+        pred = self(seq, positions=positions, prefix_len=prefix_len)  # (B, K, P)
         return next_patch_loss(pred, target, prefix_len)
 
 

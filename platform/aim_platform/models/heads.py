@@ -53,7 +53,7 @@ class PixelHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(x)  # (B, K, D) -> (B, K, W)
         if self.kind == "transformer":
-            mask = attention_mask("causal", x.shape[1]).to(x.device)  # (K, K)
+            mask = attention_mask("causal", x.shape[1], device=x.device)  # (K, K)
             for block in self.blocks:
                 x = block(x, mask)  # (B, K, W)
         else:

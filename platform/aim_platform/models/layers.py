@@ -6,11 +6,13 @@ patch, D width, H heads, Dh = D / H.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 AttentionKind = Literal["prefix_causal", "causal", "bidirectional"]
 
@@ -66,8 +68,34 @@ def sincos_pos_embed_2d(grid_size: int, dim: int) -> torch.Tensor:
     return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1)  # (K, D)
 
 
+def may_attend(
+    q_idx: torch.Tensor, kv_idx: torch.Tensor, prefix_len: torch.Tensor | int
+) -> torch.Tensor:
+    """The attention rule, elementwise: query i may attend key j iff ``j <= i or j < S``.
+
+    The one predicate behind both :func:`attention_mask` (dense boolean masks for SDPA) and
+    :func:`flex_block_mask` (FlexAttention's ``mask_mod``). ``S = 0`` gives plain causal.
+    Arguments broadcast against each other.
+    """
+    return (kv_idx <= q_idx) | (kv_idx < prefix_len)
+
+
+def _needs_mask(kind: AttentionKind, prefix_len: torch.Tensor | None) -> bool:
+    """False for bidirectional attention; raises on an unknown kind or a missing prefix."""
+    if kind == "bidirectional":
+        return False
+    if kind not in ("causal", "prefix_causal"):
+        raise ValueError(f"unknown attention kind {kind!r}")
+    if kind == "prefix_causal" and prefix_len is None:
+        raise ValueError("prefix_causal attention needs prefix_len (one length per sample)")
+    return True
+
+
 def attention_mask(
-    kind: AttentionKind, num_tokens: int, prefix_len: torch.Tensor | None = None
+    kind: AttentionKind,
+    num_tokens: int,
+    prefix_len: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor | None:
     """Boolean attention mask (True = may attend) for :func:`F.scaled_dot_product_attention`.
 
@@ -81,19 +109,74 @@ def attention_mask(
         kind: Attention kind.
         num_tokens: K.
         prefix_len: (B,) integer prefix lengths S, required for ``prefix_causal``.
+        device: Where to build the mask (default: ``prefix_len``'s device, else the CPU), so
+            that no mask is copied between devices.
     """
-    if kind == "bidirectional":
+    if not _needs_mask(kind, prefix_len):
         return None
+    if device is None:
+        device = prefix_len.device if prefix_len is not None else "cpu"
+    idx = torch.arange(num_tokens, device=device)  # (K,)
     if kind == "causal":
-        return torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril_()
-    if kind != "prefix_causal":
-        raise ValueError(f"unknown attention kind {kind!r}")
-    if prefix_len is None:
-        raise ValueError("prefix_causal attention needs prefix_len (one length per sample)")
-    idx = torch.arange(num_tokens, device=prefix_len.device)
-    causal = idx.view(1, -1) <= idx.view(-1, 1)  # (K, K): key j <= query i
-    in_prefix = idx.view(1, 1, -1) < prefix_len.view(-1, 1, 1)  # (B, 1, K): key j < S
-    return (causal.unsqueeze(0) | in_prefix).unsqueeze(1)  # (B, 1, K, K)
+        return may_attend(idx.view(-1, 1), idx.view(1, -1), 0)  # (K, K)
+    prefix = prefix_len.to(device).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
+    return may_attend(idx.view(1, 1, -1, 1), idx.view(1, 1, 1, -1), prefix)  # (B, 1, K, K)
+
+
+def flex_block_mask(
+    kind: AttentionKind,
+    num_tokens: int,
+    prefix_len: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+) -> BlockMask | None:
+    """The same mask as :func:`attention_mask`, as a FlexAttention :class:`BlockMask`.
+
+    Built from :func:`may_attend` per (sample, query, key); blocks that are fully masked are
+    skipped by the kernel, so prefix-causal attention costs about what causal attention does.
+
+    Args:
+        kind: Attention kind (``bidirectional`` gives None: no mask needed).
+        num_tokens: K.
+        prefix_len: (B,) integer prefix lengths S, required for ``prefix_causal``.
+        device: Where the block mask lives (default: ``prefix_len``'s device, else the CPU).
+    """
+    if not _needs_mask(kind, prefix_len):
+        return None
+    if device is None:
+        device = prefix_len.device if prefix_len is not None else "cpu"
+    if kind == "causal":
+        batch = None
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor):
+            return may_attend(q, kv, 0)
+
+    else:
+        prefix = prefix_len.to(device)  # (B,)
+        batch = prefix.shape[0]
+
+        def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor):
+            return may_attend(q, kv, prefix[b])
+
+    return create_block_mask(mask_mod, batch, None, num_tokens, num_tokens, device=device)
+
+
+_compiled_flex: Callable[..., torch.Tensor] | None = None
+
+
+def compiled_flex_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask
+) -> torch.Tensor:
+    """:func:`flex_attention` under ``torch.compile`` (compiled once per process, lazily).
+
+    Eager FlexAttention is a slow reference that materializes every score; the compiled one
+    generates a fused kernel (Triton on GPUs, C++ on CPUs).
+    """
+    if torch.compiler.is_compiling():  # inside a compiled block: trace into its graph
+        return flex_attention(q, k, v, block_mask=block_mask)  # (B, H, K, Dh)
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)  # (B, H, K, Dh)
 
 
 class PatchEmbed(nn.Module):
@@ -121,7 +204,11 @@ def conv_weight_to_linear(weight: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention without biases, on :func:`F.scaled_dot_product_attention`."""
+    """Multi-head self-attention without biases.
+
+    The mask picks the kernel: a boolean tensor (or None) runs
+    :func:`F.scaled_dot_product_attention`; a :class:`BlockMask` runs FlexAttention.
+    """
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__()
@@ -131,11 +218,16 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None
+    ) -> torch.Tensor:
         b, k, d = x.shape
         qkv = self.qkv(x).reshape(b, k, 3, self.num_heads, d // self.num_heads)  # (B,K,3,H,Dh)
         q, key, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, K, Dh)
-        out = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)  # (B, H, K, Dh)
+        if isinstance(mask, BlockMask):
+            out = compiled_flex_attention(q, key, v, mask)  # (B, H, K, Dh)
+        else:
+            out = F.scaled_dot_product_attention(q, key, v, attn_mask=mask)  # (B, H, K, Dh)
         out = out.transpose(1, 2).reshape(b, k, d)  # (B, K, D)
         return self.proj(out)
 
@@ -163,7 +255,9 @@ class Block(nn.Module):
         self.norm_2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | BlockMask | None = None
+    ) -> torch.Tensor:
         x = x + self.attn(self.norm_1(x), mask)  # (B, K, D)
         return x + self.mlp(self.norm_2(x))  # (B, K, D)
 

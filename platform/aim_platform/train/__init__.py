@@ -1,0 +1,1 @@
+"""Pre-training: the per-worker loop, sharding, optimizer, checkpoints and metrics."""

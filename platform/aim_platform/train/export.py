@@ -1,0 +1,45 @@
+"""The consolidated trunk: one safetensors file plus the config it was trained with.
+
+This is what probes, feature extraction and sharing read; it holds no optimizer state and
+no pickled objects. ``folder`` is any fsspec URL (local folder or ``s3://``).
+"""
+
+from __future__ import annotations
+
+import fsspec
+import torch
+import yaml
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from aim_platform.config import JobConfig, dump_config
+from aim_platform.models.aim import AIMTrunk, build_trunk
+
+TRUNK_FILE = "trunk.safetensors"
+CONFIG_FILE = "config.yaml"
+
+
+def write_trunk(state_dict: dict[str, torch.Tensor], job: JobConfig, folder: str) -> str:
+    """Write trunk weights and the job config into ``folder``; return the weights' URL."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    fs.makedirs(root, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    with fs.open(f"{root}/{TRUNK_FILE}", "wb") as f:
+        f.write(st_save(tensors, metadata={"format": "aim-platform/trunk-v1"}))
+    with fs.open(f"{root}/{CONFIG_FILE}", "w") as f:
+        f.write(dump_config(job))
+    return f"{folder.rstrip('/')}/{TRUNK_FILE}"
+
+
+def read_trunk(folder: str) -> tuple[AIMTrunk, JobConfig]:
+    """Load a trunk written by :func:`write_trunk` (float32, eval mode) and its job config."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    if not fs.exists(f"{root}/{TRUNK_FILE}"):
+        raise FileNotFoundError(f"no {TRUNK_FILE} in {folder}")
+    with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
+        job = JobConfig.model_validate(yaml.safe_load(f.read()))
+    with fs.open(f"{root}/{TRUNK_FILE}", "rb") as f:
+        tensors = st_load(f.read())
+    trunk = build_trunk(job.model)
+    trunk.load_state_dict({k: v.float() for k, v in tensors.items()})
+    return trunk.eval(), job

@@ -1,0 +1,263 @@
+"""The only place that builds a ``TorchTrainer``: ``aimctl pretrain`` and the studies call it.
+
+Driver side: connect to (or start) Ray, create the MLflow run, build the datasets, fit,
+then log the artifacts and print a summary. The per-worker loop is :mod:`.loop`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from aim_platform import tracking
+from aim_platform.config import JobConfig, dump_config, flatten
+
+RUN_ID_FILE = "mlflow_run_id.json"
+
+
+@dataclass
+class PretrainResult:
+    """What a finished (or failed) pre-training produced."""
+
+    name: str
+    storage: str
+    run_id: str | None
+    tracking_uri: str | None
+    steps: int = 0
+    final_trunk: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def run_root(job: JobConfig) -> str:
+    """``<storage>/<name>``: checkpoints, the final trunk and run bookkeeping live here."""
+    return f"{storage_url(job.train.storage_path).rstrip('/')}/{job.name}"
+
+
+def storage_url(path: str) -> str:
+    """Local paths become absolute (Ray needs that); URLs stay as they are."""
+    return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
+
+
+def ensure_ray(address: str | None) -> None:
+    """Connect to ``address``, or start an embedded local Ray if none is running."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(include_dashboard=False)
+
+
+def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
+    """The newest complete checkpoint's train state (``latest.json``), or None."""
+    from aim_platform.train.checkpoint import LATEST
+
+    fs, root = fsspec.core.url_to_fs(run_root(job))
+    if not fs.exists(f"{root}/{LATEST}"):
+        return None
+    with fs.open(f"{root}/{LATEST}", "r") as f:
+        return json.loads(f.read())
+
+
+def _reuse_or_start_run(
+    job: JobConfig, uri: str, tags: Mapping[str, str | None], parent_run_id: str | None
+) -> str:
+    """One MLflow run per job: a job restarted by name continues its run."""
+    fs, root = fsspec.core.url_to_fs(run_root(job))
+    marker = f"{root}/{RUN_ID_FILE}"
+    if fs.exists(marker):
+        with fs.open(marker, "r") as f:
+            saved = json.loads(f.read())
+        if saved.get("tracking_uri") == uri:
+            return saved["run_id"]
+    from aim_platform.security import redact
+
+    params = flatten(redact(job.model_dump(mode="json")))
+    run_id = tracking.start_run(uri, job.tracking.experiment, job.name, params, tags, parent_run_id)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(marker, "w") as f:
+        f.write(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id
+
+
+def default_datasets(job: JobConfig, start_epoch: int) -> dict[str, Any]:
+    """Train stream (enough epochs for the remaining steps) and validation view."""
+    from aim_platform.data.pipeline import build_train_dataset, build_val_dataset, train_size
+
+    n_train = train_size(job.data)
+    if n_train == 0:
+        raise ValueError("data: the training split is empty")
+    images = job.train.steps * job.train.global_batch_size
+    epochs = start_epoch + math.ceil(images / n_train) + 1
+    train = build_train_dataset(
+        job.data, job.model, seed=job.seed, epochs=epochs, start_epoch=start_epoch
+    )
+    val = build_val_dataset(job.data, job.model)
+    cols = ["patches", "valid", "epoch"]
+    return {"train": train.select_columns(cols), "val": val.select_columns(cols)}
+
+
+def pretrain(
+    job: JobConfig,
+    *,
+    address: str | None = None,
+    datasets: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str | None] | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
+) -> PretrainResult:
+    """Run (or resume) a pre-training job and return where everything went.
+
+    Args:
+        job: The validated job config.
+        address: Ray cluster address; None starts an embedded Ray (or reuses a running one).
+        datasets: ``{"train": ..., "val": ...}`` Ray Datasets with columns ``patches``
+            (uint8 (K, P)), ``valid`` (bool) and ``epoch`` (int); None builds them from
+            ``job.data``.
+        tags: Extra MLflow tags (e.g. a study name).
+        parent_run_id: Nest the MLflow run under this run.
+        track: False disables MLflow.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from aim_platform.train.loop import train_loop_per_worker
+
+    ensure_ray(address)
+    tc = job.train
+    storage = storage_url(tc.storage_path)
+    root = run_root(job)
+    previous = latest_train_state(job)
+    start_epoch = previous["epoch"] if previous else 0
+
+    uri = run_id = None
+    if track:
+        uri = tracking.resolve_tracking_uri(job.tracking, storage)
+        run_tags = {
+            "git_commit": tracking.git_commit(),
+            "ray_job_id": ray.get_runtime_context().get_job_id(),
+            "storage": root,
+            "data": ",".join(s.url for s in job.data.sources),
+            **(tags or {}),
+        }
+        run_id = _reuse_or_start_run(job, uri, run_tags, parent_run_id)
+        tracking.log_artifact_text(uri, run_id, dump_config(_redacted(job)), "config.yaml")
+
+    if datasets is None:
+        datasets = default_datasets(job, start_epoch)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "job": job.model_dump(mode="json"),
+            "tracking_uri": uri,
+            "run_id": run_id,
+            "final_dir": f"{root}/final",
+            "run_root": root,
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=tc.num_workers,
+            use_gpu=tc.use_gpu,
+            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
+            placement_strategy=tc.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=job.name,
+            storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+        ),
+        datasets=dict(datasets),
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+    )
+    result = PretrainResult(name=job.name, storage=root, run_id=run_id, tracking_uri=uri)
+    try:
+        fit = trainer.fit()
+    except Exception as exc:  # a failed fit still closes the MLflow run, then re-raises
+        if track:
+            tracking.finish_run(uri, run_id, "FAILED")
+        raise exc
+    result.metrics = dict(fit.metrics or {})
+    result.steps = int(result.metrics.get("step", 0))
+    result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
+    result.error = str(fit.error) if fit.error else None
+    final = f"{root}/final/trunk.safetensors"
+    fs, path = fsspec.core.url_to_fs(final)
+    result.final_trunk = final if fs.exists(path) else None
+    if track:
+        _log_outputs(uri, run_id, result)
+        tracking.finish_run(uri, run_id, "FAILED" if result.error else "FINISHED")
+    return result
+
+
+def _redacted(job: JobConfig) -> JobConfig:
+    from aim_platform.security import redact
+
+    return JobConfig.model_validate(redact(job.model_dump(mode="json")))
+
+
+def _log_outputs(uri: str, run_id: str, result: PretrainResult) -> None:
+    """Final trunk location, per-chunk validation loss plot."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    if result.final_trunk:
+        client.set_tag(run_id, "final_trunk", result.final_trunk)
+        tracking.log_artifact_text(uri, run_id, result.final_trunk + "\n", "final_trunk.txt")
+    if result.checkpoint:
+        client.set_tag(run_id, "last_checkpoint", result.checkpoint)
+    from aim_platform.plots import chunk_loss_figure
+
+    history = {}
+    for i in range(8):
+        points = client.get_metric_history(run_id, f"val/loss_chunk_{i}")
+        if points:
+            history[i] = points
+    if history:
+        fig = chunk_loss_figure(history)
+        client.log_figure(run_id, fig, "val_loss_per_chunk.png")
+
+
+def summary(result: PretrainResult) -> list[str]:
+    """A one-screen summary of a finished run: steps, loss start -> end, throughput, where."""
+    lines = [f"run {result.name}: {result.steps} steps, storage {result.storage}"]
+    if result.tracking_uri and result.run_id:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=result.tracking_uri)
+        losses = sorted(
+            client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step
+        )
+        if losses:
+            lines.append(
+                f"train/loss {losses[0].value:.4f} (step {losses[0].step}) -> "
+                f"{losses[-1].value:.4f} (step {losses[-1].step})"
+            )
+    m = result.metrics
+    if "val/loss" in m:
+        lines.append(f"val/loss {m['val/loss']:.4f}")
+    if "perf/images_per_s" in m:
+        mfu = f", MFU {100 * m['perf/mfu']:.1f}%" if "perf/mfu" in m else ""
+        lines.append(f"{m['perf/images_per_s']:.1f} images/s{mfu}")
+    if result.final_trunk:
+        lines.append(f"final trunk: {result.final_trunk}")
+    if result.tracking_uri:
+        ui = (
+            f"mlflow ui --backend-store-uri {result.tracking_uri}"
+            if result.tracking_uri.startswith("sqlite")
+            else result.tracking_uri
+        )
+        lines.append(f"MLflow run {result.run_id}: {ui}")
+    if result.error:
+        lines.append(f"error: {result.error}")
+    return lines

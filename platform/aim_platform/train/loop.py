@@ -1,0 +1,259 @@
+"""The per-worker pre-training loop (runs inside each Ray Train worker).
+
+Linear control flow: build model -> shard -> restore -> for each batch: accumulate, step,
+log, validate, checkpoint. Everything distributed is a collective that every rank reaches
+the same number of times (Ray Data's equal split gives every rank the same batch count).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from aim_platform.config import JobConfig, dump_config
+from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
+from aim_platform.models.losses import chunk_losses
+from aim_platform.train import checkpoint as ckpt
+from aim_platform.train.optim import build_optimizer, build_scheduler
+from aim_platform.train.sharding import resolve_precision, shard_model
+
+VAL_PREFIX_SEED = 1234  # fixed prefix lengths: validation losses comparable across steps/runs
+CHUNKS = 8  # loss per chunk of the patch sequence (paper Fig. 7)
+
+
+def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
+    """Clip to ``max_norm`` (if set) and return the true global norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(
+        model.parameters(), max_norm if max_norm is not None else float("inf")
+    )
+    full = getattr(norm, "full_tensor", None)  # DTensor under FSDP2
+    return float(full() if full is not None else norm)
+
+
+def _batches(
+    shard: Any, batch_size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """One pass over a dataset shard as torch batches (patches uint8, valid, epoch)."""
+    yield from shard.iter_torch_batches(
+        batch_size=batch_size, drop_last=True, prefetch_batches=2, device=device
+    )
+
+
+def validate(
+    model: AIMForPretraining, shard: Any, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    """Validation loss (and loss per chunk of the sequence) over the whole validation shard."""
+    cfg = model.cfg
+    lo, hi = cfg.prefix_range
+    gen = torch.Generator().manual_seed(VAL_PREFIX_SEED)
+    k = cfg.num_patches
+    loss_sum = torch.zeros(k, dtype=torch.float64)
+    counts = torch.zeros(k, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=False, device=device
+        ):
+            pixels = batch["patches"][batch["valid"]]  # (B, K, P) uint8
+            if pixels.shape[0] == 0:
+                continue
+            prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
+            out = model.loss(pixels, prefix)
+            loss_sum += out.per_position.double().cpu()
+            counts += out.per_position_count.double().cpu()
+    model.train()
+    totals = _all_reduce_sum(loss_sum.tolist() + counts.tolist(), device)
+    loss_sum = torch.tensor(totals[:k])
+    counts = torch.tensor(totals[k:])
+    metrics = {"val/loss": float(loss_sum.sum() / counts.sum().clamp_min(1))}
+    for i, value in enumerate(chunk_losses(loss_sum, counts, CHUNKS)):
+        metrics[f"val/loss_chunk_{i}"] = value
+    return metrics
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Entry point given to ``TorchTrainer``; ``loop_config`` comes from the launcher.
+
+    Keys: ``job`` (the JobConfig as a JSON-able dict), ``tracking_uri`` and ``run_id`` (the
+    MLflow run rank 0 writes to; None disables tracking).
+    """
+    import ray.train
+    import ray.train.torch
+
+    from aim_platform.train.metrics import (
+        Throughput,
+        device_name,
+        flops_per_image,
+        measure_matmul_peak,
+        peak_flops,
+        synchronize,
+    )
+
+    # FSDP2 warns that the root returns a view (a Linear's 3-D output); nothing modifies it
+    # in place, so the warning is noise on every step.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+    job = JobConfig.model_validate(loop_config["job"])
+    tc = job.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    precision = resolve_precision(tc.precision, device)
+
+    torch.manual_seed(job.seed)  # identical initialization on every rank
+    model = AIMForPretraining(job.model, activation_checkpointing=tc.activation_checkpointing)
+    model.to(device)
+    if tc.compile:
+        for block in [*model.trunk.blocks, *model.head.blocks]:
+            block.compile()
+    shard_model(model, precision)
+    optimizer = build_optimizer(model, job.optim)
+    scheduler = build_scheduler(optimizer, job.optim, tc.steps)
+    app = ckpt.AppState(model, optimizer, scheduler)
+    state = ckpt.TrainState(data_seed=job.seed)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as folder:
+            state = ckpt.load(Path(folder), app)
+
+    logger = None
+    if rank == 0 and loop_config.get("run_id"):
+        from aim_platform.tracking import RunLogger
+
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        if restored is not None:  # a restart (worker failure or job restarted by name)
+            logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
+
+    config_yaml = dump_config(job)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = peak_flops(device_name(device), dtype, override=tc.peak_flops)
+    if peak is None:  # a CPU: no table entry, so measure this worker's matmul peak once
+        peak = measure_matmul_peak(device, dtype, n=1024, iters=2, repeats=2)
+    meter = Throughput(
+        flops_per_image=flops_per_image(job.model),
+        patches_per_image=job.model.num_patches,
+        peak_flops=peak,
+        num_devices=world,
+        warmup_steps=tc.warmup_throughput_steps,
+    )
+    lo, hi = job.model.prefix_range
+    accum = tc.grad_accum_steps
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+
+    micro, loss_acc, dropped = 0, 0.0, 0
+    step_start = time.perf_counter()
+    for batch in _batches(train_shard, tc.micro_batch_size, device):
+        if state.step >= tc.steps:
+            break
+        valid = batch["valid"].bool()
+        dropped += int((~valid).sum())
+        state.epoch = max(state.epoch, int(batch["epoch"].max()))
+        pixels = batch["patches"][valid]  # (B', K, P) uint8, corrupt images dropped
+        # Prefix lengths from (seed, step, rank, micro): reproducible, different per rank.
+        gen = torch.Generator().manual_seed(hash((job.seed, state.step, rank, micro)) % 2**63)
+        prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
+        last = micro == accum - 1
+        if hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(last)
+        out = model.loss(pixels, prefix)
+        (out.loss / accum).backward()
+        loss_acc += float(out.loss.detach()) / accum
+        micro += 1
+        if not last:
+            continue
+
+        grad_norm = _grad_norm(model, job.optim.grad_clip)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        synchronize(device)
+        now = time.perf_counter()
+        meter.update(tc.global_batch_size, now - step_start)
+        step_start = now
+        step_loss, micro, loss_acc = loss_acc, 0, 0.0
+
+        do_log = state.step % tc.log_every == 0 or state.step == tc.steps
+        do_val = state.step % tc.val_every == 0 or state.step == tc.steps
+        do_ckpt = state.step % tc.checkpoint_every == 0 or state.step == tc.steps
+        if not (do_log or do_val or do_ckpt):
+            continue
+        loss_sum, dropped_total = _all_reduce_sum([step_loss, float(dropped)], device)
+        metrics: dict[str, float] = {
+            "train/loss": loss_sum / world,
+            "train/lr": lr,
+            "train/grad_norm": grad_norm,
+            "train/epoch": float(state.epoch),
+            "data/dropped_images": dropped_total,
+            **meter.metrics(prefix="perf/"),
+        }
+        if do_val:
+            metrics.update(validate(model, val_shard, tc.micro_batch_size, device))
+        if logger is not None:
+            logger.log_metrics(metrics, step=state.step)
+        report = {**metrics, "step": state.step}
+        if do_ckpt:
+            with tempfile.TemporaryDirectory() as tmp:
+                ckpt.save(Path(tmp), app, state, config_yaml, rank)
+                ray.train.report(
+                    report,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                )
+            _commit_latest(loop_config.get("run_root"), state, rank)
+        else:
+            ray.train.report(report)
+        step_start = time.perf_counter()  # logging, validation and saving are not step time
+
+    if state.step < tc.steps and rank == 0:
+        print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
+    _export_trunk(model, job, loop_config.get("final_dir"), rank)
+
+
+def _commit_latest(run_root: str | None, state: ckpt.TrainState, rank: int) -> None:
+    """After every rank's upload returned, rank 0 records the checkpoint as the latest.
+
+    ``latest.json`` is written last and in one piece, so a crash in the middle of a save
+    leaves it naming the previous, complete checkpoint.
+    """
+    if dist.is_initialized():
+        dist.barrier()
+    if rank != 0 or not run_root:
+        return
+    import json
+
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(run_root)
+    body = json.dumps({"checkpoint": f"checkpoint_{state.step:08d}", **vars(state)})
+    tmp = f"{root}/{ckpt.LATEST}.tmp"
+    with fs.open(tmp, "w") as f:
+        f.write(body)
+    fs.mv(tmp, f"{root}/{ckpt.LATEST}")
+
+
+def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None, rank: int) -> None:
+    """Write the consolidated trunk (safetensors) and its config to ``final_dir`` (collective)."""
+    trunk = ckpt.full_trunk_state_dict(model)
+    if rank != 0 or not final_dir:
+        return
+    from aim_platform.train.export import write_trunk
+
+    write_trunk(trunk, job, final_dir)

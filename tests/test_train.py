@@ -1,0 +1,245 @@
+"""Distributed pre-training through the platform's own launcher and loop (Ray Train, FSDP2)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from train_helpers import digits_datasets, tiny_job
+
+from aim_platform.config import ConfigError, JobConfig, OptimConfig, build_config
+from aim_platform.models.aim import AIMForPretraining
+from aim_platform.train.export import read_trunk
+from aim_platform.train.launcher import latest_train_state, pretrain, summary
+from aim_platform.train.optim import build_optimizer, lr_at
+
+
+def history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+@pytest.mark.slow
+def test_pretrain_two_workers_logs_to_mlflow_server(ray_session, mlflow_server, tmp_path) -> None:
+    job = tiny_job(
+        str(tmp_path / "runs"),
+        "e2e",
+        "train.steps=6",
+        "train.val_every=3",
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=2",
+        f"tracking.tracking_uri={mlflow_server}",
+        "tracking.experiment=train-tests",
+    )
+    result = pretrain(job, datasets=digits_datasets(job))
+    assert result.error is None and result.steps == 6
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.embed_dim"] == "64"
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.tags["git_commit"] and run.data.tags["final_trunk"] == result.final_trunk
+    losses = history(client, result.run_id, "train/loss")
+    assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
+    assert losses[-1][1] < losses[0][1]  # it learns
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "val/loss",
+        "perf/images_per_s",
+        "perf/patches_per_s",
+        "perf/mfu",
+        "data/dropped_images",
+        "val/loss_chunk_7",
+    ):
+        assert history(client, result.run_id, key), key
+    assert [s for s, _ in history(client, result.run_id, "val/loss")] == [3, 6]
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.yaml", "final_trunk.txt", "val_loss_per_chunk.png"} <= artifacts
+
+    # keep-latest-k sharded checkpoints, each complete
+    ckpts = sorted(p.name for p in Path(result.storage).glob("checkpoint_0*"))
+    assert ckpts == ["checkpoint_00000004", "checkpoint_00000006"]
+    last = Path(result.storage) / "checkpoint_00000006"
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "train_state.json", "config.yaml"} <= {
+        p.name for p in last.iterdir()
+    }
+    assert json.loads((last / "train_state.json").read_text())["step"] == 6
+    assert latest_train_state(job)["step"] == 6
+
+    # the consolidated trunk loads and computes
+    trunk, saved_job = read_trunk(str(Path(result.storage) / "final"))
+    assert saved_job.model == job.model
+    feats = trunk.features(torch.randn(2, job.model.num_patches, job.model.patch_dim), [-1])
+    assert feats.shape == (2, job.model.num_patches, 64) and torch.isfinite(feats).all()
+    assert any("train/loss" in line for line in summary(result))
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_match_one_process(ray_session, tmp_path) -> None:
+    """One optimizer step on the same global batch: 2 FSDP workers == 1 process.
+
+    Causal attention (no sampled prefix) makes the loss of every sample identical in both
+    runs. The logged global grad norm catches averaged reductions coming out summed
+    (pytorch/pytorch#162338); the parameters catch everything else.
+    """
+    common = [
+        "train.steps=1",
+        "train.global_batch_size=8",
+        "model.attention=causal",
+        "optim.warmup_steps=0",
+        "optim.weight_decay=0.0",
+        "optim.grad_clip=null",
+    ]
+    two = tiny_job(
+        str(tmp_path / "a"), "two", *common, "train.micro_batch_size=4", "train.num_workers=2"
+    )
+    one = tiny_job(
+        str(tmp_path / "b"),
+        "one",
+        *common,
+        "train.micro_batch_size=8",
+        "train.num_workers=1",
+        "train.cpus_per_worker=1",
+    )
+    results = []
+    for job in (two, one):
+        data = digits_datasets(job, n_train=8, n_val=8, epochs=1)
+        results.append(pretrain(job, datasets=data, track=False))
+    r2, r1 = results
+    assert r2.steps == r1.steps == 1
+    assert r2.metrics["train/grad_norm"] == pytest.approx(r1.metrics["train/grad_norm"], rel=1e-4)
+    assert r2.metrics["train/loss"] == pytest.approx(r1.metrics["train/loss"], rel=1e-5)
+    t2, _ = read_trunk(str(Path(r2.storage) / "final"))
+    t1, _ = read_trunk(str(Path(r1.storage) / "final"))
+    for (name, a), (_, b) in zip(t2.state_dict().items(), t1.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    # and the step moved the weights: the comparison is not between two initializations
+    torch.manual_seed(one.seed)
+    init = AIMForPretraining(one.model).trunk
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(t1.state_dict().values(), init.state_dict().values(), strict=True)
+    )
+    assert moved > 1e-4
+
+
+@pytest.mark.slow
+def test_restart_by_name_resumes_and_ignores_half_written_checkpoint(ray_session, tmp_path) -> None:
+    storage = str(tmp_path / "runs")
+    job = tiny_job(
+        storage, "resume", "train.steps=4", "train.checkpoint_every=2", "train.val_every=100"
+    )
+    first = pretrain(job, datasets=digits_datasets(job))
+    assert first.steps == 4
+    # a save that crashed half-way: rank 0's files without rank 1's, never committed
+    half = Path(first.storage) / "checkpoint_00000099"
+    half.mkdir()
+    (half / "train_state.json").write_text(json.dumps({"step": 99, "epoch": 9, "data_seed": 0}))
+    (half / ".metadata").write_bytes(b"partial")
+    assert latest_train_state(job)["step"] == 4
+
+    longer = tiny_job(
+        storage, "resume", "train.steps=8", "train.checkpoint_every=2", "train.val_every=100"
+    )
+    second = pretrain(longer, datasets=digits_datasets(longer))
+    assert second.steps == 8 and second.error is None
+    assert second.run_id == first.run_id  # one MLflow run per job, continued
+    client = MlflowClient(tracking_uri=second.tracking_uri)
+    steps = [s for s, _ in history(client, second.run_id, "train/loss")]
+    assert steps == list(range(1, 9))  # 1-4 from the first fit, 5-8 resumed from step 4
+    losses = dict(history(client, second.run_id, "train/loss"))
+    assert losses[5] < losses[1]  # continued from trained weights, not from scratch
+
+
+def test_lr_schedule_and_param_groups() -> None:
+    cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
+    lrs = [lr_at(s, cfg, 14) for s in range(14)]
+    assert lrs[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert lrs[4] == pytest.approx(1.0) and lrs[-1] > 0.1
+    assert lr_at(14, cfg, 14) == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:], strict=False))
+    model = AIMForPretraining(tiny_job("/tmp", "x").model)
+    opt = build_optimizer(model, OptimConfig())
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert any("norm" in names[id(p)] for p in plain["params"])
+    assert math.isclose(opt.defaults["betas"][1], 0.95)
+
+
+def test_train_config_errors_name_the_field() -> None:
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        build_config(JobConfig, {}, ["train.global_batch_size=10", "train.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match="optim.min_lr"):
+        build_config(JobConfig, {}, ["optim.min_lr=1.0", "optim.lr=0.1"])
+    assert build_config(JobConfig, {}, ["train.global_batch_size=128"]).train.grad_accum_steps == 2
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of this Ray session's training worker processes (children of our raylet)."""
+    import psutil
+    import ray._private.worker as ray_worker
+
+    raylet = ray_worker._global_node.all_processes["raylet"][0].process.pid
+    pids = []
+    for proc in psutil.Process(raylet).children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path) -> None:
+    """SIGKILL a training worker process mid-run: the run finishes at the right step count,
+    restored from the last checkpoint, and the loss continues from there."""
+    import os
+    import signal
+    import threading
+    import time
+
+    job = tiny_job(
+        str(tmp_path / "runs"),
+        "killed",
+        "train.steps=24",
+        "train.checkpoint_every=4",
+        "train.val_every=100",
+        "train.max_failures=1",
+    )
+    data = digits_datasets(job, n_train=64, epochs=8)
+    box: dict = {}
+    thread = threading.Thread(target=lambda: box.update(result=pretrain(job, datasets=data)))
+    thread.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and thread.is_alive():
+        # Ray registers a checkpoint when its controller collects every worker's report;
+        # wait for the second one so that the first is surely registered.
+        state = latest_train_state(job)
+        if state and state["step"] >= 8:
+            break
+        time.sleep(0.2)
+    pids = _train_worker_pids()
+    assert pids, "no training worker process found"
+    os.kill(pids[-1], signal.SIGKILL)  # the process dies: not an exception in the loop
+    thread.join(timeout=900)
+    assert not thread.is_alive()
+    result = box["result"]
+    assert result.error is None and result.steps == 24
+
+    client = MlflowClient(tracking_uri=result.tracking_uri)
+    resumed = history(client, result.run_id, "train/resumed_from_step")
+    assert resumed and resumed[0][1] >= 4 and resumed[0][1] % 4 == 0
+    losses = history(client, result.run_id, "train/loss")
+    assert max(s for s, _ in losses) == 24
+    start = int(resumed[0][1])
+    after = [v for s, v in losses if s == start + 1][-1]  # first step trained after the restore
+    first = [v for s, v in losses if s == 1][0]
+    assert after < 0.8 * first  # continued from trained weights, not from initialization
