@@ -1,0 +1,519 @@
+"""Local services: an MLflow tracking server and a development S3 endpoint.
+
+``aimctl services up|down|status`` runs them as background processes whose PID, address and
+log file are recorded in a state folder (default ``./runs/services``, or ``AIM_SERVICES_DIR``):
+
+- ``mlflow``: ``mlflow server`` with a SQL backend store (a SQLite file in the state folder by
+  default; a ``postgresql://`` or other SQLAlchemy URI accepted) and an artifact store (a local
+  folder or ``s3://``), optionally behind MLflow's basic-auth app;
+- ``s3``: a **development stand-in** for S3 (moto's server, everything in memory and lost on
+  ``down``). Production points at AWS S3 or MinIO instead.
+
+Both bind to 127.0.0.1 unless a host is given explicitly. ``up`` returns only once the service
+answers over HTTP; ``down`` stops the whole process group and waits until it is gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from aim_platform.security import redact_text
+
+DEFAULT_STATE_DIR = Path("runs/services")
+STATE_DIR_ENV = "AIM_SERVICES_DIR"
+LOOPBACK = "127.0.0.1"
+DEFAULT_PORTS = {"mlflow": 5000, "s3": 9000}
+SERVICES = ("mlflow", "s3")
+DEV_S3_LABEL = (
+    "development stand-in for S3 (moto, in memory, lost on down); use S3 or MinIO in production"
+)
+_SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+class ServiceError(RuntimeError):
+    """A service that cannot be started, reached or stopped; the message says why."""
+
+
+@dataclass
+class ServiceRecord:
+    """What the state folder records about one running service."""
+
+    name: str
+    pid: int
+    host: str
+    port: int
+    url: str
+    log: str
+    started_at: float
+    proc_start: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ServiceStatus:
+    """``status`` of one service: ``running``, ``stopped`` or ``stale`` (PID gone or reused)."""
+
+    name: str
+    state: str
+    record: ServiceRecord | None = None
+
+    def describe(self) -> str:
+        """One human line: what runs where, or why not."""
+        if self.record is None:
+            return f"{self.name}: stopped"
+        r = self.record
+        if self.state == "stale":
+            return (
+                f"{self.name}: stale (pid {r.pid} is not running; state left from an earlier "
+                f"run; `aimctl services down` clears it)"
+            )
+        extra = "".join(f", {k}={v}" for k, v in r.details.items())
+        return f"{self.name}: running at {r.url} (pid {r.pid}, log {r.log}{extra})"
+
+
+def state_dir(path: str | Path | None = None) -> Path:
+    """The state folder: ``path``, else ``$AIM_SERVICES_DIR``, else ``./runs/services``."""
+    chosen = path or os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR
+    return Path(chosen).expanduser().resolve()
+
+
+def free_port(host: str = LOOPBACK) -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    probe = LOOPBACK if host in ("0.0.0.0", "::", "") else host
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((probe, port)) == 0
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (Linux), to tell a reused PID from ours."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def pid_alive(pid: int, proc_start: str | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, if ``proc_start`` is given, is the same process."""
+    try:
+        # Reap it if it is our own child that has exited (tests start services in-process).
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    if stat.exists():
+        try:
+            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return False
+        except OSError:
+            return False
+        if proc_start is not None and _proc_start_time(pid) != proc_start:
+            return False
+    return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is left in process group ``pgid``."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def _record_path(root: Path, name: str) -> Path:
+    return root / f"{name}.json"
+
+
+def read_record(root: Path, name: str) -> ServiceRecord | None:
+    """The recorded state of service ``name``, or None when there is none."""
+    path = _record_path(root, name)
+    if not path.is_file():
+        return None
+    try:
+        return ServiceRecord(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise ServiceError(f"state file {path} is corrupt ({exc}); remove it") from None
+
+
+def status(root: str | Path | None = None) -> list[ServiceStatus]:
+    """The state of every service in the state folder.
+
+    Args:
+        root: the state folder (see :func:`state_dir`).
+
+    Returns:
+        One :class:`ServiceStatus` per known service, in a fixed order.
+    """
+    folder = state_dir(root)
+    out = []
+    for name in SERVICES:
+        rec = read_record(folder, name)
+        if rec is None:
+            out.append(ServiceStatus(name, "stopped"))
+        elif pid_alive(rec.pid, rec.proc_start):
+            out.append(ServiceStatus(name, "running", rec))
+        else:
+            out.append(ServiceStatus(name, "stale", rec))
+    return out
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServiceError(
+                f"the server exited with code {proc.returncode} before answering {url}; "
+                f"log {log}:\n{_tail(log)}"
+            )
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+                last = r.status
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.3)
+    raise ServiceError(f"{url} did not answer in {timeout:.0f}s ({last}); log {log}:\n{_tail(log)}")
+
+
+def _tail(log: Path, chars: int = 3000) -> str:
+    try:
+        return redact_text(log.read_text(errors="replace")[-chars:])
+    except OSError:
+        return "(no log)"
+
+
+def _kill_group(pgid: int, timeout: float) -> None:
+    """SIGTERM the process group, then SIGKILL what is left after ``timeout`` seconds."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            pid_alive(pgid)  # reaps our own child if it is one
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.2)
+    if _group_alive(pgid):
+        raise ServiceError(f"process group {pgid} survived SIGKILL")
+
+
+def _check_host(host: str) -> str:
+    if not host:
+        raise ServiceError("empty host; use 127.0.0.1 (default) or an explicit interface")
+    return host
+
+
+def _start(
+    name: str,
+    cmd: list[str],
+    *,
+    root: Path,
+    host: str,
+    port: int,
+    health_path: str,
+    env: dict[str, str],
+    timeout: float,
+    details: dict[str, str],
+) -> ServiceRecord:
+    """Start ``cmd`` in its own session, wait for ``health_path``, record its state."""
+    current = read_record(root, name)
+    if current is not None:
+        if pid_alive(current.pid, current.proc_start):
+            raise ServiceError(
+                f"{name} already runs at {current.url} (pid {current.pid}); "
+                f"`aimctl services down` first"
+            )
+        _record_path(root, name).unlink()  # stale state from a run that died
+    if _port_in_use(host, port):
+        raise ServiceError(f"port {port} on {host} is already in use; choose another port")
+    root.mkdir(parents=True, exist_ok=True)
+    log = root / f"{name}.log"
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=root,
+            start_new_session=True,
+        )
+    local = LOOPBACK if host in ("0.0.0.0", "::") else host
+    url = f"http://{local}:{port}"
+    try:
+        _wait_http(url + health_path, proc, log, timeout)
+    except ServiceError:
+        _kill_group(proc.pid, timeout=10)  # whatever it spawned goes with it
+        raise
+    rec = ServiceRecord(
+        name=name,
+        pid=proc.pid,
+        host=host,
+        port=port,
+        url=url,
+        log=str(log),
+        started_at=time.time(),
+        proc_start=_proc_start_time(proc.pid),
+        details=details,
+    )
+    tmp = _record_path(root, name).with_suffix(".tmp")
+    tmp.write_text(json.dumps(asdict(rec), indent=2))
+    tmp.replace(_record_path(root, name))
+    return rec
+
+
+def _has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
+def _check_backend(uri: str) -> str:
+    scheme = uri.split(":", 1)[0].split("+", 1)[0].lower() if ":" in uri else ""
+    if scheme not in _SQL_SCHEMES:
+        raise ServiceError(
+            f"backend store {redact_text(uri)!r} is not a SQL URI; use sqlite:///path/mlflow.db "
+            f"or postgresql://user:password@host:5432/db (MLflow 3.17 refuses folder stores)"
+        )
+    return uri
+
+
+def mlflow_up(
+    root: str | Path | None = None,
+    *,
+    host: str = LOOPBACK,
+    port: int = DEFAULT_PORTS["mlflow"],
+    backend_store_uri: str | None = None,
+    artifacts: str | None = None,
+    auth: bool = False,
+    workers: int = 1,
+    s3_endpoint: str | None = None,
+    timeout: float = 120.0,
+) -> ServiceRecord:
+    """Start an MLflow tracking server in the background and wait until ``/health`` answers.
+
+    Args:
+        root: the state folder (see :func:`state_dir`).
+        host: interface to bind; 127.0.0.1 unless the caller explicitly exposes it.
+        port: TCP port; 0 picks a free one.
+        backend_store_uri: SQLAlchemy URI of the tracking store; default a SQLite file
+            ``mlflow.db`` in the state folder. Passed through the environment, so that a
+            database password never shows in the process list.
+        artifacts: artifact destination served by the server (a folder or ``s3://...``);
+            default ``artifacts/`` in the state folder.
+        auth: run MLflow's basic-auth app (``--app-name basic-auth``); needs
+            ``mlflow[auth]`` installed and ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the environment on
+            first start.
+        workers: server worker processes.
+        s3_endpoint: S3 endpoint for an ``s3://`` artifact store (MinIO, the dev endpoint).
+        timeout: seconds to wait for ``/health``.
+
+    Returns:
+        The recorded state of the running server.
+
+    Raises:
+        ServiceError: bad arguments, port in use, already running, or the server did not come
+            up (the message holds the log's tail).
+    """
+    folder = state_dir(root)
+    host = _check_host(host)
+    port = port or free_port(LOOPBACK if host == "0.0.0.0" else host)
+    backend = _check_backend(backend_store_uri or f"sqlite:///{folder / 'mlflow.db'}")
+    if artifacts is None:
+        artifacts = str(folder / "artifacts")
+    elif "://" not in artifacts:
+        artifacts = str(Path(artifacts).expanduser().resolve())
+    env = dict(os.environ)
+    env["MLFLOW_BACKEND_STORE_URI"] = backend
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--artifacts-destination",
+        artifacts,
+    ]
+    if s3_endpoint:
+        env["MLFLOW_S3_ENDPOINT_URL"] = s3_endpoint
+    details = {"backend": redact_text(backend), "artifacts": artifacts}
+    if auth:
+        if not _has_module("flask_wtf"):
+            raise ServiceError(
+                "--auth: MLflow's basic-auth app needs Flask-WTF, which this environment lacks: "
+                "pip install 'mlflow[auth]' (the Docker image has it)"
+            )
+        if not env.get("MLFLOW_AUTH_ADMIN_PASSWORD") and not (folder / "basic_auth.db").exists():
+            raise ServiceError(
+                "--auth needs MLFLOW_AUTH_ADMIN_PASSWORD in the environment on first start "
+                "(MLflow ships no default admin password)"
+            )
+        folder.mkdir(parents=True, exist_ok=True)
+        ini = folder / "basic_auth.ini"
+        ini.write_text(
+            "[mlflow]\n"
+            "default_permission = READ\n"
+            f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
+            f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
+        env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
+        cmd += ["--app-name", "basic-auth"]
+        details["auth"] = "basic-auth"
+    return _start(
+        "mlflow",
+        cmd,
+        root=folder,
+        host=host,
+        port=port,
+        health_path="/health",
+        env=env,
+        timeout=timeout,
+        details=details,
+    )
+
+
+def s3_up(
+    root: str | Path | None = None,
+    *,
+    host: str = LOOPBACK,
+    port: int = DEFAULT_PORTS["s3"],
+    buckets: list[str] | None = None,
+    timeout: float = 60.0,
+) -> ServiceRecord:
+    """Start the development S3 endpoint (moto's server) and create ``buckets`` on it.
+
+    This is a development stand-in: data lives in memory and is lost on ``down``, and any
+    credentials are accepted. Production points at AWS S3 or MinIO.
+
+    Args:
+        root: the state folder (see :func:`state_dir`).
+        host: interface to bind; 127.0.0.1 unless the caller explicitly exposes it.
+        port: TCP port; 0 picks a free one.
+        buckets: bucket names to create once it answers.
+        timeout: seconds to wait for it to answer.
+
+    Returns:
+        The recorded state of the running endpoint.
+    """
+    folder = state_dir(root)
+    host = _check_host(host)
+    port = port or free_port(LOOPBACK if host == "0.0.0.0" else host)
+    cmd = [sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)]
+    rec = _start(
+        "s3",
+        cmd,
+        root=folder,
+        host=host,
+        port=port,
+        health_path="/moto-api/",
+        env=dict(os.environ),
+        timeout=timeout,
+        details={"kind": DEV_S3_LABEL},
+    )
+    if buckets:
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=rec.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        try:
+            for bucket in buckets:
+                client.create_bucket(Bucket=bucket)
+        except Exception as exc:
+            down(folder, names=["s3"])
+            raise ServiceError(f"could not create bucket {bucket!r}: {exc}") from None
+    return rec
+
+
+def down(
+    root: str | Path | None = None, *, names: list[str] | None = None, timeout: float = 20.0
+) -> list[str]:
+    """Stop every recorded service (the whole process group) and remove its state.
+
+    Args:
+        root: the state folder (see :func:`state_dir`).
+        names: only these services (default: all).
+        timeout: seconds to wait after SIGTERM before SIGKILL.
+
+    Returns:
+        One line per service saying what was done.
+    """
+    folder = state_dir(root)
+    lines = []
+    for st in status(folder):
+        if st.record is None or (names is not None and st.name not in names):
+            continue
+        rec = st.record
+        if st.state == "running":
+            _kill_group(rec.pid, timeout)
+            lines.append(f"{st.name}: stopped (pid {rec.pid})")
+        else:
+            lines.append(f"{st.name}: cleared stale state (pid {rec.pid} was not running)")
+        _record_path(folder, st.name).unlink(missing_ok=True)
+    return lines
+
+
+def client_env(records: list[ServiceRecord]) -> dict[str, str]:
+    """Environment variables that point clients at the given running services."""
+    env: dict[str, str] = {}
+    for rec in records:
+        if rec.name == "mlflow":
+            env["MLFLOW_TRACKING_URI"] = rec.url
+        elif rec.name == "s3":
+            env["AWS_ENDPOINT_URL"] = rec.url
+            env["MLFLOW_S3_ENDPOINT_URL"] = rec.url
+    return env

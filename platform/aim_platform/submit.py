@@ -1,0 +1,452 @@
+"""Ray job submission: ``aimctl submit`` and ``aimctl jobs status|logs|stop``.
+
+Jobs go through the Ray dashboard's Jobs API (``JobSubmissionClient``, ``http://HOST:8265``)
+with a ``runtime_env`` that carries this repository: the working directory (without ``.venv``,
+``runs``, ``data``, ``.git``) for ``jobs/`` and configs, and ``platform/aim_platform`` as a
+``py_modules`` entry so that the job imports the submitted code before any installed copy.
+
+Ray token authentication (Ray 2.52+, on by default for local clusters since 2.59): the token
+is sent as ``Authorization: Bearer <token>``. It is looked up, in order, in ``--token-file``,
+``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH`` and, only when ``RAY_AUTH_MODE=token``,
+``~/.ray/auth_token`` (Ray's own order after the explicit file). The token never goes into the
+job's ``runtime_env``, which the dashboard shows to anyone who can read it; nodes of a cluster
+get it from their own environment (a Kubernetes Secret, the launcher's node set-up).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from aim_platform.security import check_relative, is_secret_key, redact_text
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_DIR = Path(__file__).resolve().parent
+# Never shipped to the cluster (gitignore-style patterns, relative to the working dir).
+EXCLUDES = [
+    ".venv",
+    "runs",
+    "data",
+    ".git",
+    "mlruns",
+    "__pycache__",
+    "*.egg-info",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.db",
+]
+# Non-secret variables forwarded from the submitting shell when they are set.
+FORWARD_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN to the cluster's token, or point --token-file (or RAY_AUTH_TOKEN_PATH) "
+    "at a file holding it; on the head node `ray get-auth-token` prints it"
+)
+
+
+class SubmitError(RuntimeError):
+    """A job that cannot be submitted or queried; the message says what to do."""
+
+
+def resolve_token(
+    token_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The Ray auth token to send, or None when none is configured.
+
+    Args:
+        token_file: an explicit file holding the token (``--token-file``); wins over the rest.
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        The token (whitespace stripped) or None.
+
+    Raises:
+        SubmitError: a named token file is missing or empty.
+    """
+    env = os.environ if environ is None else environ
+    if token_file is not None:
+        return _read_token(Path(token_file), "--token-file")
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        return _read_token(Path(env["RAY_AUTH_TOKEN_PATH"]), "RAY_AUTH_TOKEN_PATH")
+    default = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
+    if env.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
+        return _read_token(default, "~/.ray/auth_token")
+    return None
+
+
+def _read_token(path: Path, source: str) -> str:
+    try:
+        token = path.expanduser().read_text().strip()
+    except OSError as exc:
+        raise SubmitError(f"{source}: cannot read token file {str(path)!r}: {exc}") from None
+    if not token:
+        raise SubmitError(f"{source}: token file {str(path)!r} is empty")
+    return token
+
+
+def check_address(address: str | None) -> str:
+    """Validate the dashboard address (``http://HOST:8265``); a bare ``HOST:PORT`` gets http://.
+
+    Raises:
+        SubmitError: no address, a ``ray://`` client address or another scheme.
+    """
+    if not address:
+        raise SubmitError("no cluster address: pass --address http://HOST:8265 (or RAY_ADDRESS)")
+    if "://" not in address:
+        address = "http://" + address
+    parsed = urlparse(address)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise SubmitError(
+            f"address {address!r}: jobs are submitted to the Ray dashboard, "
+            f"e.g. http://HOST:8265 (not a ray:// client or GCS address)"
+        )
+    return address.rstrip("/")
+
+
+def client(address: str | None, token_file: str | Path | None = None) -> JobSubmissionClient:
+    """A ``JobSubmissionClient`` for ``address`` that sends the Ray auth token, if any.
+
+    Raises:
+        SubmitError: unreachable dashboard, or the cluster requires a token that is missing or
+            wrong (the message says what to set).
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    address = check_address(address)
+    token = resolve_token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except AuthenticationError as exc:
+        raise _auth_error(address, token, exc) from None
+    except ConnectionError as exc:
+        raise SubmitError(
+            f"cannot reach the Ray dashboard at {address} ({exc}); is the head up and its "
+            f"dashboard port reachable (kubectl port-forward svc/<cluster>-head-svc 8265)?"
+        ) from None
+
+
+def _auth_error(address: str, token: str | None, exc: Exception) -> SubmitError:
+    if token is None:
+        return SubmitError(
+            f"the Ray cluster at {address} requires token authentication "
+            f"(RAY_AUTH_MODE=token) and no token was given: {TOKEN_HELP}"
+        )
+    return SubmitError(
+        f"the Ray cluster at {address} rejected the auth token ({str(exc).splitlines()[0]}); "
+        f"check that it is this cluster's token: {TOKEN_HELP}"
+    )
+
+
+def _call(address: str, token_file: str | Path | None, fn: str, *args: Any) -> Any:
+    """Call ``JobSubmissionClient.<fn>`` with clear errors for auth and unknown jobs."""
+    from ray.exceptions import AuthenticationError
+
+    c = client(address, token_file)
+    try:
+        return getattr(c, fn)(*args)
+    except AuthenticationError as exc:
+        raise _auth_error(check_address(address), resolve_token(token_file), exc) from None
+    except RuntimeError as exc:
+        if "does not exist" in str(exc) or "404" in str(exc):
+            raise SubmitError(f"no job {args[0]!r} on {address}") from None
+        raise
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``["K=V", ...]`` -> ``{"K": "V"}``, refusing secrets.
+
+    The runtime_env is visible in the Ray dashboard: secrets reach jobs through the cluster's
+    own environment (Kubernetes Secrets, the cluster launcher), never through submission.
+
+    Raises:
+        SubmitError: an item without ``=``, or a key or value that looks secret.
+    """
+    out: dict[str, str] = {}
+    for item in items:
+        if "=" not in item:
+            raise SubmitError(f"--env {item!r} is not of the form KEY=VALUE")
+        key, value = item.split("=", 1)
+        _check_env(key.strip(), value)
+        out[key.strip()] = value
+    return out
+
+
+def _check_env(key: str, value: str) -> None:
+    if is_secret_key(key) or redact_text(value) != value:
+        raise SubmitError(
+            f"--env {key}: looks like a secret; the job's runtime_env is shown in the Ray "
+            f"dashboard, so give secrets to the cluster's nodes (a Kubernetes Secret, the "
+            f"launcher's node environment) instead"
+        )
+
+
+def job_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The job's environment: forwarded non-secret settings plus ``extra``."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    for key in FORWARD_ENV:
+        value = os.environ.get(key)
+        if value and redact_text(value) == value:
+            env[key] = value
+    for key, value in (extra or {}).items():
+        _check_env(key, value)
+        env[key] = value
+    return env
+
+
+def runtime_env(repo: Path = REPO_ROOT, env_vars: Mapping[str, str] | None = None) -> dict:
+    """The ``runtime_env`` that carries this repository's code to the cluster.
+
+    Args:
+        repo: the repository root (the job's working directory).
+        env_vars: the job's environment (see :func:`job_env`).
+
+    Returns:
+        A runtime_env dict: ``working_dir`` (the repo minus :data:`EXCLUDES`), the package as
+        ``py_modules``, and ``env_vars``.
+    """
+    package = repo / "platform" / "aim_platform"
+    if not package.is_dir():
+        raise SubmitError(f"{package} not found: run aimctl submit from a checkout of the repo")
+    return {
+        "working_dir": str(repo),
+        "py_modules": [str(package)],
+        "excludes": list(EXCLUDES),
+        "env_vars": dict(env_vars or {}),
+    }
+
+
+def _config_in_repo(config: str | Path, repo: Path) -> str:
+    """The config's path relative to the repo (it travels in the working_dir)."""
+    path = Path(config).expanduser()
+    if not path.is_file():
+        raise SubmitError(f"config file {str(config)!r} does not exist")
+    try:
+        rel = path.resolve().relative_to(repo.resolve())
+    except ValueError:
+        raise SubmitError(
+            f"config {str(config)!r} is outside the repository {repo}; only the repository "
+            f"travels to the cluster: put it under jobs/configs/"
+        ) from None
+    rel_text = check_relative(rel.as_posix(), field="config")
+    if any(rel_text == e or rel_text.startswith(e + "/") for e in EXCLUDES):
+        raise SubmitError(f"config {rel_text!r} lies in an excluded folder; move it to jobs/")
+    return rel_text
+
+
+def default_entrypoint(config_rel: str, overrides: Sequence[str] = ()) -> str:
+    """``aimctl pretrain CONFIG --set ... --address auto`` (joins the job's cluster)."""
+    parts = ["aimctl", "pretrain", config_rel]
+    for item in overrides:
+        parts += ["--set", item]
+    parts += ["--address", "auto"]
+    return shlex.join(parts)
+
+
+def _git_commit(repo: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def submit(
+    address: str | None,
+    config: str | Path | None = None,
+    *,
+    overrides: Sequence[str] = (),
+    entrypoint: str | None = None,
+    token_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    submission_id: str | None = None,
+    entrypoint_num_gpus: float | None = None,
+    repo: Path = REPO_ROOT,
+) -> str:
+    """Submit a platform job; returns its submission id.
+
+    Args:
+        address: the Ray dashboard, ``http://HOST:8265``.
+        config: a YAML config inside the repository (required without ``entrypoint``); it is
+            validated here before anything is sent.
+        overrides: ``a.b=c`` overrides for the default entrypoint.
+        entrypoint: a command to run instead of ``aimctl pretrain CONFIG ...``.
+        token_file: a file holding the Ray auth token (see :func:`resolve_token`).
+        env: extra non-secret environment variables for the job.
+        submission_id: a chosen id (default: Ray generates one).
+        entrypoint_num_gpus: GPUs reserved for the driver itself (usually none).
+        repo: the repository root that travels as the working directory.
+
+    Returns:
+        The job's submission id.
+
+    Raises:
+        SubmitError: invalid input, unreachable cluster, missing or wrong token.
+    """
+    metadata = {"aim.submitter": "aimctl"}
+    if entrypoint is None:
+        if config is None:
+            raise SubmitError("give a CONFIG (for aimctl pretrain) or an --entrypoint")
+        config_rel = _config_in_repo(config, repo)
+        from aim_platform.config import ConfigError, load_config
+
+        try:
+            load_config(repo / config_rel, list(overrides))
+        except ConfigError as exc:
+            raise SubmitError(str(exc)) from None
+        entrypoint = default_entrypoint(config_rel, overrides)
+        metadata["aim.config"] = config_rel
+    elif overrides:
+        raise SubmitError("--set applies to the default entrypoint; put them in --entrypoint")
+    commit = _git_commit(repo)
+    if commit:
+        metadata["aim.git_commit"] = commit
+    renv = runtime_env(repo, job_env(env))
+    kwargs: dict[str, Any] = {}
+    if entrypoint_num_gpus:
+        kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
+    return _submit(address, token_file, entrypoint, renv, submission_id, metadata, kwargs)
+
+
+def _submit(
+    address: str | None,
+    token_file: str | Path | None,
+    entrypoint: str,
+    renv: dict,
+    submission_id: str | None,
+    metadata: dict[str, str],
+    kwargs: dict[str, Any],
+) -> str:
+    from ray.exceptions import AuthenticationError
+
+    c = client(address, token_file)
+    try:
+        return c.submit_job(
+            entrypoint=entrypoint,
+            runtime_env=renv,
+            submission_id=submission_id,
+            metadata=metadata,
+            **kwargs,
+        )
+    except AuthenticationError as exc:
+        raise _auth_error(check_address(address), resolve_token(token_file), exc) from None
+
+
+@dataclass
+class JobState:
+    """A job's status as the dashboard reports it."""
+
+    job_id: str
+    status: str
+    message: str | None
+    entrypoint: str
+    start_time: int | None
+    end_time: int | None
+
+
+def status(address: str | None, job_id: str, token_file: str | Path | None = None) -> JobState:
+    """The job's status (``PENDING``, ``RUNNING``, ``SUCCEEDED``, ``FAILED``, ``STOPPED``)."""
+    info = _call(address, token_file, "get_job_info", job_id)
+    return JobState(
+        job_id=job_id,
+        status=str(info.status.value if hasattr(info.status, "value") else info.status),
+        message=info.message,
+        entrypoint=info.entrypoint,
+        start_time=info.start_time,
+        end_time=info.end_time,
+    )
+
+
+def logs(address: str | None, job_id: str, token_file: str | Path | None = None) -> str:
+    """Everything the job has printed so far."""
+    return _call(address, token_file, "get_job_logs", job_id)
+
+
+def follow_logs(
+    address: str | None, job_id: str, token_file: str | Path | None = None
+) -> Iterator[str]:
+    """The job's log as it is written, chunk by chunk, until the job ends.
+
+    Connection and authentication errors are raised here, before the first chunk.
+    """
+    status(address, job_id, token_file)  # unknown job or bad token: fail now, clearly
+    return _tail(client(address, token_file), job_id)
+
+
+def _tail(c: JobSubmissionClient, job_id: str) -> Iterator[str]:
+    import asyncio
+
+    agen = c.tail_job_logs(job_id)
+    loop = asyncio.new_event_loop()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(agen.aclose())
+        loop.close()
+
+
+def stop(
+    address: str | None,
+    job_id: str,
+    token_file: str | Path | None = None,
+    *,
+    wait: float = 0.0,
+) -> str:
+    """Ask the job to stop; with ``wait`` > 0, wait up to that many seconds for it to end.
+
+    Returns:
+        The job's status afterwards.
+    """
+    _call(address, token_file, "stop_job", job_id)
+    if wait > 0:
+        return wait_for(address, job_id, token_file, timeout=wait)
+    return status(address, job_id, token_file).status
+
+
+def wait_for(
+    address: str | None,
+    job_id: str,
+    token_file: str | Path | None = None,
+    *,
+    timeout: float = 600.0,
+    poll: float = 1.0,
+) -> str:
+    """Poll until the job reaches a terminal status; returns it.
+
+    Raises:
+        SubmitError: still not finished after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        state = status(address, job_id, token_file).status
+        if state in TERMINAL:
+            return state
+        if time.monotonic() > deadline:
+            raise SubmitError(f"job {job_id} is still {state} after {timeout:.0f}s")
+        time.sleep(poll)

@@ -1,0 +1,461 @@
+"""Static checks of everything under infra/: the Dockerfile, KubeRay and Kubernetes manifests,
+the Ray cluster launcher YAML and the compose stack (nothing here can start them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import tomllib
+import yaml
+from aim_platform import services, submit
+from aim_platform.security import is_secret_key, redact_text
+from conftest import REPO
+
+INFRA = REPO / "infra"
+K8S = INFRA / "k8s"
+COMPOSE = INFRA / "compose" / "compose.yaml"
+AWS = INFRA / "aws" / "cluster.yaml"
+VERSION = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+RAY_VERSION = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").read_text())[1]
+OUR_IMAGE = re.compile(rf"^(?:[\w.\-]+(?::\d+)?/)*aim-platform:{re.escape(VERSION)}$")
+APP = "/app"  # the image's WORKDIR, where the repository lives
+NODE_ENV = {"RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"}
+K8S_KINDS = {
+    "RayCluster": "ray.io/v1",
+    "RayJob": "ray.io/v1",
+    "Deployment": "apps/v1",
+    "Service": "v1",
+    "PersistentVolumeClaim": "v1",
+    "Job": "batch/v1",
+}
+
+
+def _docs(path: Path) -> list[dict[str, Any]]:
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path} holds no YAML document"
+    assert all(isinstance(d, dict) for d in docs), path
+    return docs
+
+
+def _k8s_docs() -> list[tuple[Path, dict[str, Any]]]:
+    return [(p, d) for p in sorted(K8S.glob("*.yaml")) for d in _docs(p)]
+
+
+def _by_kind(kind: str) -> list[dict[str, Any]]:
+    return [d for _, d in _k8s_docs() if d["kind"] == kind]
+
+
+def _ray_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
+    specs = [(d["metadata"]["name"], d["spec"]) for d in _by_kind("RayCluster")]
+    specs += [(d["metadata"]["name"], d["spec"]["rayClusterSpec"]) for d in _by_kind("RayJob")]
+    return specs
+
+
+def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every pod spec in the Kubernetes manifests, with a label saying where it is."""
+    for _, d in _k8s_docs():
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        spec = d["spec"]
+        if d["kind"] in ("Deployment", "Job"):
+            yield name, spec["template"]["spec"]
+        if d["kind"] == "RayJob":
+            yield f"{name}/submitter", spec["submitterPodTemplate"]["spec"]
+            spec = spec["rayClusterSpec"]
+        if d["kind"] in ("RayCluster", "RayJob"):
+            yield f"{name}/head", spec["headGroupSpec"]["template"]["spec"]
+            for group in spec["workerGroupSpecs"]:
+                yield f"{name}/{group['groupName']}", group["template"]["spec"]
+
+
+def _containers() -> Iterator[tuple[str, dict[str, Any]]]:
+    for where, pod in _pod_specs():
+        for c in pod["containers"]:
+            yield f"{where}/{c['name']}", c
+
+
+def _env(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in entries}
+
+
+def _compose() -> dict[str, Any]:
+    return _docs(COMPOSE)[0]
+
+
+def _compose_env(service: str) -> dict[str, str]:
+    env = _compose()["services"][service].get("environment", {})
+    assert isinstance(env, dict), f"compose {service}: environment as a mapping"
+    return {k: str(v) for k, v in env.items()}
+
+
+def test_every_yaml_in_infra_parses() -> None:
+    files = sorted(INFRA.rglob("*.yaml")) + sorted(INFRA.rglob("*.yml"))
+    assert {K8S / "raycluster.yaml", K8S / "rayjob-pretrain.yaml", COMPOSE, AWS} <= set(files)
+    for path in files:
+        _docs(path)
+
+
+def test_kubernetes_kinds_and_required_fields() -> None:
+    kinds = set()
+    for path, d in _k8s_docs():
+        kind = d.get("kind")
+        assert kind in K8S_KINDS, f"{path}: unexpected kind {kind!r}"
+        assert d.get("apiVersion") == K8S_KINDS[kind], f"{path}: {kind} apiVersion"
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), path
+        assert isinstance(d.get("spec"), dict), f"{path}: {kind} without spec"
+        kinds.add(kind)
+    # The issue's list: a Ray cluster, a RayJob, MLflow and MinIO as Deployments with Services.
+    assert {"RayCluster", "RayJob", "Deployment", "Service"} <= kinds
+    deployments = {d["metadata"]["name"]: d for d in _by_kind("Deployment")}
+    assert {"aim-mlflow", "aim-minio"} <= set(deployments)
+    for name, d in deployments.items():
+        pod_labels = d["spec"]["template"]["metadata"]["labels"]
+        selector = d["spec"]["selector"]["matchLabels"]
+        assert selector.items() <= pod_labels.items(), f"{name}: selector does not match pods"
+    for where, c in _containers():
+        assert c.get("name") and c.get("image"), where
+
+
+def test_ray_clusters_head_gpu_workers_and_autoscaling() -> None:
+    specs = _ray_cluster_specs()
+    assert len(specs) == 2
+    for name, spec in specs:
+        assert spec["rayVersion"] == RAY_VERSION, f"{name}: rayVersion vs pyproject's ray pin"
+        assert spec.get("enableInTreeAutoscaling") is True, name
+        head = spec["headGroupSpec"]
+        assert "template" in head and "rayStartParams" in head, name
+        ports = {
+            p["name"]: p["containerPort"]
+            for p in head["template"]["spec"]["containers"][0]["ports"]
+        }
+        assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}, name
+        assert spec["workerGroupSpecs"], name
+        for group in spec["workerGroupSpecs"]:
+            assert group["groupName"] and "rayStartParams" in group, name
+            assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
+            assert group["maxReplicas"] > group["minReplicas"], f"{name}: no autoscaling range"
+            limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+            assert int(limits["nvidia.com/gpu"]) > 0, f"{name}: worker group without GPUs"
+    job = _by_kind("RayJob")[0]["spec"]
+    assert job["shutdownAfterJobFinishes"] is True
+    assert job["entrypoint"].strip()
+
+
+def _check_aimctl_command(command: str, where: str) -> None:
+    """``aimctl SUB ARGS``: SUB is a real command, each --option exists, paths exist in the repo."""
+    import typer.main
+    from aim_platform.cli import app
+
+    args = shlex.split(command)
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert args[0] in scripts, f"{where}: {args[0]!r} is not a console script"
+    group = typer.main.get_command(app)
+    cmd = group.commands.get(args[1])  # type: ignore[attr-defined]
+    assert cmd is not None, f"{where}: aimctl has no command {args[1]!r}"
+    options = {o for p in cmd.params for o in getattr(p, "opts", [])}
+    for arg in args[2:]:
+        if arg.startswith("--"):
+            assert arg.split("=", 1)[0] in options, f"{where}: aimctl {args[1]} has no {arg}"
+        elif arg.endswith((".yaml", ".yml")):
+            path = REPO / arg.removeprefix(APP + "/")
+            assert path.is_file(), f"{where}: config {arg} is not in the repository"
+            from aim_platform.config import load_config
+
+            load_config(path)  # and it is a valid job config
+
+
+def test_entrypoints_and_config_paths_exist() -> None:
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert re.search(rf"^WORKDIR {APP}$", dockerfile, re.M), "manifests assume WORKDIR /app"
+    for job in _by_kind("RayJob"):
+        _check_aimctl_command(job["spec"]["entrypoint"], f"RayJob/{job['metadata']['name']}")
+    # aimctl submit's default entrypoint must be a command that exists as well.
+    _check_aimctl_command(
+        submit.default_entrypoint("jobs/configs/pretrain_aim600m.yaml", ["seed=1"]), "submit"
+    )
+    compose = _compose()
+    for name, svc in compose["services"].items():
+        entry = svc.get("entrypoint")
+        if entry and entry[0].startswith(APP + "/"):
+            script = REPO / entry[0].removeprefix(APP + "/")
+            assert script.is_file() and os.access(script, os.X_OK), f"compose {name}: {entry}"
+        if "build" in svc:
+            context = (COMPOSE.parent / svc["build"]["context"]).resolve()
+            assert context == REPO, f"compose {name}: build context is not the repository"
+            assert (context / svc["build"]["dockerfile"]).is_file()
+    for name, secret in compose["secrets"].items():
+        folder = (COMPOSE.parent / secret["file"]).resolve().parent
+        assert folder == INFRA / "secrets", f"compose secret {name}: outside infra/secrets"
+        assert (folder / ".gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
+
+
+def test_dockerfile_copies_existing_paths_and_ends_with_pillow_simd() -> None:
+    text = (INFRA / "Dockerfile").read_text()
+    lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)[1]
+    assert base.startswith("nvidia/cuda:") and re.search(r":\d+\.\d+\.\d+-", base), base
+    for ln in lines:
+        if ln.startswith("COPY"):
+            for src in ln.split()[1:-1]:
+                assert (REPO / src).exists(), f"Dockerfile: COPY {src} does not exist"
+    runs = [ln for ln in lines if ln.startswith("RUN")]
+    assert "infra/pillow_simd.sh" in runs[-1], "the Pillow-SIMD swap must be the last RUN"
+    assert (INFRA / "pillow_simd.sh").is_file()
+    assert "-c infra/constraints.txt" in text
+    pins = dict(
+        ln.split("==", 1) for ln in (INFRA / "constraints.txt").read_text().splitlines()
+        if ln and not ln.startswith("#")
+    )  # fmt: skip
+    assert pins["ray"] == RAY_VERSION
+    import mlflow
+
+    assert pins["mlflow"] == mlflow.__version__
+    ignore = (INFRA / "Dockerfile.dockerignore").read_text().split()
+    assert {".venv", ".git", "runs", "data", "infra/secrets"} <= set(ignore)
+
+
+def _all_images() -> Iterator[tuple[str, str]]:
+    for where, c in _containers():
+        yield where, c["image"]
+    for name, svc in _compose()["services"].items():
+        yield f"compose/{name}", svc["image"]
+    yield "aws/docker", _docs(AWS)[0]["docker"]["image"]
+
+
+def test_image_references() -> None:
+    ours = 0
+    for where, image in _all_images():
+        if "aim-platform" in image:
+            assert OUR_IMAGE.match(image), f"{where}: {image} is not aim-platform:{VERSION}"
+            ours += 1
+        else:  # third-party images: pinned, never latest
+            name, _, tag = image.rpartition(":")
+            assert name and tag and tag != "latest" and "/" not in tag, f"{where}: {image}"
+    assert ours >= 8
+    assert (INFRA / "Dockerfile").is_file()
+
+
+def _secret_value_ok(name: str, value: str, secret_refs: set[str]) -> bool:
+    """A literal env value may not hold a credential; $(VAR) may only expand secret refs."""
+    refs = set(re.findall(r"\$\((\w+)\)", value))
+    if refs and refs <= secret_refs:
+        value = re.sub(r"\$\(\w+\)", "ref", value).replace(":ref@", "@")
+    return redact_text(value) == value and not refs - secret_refs
+
+
+def _strings(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+    elif isinstance(node, str):
+        yield node
+
+
+def _strip_refs(text: str) -> str:
+    """Remove what points at a secret without holding it: $(VAR), NAME_FILE/_PATH=/run/secrets."""
+    text = re.sub(r"\b\w+_(?:FILE|PATH)=/run/secrets/\S+", "", text)
+    text = re.sub(r"\$\$?\(cat /run/secrets/\w+\)", "ref", text)
+    return re.sub(r":\$\(\w+\)@", "@", text)
+
+
+def test_secrets_only_through_secret_references() -> None:
+    assert not [d for _, d in _k8s_docs() if d["kind"] == "Secret"], "no Secret with data in git"
+    env_lists = [(w, c.get("env", [])) for w, c in _containers()]
+    for name, spec in _ray_cluster_specs():
+        env_lists.append((f"{name}/autoscaler", spec["autoscalerOptions"]["env"]))
+    refs_seen = set()
+    for where, entries in env_lists:
+        secret_refs = {e["name"] for e in entries if "secretKeyRef" in e.get("valueFrom", {})}
+        for e in entries:
+            if "valueFrom" in e:
+                ref = e["valueFrom"]["secretKeyRef"]
+                refs_seen.add((ref["name"], ref["key"]))
+                continue
+            assert not is_secret_key(e["name"]) or e["name"] == "RAY_AUTH_MODE", (
+                f"{where}: {e['name']} holds a literal value; use a secretKeyRef"
+            )
+            assert _secret_value_ok(e["name"], str(e["value"]), secret_refs), f"{where}: {e}"
+    # Every secret the manifests need is documented with the command that creates it.
+    readme = (INFRA / "README.md").read_text()
+    for name, key in refs_seen:
+        assert re.search(rf"create secret generic {name}\b[^\n]*--from-\w+={key}\b", readme), (
+            f"infra/README.md does not say how to create secret {name} key {key}"
+        )
+    # compose: secret-looking variables only as *_FILE / *_PATH pointing into /run/secrets.
+    compose = _compose()
+    for svc_name, svc in compose["services"].items():
+        env = svc.get("environment", {})
+        mounted = set(svc.get("secrets", []))
+        for key, value in env.items():
+            value = str(value)
+            if is_secret_key(key) and key != "RAY_AUTH_MODE":
+                assert key.endswith(("_FILE", "_PATH")), f"compose {svc_name}: {key} literal"
+                assert value.startswith("/run/secrets/"), f"compose {svc_name}: {key}={value}"
+                assert value.removeprefix("/run/secrets/") in mounted, f"{svc_name}: {key}"
+            assert redact_text(value) == value, f"compose {svc_name}: {key}"
+        assert mounted <= set(compose["secrets"]), svc_name
+    # aws: docker -e values hold no secrets; S3 through the instance profile.
+    cluster = _docs(AWS)[0]
+    for opt in cluster["docker"]["run_options"]:
+        if opt.startswith("-e "):
+            key, value = opt[3:].split("=", 1)
+            if is_secret_key(key) and key != "RAY_AUTH_MODE":
+                assert key.endswith("_PATH") and value.startswith("/run/secrets/"), opt
+    assert "AWS_SECRET_ACCESS_KEY" not in AWS.read_text()
+    for path in sorted(INFRA.rglob("*.yaml")):
+        for doc in _docs(path):
+            leaks = [s for s in _strings(doc) if redact_text(_strip_refs(s)) != _strip_refs(s)]
+            assert not leaks, f"{path}: literal credentials in {leaks}"
+    for node in cluster["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"], "nodes reach S3 by instance profile"
+
+
+def test_ray_auth_token_mode_in_every_cluster_manifest() -> None:
+    for name, spec in _ray_cluster_specs():
+        lists = [("autoscaler", spec["autoscalerOptions"]["env"])]
+        lists.append(("head", spec["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]))
+        for g in spec["workerGroupSpecs"]:
+            lists.append((g["groupName"], g["template"]["spec"]["containers"][0]["env"]))
+        for where, entries in lists:
+            env = _env(entries)
+            assert env["RAY_AUTH_MODE"]["value"] == "token", f"{name}/{where}"
+            ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+            assert ref == {"name": "aim-ray-auth", "key": "token"}, f"{name}/{where}"
+    for job in _by_kind("RayJob"):
+        sub_env = _env(job["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"])
+        assert sub_env["RAY_AUTH_MODE"]["value"] == "token"
+        assert "secretKeyRef" in sub_env["RAY_AUTH_TOKEN"]["valueFrom"]
+    head = _compose_env("ray-head")
+    assert head["RAY_AUTH_MODE"] == "token"
+    assert head["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token"
+    cluster = _docs(AWS)[0]
+    assert "-e RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
+    assert any("RAY_AUTH_TOKEN_PATH=" in o for o in cluster["docker"]["run_options"])
+    for cmd in cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]:
+        if "ray start" in cmd:
+            assert "RAY_AUTH_MODE=token ray start" in cmd, cmd
+    assert "RAY_AUTH_MODE=token" in (INFRA / "Dockerfile").read_text()
+
+
+def _service_port(name: str) -> int:
+    svc = next(d for d in _by_kind("Service") if d["metadata"]["name"] == name)
+    deployment = next(d for d in _by_kind("Deployment") if d["metadata"]["name"] == name)
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items(), f"Service {name} selects nothing"
+    container_ports = {
+        p["containerPort"] for c in deployment["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+    }  # fmt: skip
+    for p in svc["spec"]["ports"]:
+        assert p["targetPort"] in container_ports, f"Service {name}: targetPort {p}"
+    return svc["spec"]["ports"][0]["port"]
+
+
+def _url_host_port(url: str) -> tuple[str, int]:
+    u = urlparse(url)
+    assert u.scheme == "http" and u.hostname and u.port, url
+    return u.hostname, u.port
+
+
+def test_ports_and_env_names_consistent_across_files() -> None:
+    mlflow_port, minio_port = _service_port("aim-mlflow"), _service_port("aim-minio")
+    assert _service_port("aim-postgres") == 5432
+    assert (mlflow_port, minio_port) == (
+        services.DEFAULT_PORTS["mlflow"],
+        services.DEFAULT_PORTS["s3"],
+    )
+    mlflow_cmd = next(c for w, c in _containers() if w.startswith("Deployment/aim-mlflow"))[
+        "command"
+    ]
+    assert mlflow_cmd[mlflow_cmd.index("--port") + 1] == str(mlflow_port)
+    mlflow_env = _env(
+        next(c for w, c in _containers() if w.startswith("Deployment/aim-mlflow"))["env"]
+    )
+    assert _url_host_port(mlflow_env["MLFLOW_S3_ENDPOINT_URL"]["value"]) == (
+        "aim-minio",
+        minio_port,
+    )
+    assert "@aim-postgres:5432/" in mlflow_env["MLFLOW_BACKEND_STORE_URI"]["value"]
+
+    names = []
+    for where, c in _containers():
+        if not where.startswith(("RayCluster", "RayJob")) or where.endswith(
+            "submitter/ray-job-submitter"
+        ):
+            continue
+        env = _env(c["env"])
+        assert NODE_ENV <= set(env), f"{where}: missing {NODE_ENV - set(env)}"
+        assert _url_host_port(env["MLFLOW_TRACKING_URI"]["value"]) == ("aim-mlflow", mlflow_port)
+        for var in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"):
+            assert _url_host_port(env[var]["value"]) == ("aim-minio", minio_port), where
+        names.append(frozenset(env))
+    assert len(set(names)) == 1, "Ray nodes of the manifests see different variables"
+
+    compose = _compose()
+    head = _compose_env("ray-head")
+    assert NODE_ENV <= set(head)
+    bare = {k.removesuffix("_FILE") for k in head if k != "RAY_AUTH_TOKEN_PATH"}
+    assert bare | {"RAY_AUTH_TOKEN"} == set(names[0]), "compose ray-head vs KubeRay env names"
+    ml_host, ml_port = _url_host_port(head["MLFLOW_TRACKING_URI"])
+    ml = compose["services"][ml_host]["command"]
+    assert ml[ml.index("--port") + 1] == str(ml_port)
+    s3_host, s3_port = _url_host_port(head["AWS_ENDPOINT_URL"])
+    assert f":{s3_port}" in compose["services"][s3_host]["command"]
+    assert _url_host_port(_compose_env("mlflow")["MLFLOW_S3_ENDPOINT_URL"]) == (s3_host, s3_port)
+    published = {p for s in compose["services"].values() for p in s.get("ports", [])}
+    assert published == {f"127.0.0.1:{p}:{p}" for p in (8265, ml_port, s3_port, 9001)}
+    assert "--dashboard-port=8265" in compose["services"]["ray-head"]["command"]
+    aws = "\n".join(_docs(AWS)[0]["head_start_ray_commands"])
+    assert "--dashboard-port=8265" in aws and "--port=6379" in aws
+
+
+def test_aws_launcher_yaml_matches_rays_schema() -> None:
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    cluster = _docs(AWS)[0]
+    jsonschema.validate(cluster, schema)
+    nodes = cluster["available_node_types"]
+    assert cluster["head_node_type"] in nodes
+    gpu = [n for n in nodes.values() if n["resources"].get("GPU", 0) > 0]
+    assert gpu and all(n["min_workers"] < n["max_workers"] for n in gpu)
+    assert cluster["max_workers"] >= sum(n.get("min_workers", 0) for n in nodes.values())
+    assert "--gpus all" in cluster["docker"]["worker_run_options"]
+
+
+@pytest.mark.parametrize("path", ["infra/compose/with-secrets.sh"])
+def test_compose_entrypoint_exports_file_secrets(path: str, tmp_path: Path) -> None:
+    import subprocess
+
+    secret = tmp_path / "pw"
+    secret.write_text("p@ss/w:rd")
+    env = {
+        "PATH": f"{Path(os.sys.executable).parent}:/usr/bin:/bin",
+        "MLFLOW_DB_HOST": "postgres",
+        "MLFLOW_DB_PASSWORD_FILE": str(secret),
+        "AWS_SECRET_ACCESS_KEY_FILE": str(secret),
+    }
+    out = subprocess.run(
+        ["sh", str(REPO / path), "sh", "-c", 'echo "$MLFLOW_BACKEND_STORE_URI|$AWS_SECRET_ACCESS_KEY|${MLFLOW_DB_PASSWORD_FILE:-gone}"'],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert (
+        out.stdout.strip()
+        == "postgresql://mlflow:p%40ss%2Fw%3Ard@postgres:5432/mlflow|p@ss/w:rd|gone"
+    )
+    env["AWS_SECRET_ACCESS_KEY_FILE"] = str(tmp_path / "missing")
+    bad = subprocess.run(["sh", str(REPO / path), "true"], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "not readable" in bad.stderr

@@ -1,0 +1,250 @@
+"""``aimctl services up|down|status``: a real MLflow server and dev S3 endpoint on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from aim_platform import services as svc
+from aim_platform.cli import app
+from aim_platform.config import flatten
+from aim_platform.security import REDACTED, redact, redact_params
+from typer.testing import CliRunner
+
+PLANTED = "planted-Secret-9f8e7d6c5b4a"
+PLANTED_KEY_ID = "AKIAPLANTED000000000"
+
+
+def _aimctl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    code = "from aim_platform.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+
+
+def _listen_addresses(port: int) -> set[str]:
+    """Local IPv4 addresses (hex, as in /proc/net/tcp) listening on ``port``."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        addr, p = local.split(":")
+        if int(p, 16) == port and state == "0A":  # 0A: LISTEN
+            found.add(addr)
+    return found
+
+
+def _walk_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file())
+
+
+@pytest.mark.slow
+def test_services_up_log_run_down(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = dict(os.environ)
+    env.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    env.pop("AWS_ENDPOINT_URL", None)
+
+    runner = CliRunner()  # `up` runs as its own process (it must detach); the rest in-process
+    before = runner.invoke(app, ["services", "status", "--state-dir", str(state)])
+    assert before.exit_code == 0, before.output
+    assert "mlflow: stopped" in before.output and "s3: stopped" in before.output
+
+    up = _aimctl(
+        "services", "up", "--state-dir", str(state), "--mlflow-port", "0", "--s3",
+        "--s3-port", "0", "--bucket", "aim-artifacts", "--artifacts", "s3://aim-artifacts/mlflow",
+        env=env,
+    )  # fmt: skip
+    assert up.returncode == 0, up.stdout + up.stderr
+    exports = dict(
+        line.removeprefix("export ").split("=", 1)
+        for line in up.stdout.splitlines()
+        if line.startswith("export ")
+    )
+    records = {st.name: st.record for st in svc.status(state)}
+    try:
+        mlflow_rec, s3_rec = records["mlflow"], records["s3"]
+        assert mlflow_rec is not None and s3_rec is not None
+        # `up` returned, yet the servers run on in the background, bound to loopback only.
+        assert svc.pid_alive(mlflow_rec.pid) and svc.pid_alive(s3_rec.pid)
+        assert exports["MLFLOW_TRACKING_URI"] == mlflow_rec.url
+        assert exports["AWS_ENDPOINT_URL"] == s3_rec.url
+        for rec in (mlflow_rec, s3_rec):
+            assert rec.url.startswith("http://127.0.0.1:")
+            assert _listen_addresses(rec.port) == {"0100007F"}  # 127.0.0.1, nothing else
+        status = runner.invoke(app, ["services", "status", "--state-dir", str(state)])
+        assert status.exit_code == 0, status.output
+        assert f"mlflow: running at {mlflow_rec.url}" in status.output
+        assert "s3: running at" in status.output and "development stand-in" in status.output
+
+        # The dev S3 endpoint answers S3 calls over HTTP.
+        import boto3
+
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=s3_rec.url,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
+        )
+        s3.put_object(Bucket="aim-artifacts", Key="hello.txt", Body=b"hi")
+        assert s3.get_object(Bucket="aim-artifacts", Key="hello.txt")["Body"].read() == b"hi"
+
+        # A client logs a run with a planted secret; only redacted values reach the server.
+        from mlflow import MlflowClient
+
+        config = {
+            "name": "svc-test",
+            "data": {
+                "url": "s3://aim-data/shards",
+                "storage_options": {
+                    "key": PLANTED_KEY_ID,
+                    "secret": PLANTED,
+                    "client_kwargs": {"endpoint_url": s3_rec.url},
+                },
+            },
+            "tracking": {"uri": f"postgresql://aim:{PLANTED}@db:5432/mlflow"},
+        }
+        client = MlflowClient(tracking_uri=mlflow_rec.url)
+        exp = client.create_experiment("services-test")
+        run = client.create_run(exp, tags=redact({"env.AWS_SESSION_TOKEN": PLANTED, "who": "me"}))
+        for k, v in redact_params(flatten(config)).items():
+            client.log_param(run.info.run_id, k, v)
+        client.log_metric(run.info.run_id, "train/loss", 1.5, step=3)
+        cfg_file = tmp_path / "config.yaml"
+        cfg_file.write_text(yaml.safe_dump(redact(config)))
+        client.log_artifact(run.info.run_id, str(cfg_file))
+        client.set_terminated(run.info.run_id)
+
+        got = client.get_run(run.info.run_id)
+        assert got.data.params["data.url"] == "s3://aim-data/shards"
+        assert got.data.params["data.storage_options.secret"] == REDACTED
+        assert got.data.params["data.storage_options.key"] == REDACTED
+        assert got.data.params["tracking.uri"] == f"postgresql://aim:{REDACTED}@db:5432/mlflow"
+        assert got.data.tags["who"] == "me"
+        assert got.data.tags["env.AWS_SESSION_TOKEN"] == REDACTED
+        assert got.data.metrics["train/loss"] == 1.5
+        assert [f.path for f in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+        back = Path(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path)))
+        assert yaml.safe_load(back.read_text())["data"]["url"] == "s3://aim-data/shards"
+
+        # Grep everything the server stored (SQLite file, artifact objects in S3).
+        stored = [_walk_bytes(state)]
+        for obj in s3.list_objects_v2(Bucket="aim-artifacts").get("Contents", []):
+            stored.append(s3.get_object(Bucket="aim-artifacts", Key=obj["Key"])["Body"].read())
+        blob = b"".join(stored)
+        assert b"aim-data/shards" in blob  # the grep sees what was logged...
+        assert (
+            PLANTED.encode() not in blob and PLANTED_KEY_ID.encode() not in blob
+        )  # ...but no secret
+    finally:
+        down = runner.invoke(app, ["services", "down", "--state-dir", str(state)])
+    assert down.exit_code == 0, down.output
+    assert "mlflow: stopped" in down.output and "s3: stopped" in down.output
+    for rec in (mlflow_rec, s3_rec):
+        assert not svc.pid_alive(rec.pid)
+        assert not _group_has_processes(rec.pid), f"processes left in group {rec.pid}"
+        assert _listen_addresses(rec.port) == set()
+    after = runner.invoke(app, ["services", "status", "--state-dir", str(state)])
+    assert "mlflow: stopped" in after.output and "s3: stopped" in after.output
+
+
+def _group_has_processes(pgid: int) -> bool:
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+def test_status_notices_stale_pid_and_down_clears_it(tmp_path: Path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rec = svc.ServiceRecord(
+        name="mlflow",
+        pid=dead.pid,
+        host="127.0.0.1",
+        port=5999,
+        url="http://127.0.0.1:5999",
+        log=str(tmp_path / "mlflow.log"),
+        started_at=0.0,
+    )
+    (tmp_path / "mlflow.json").write_text(__import__("json").dumps(rec.__dict__))
+    runner = CliRunner()
+    result = runner.invoke(app, ["services", "status", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 1
+    assert f"mlflow: stale (pid {dead.pid} is not running" in result.output
+    result = runner.invoke(app, ["services", "down", "--state-dir", str(tmp_path)])
+    assert result.exit_code == 0 and "cleared stale state" in result.output
+    assert not (tmp_path / "mlflow.json").exists()
+    assert [st.state for st in svc.status(tmp_path)] == ["stopped", "stopped"]
+
+
+def test_reused_pid_is_stale(tmp_path: Path) -> None:
+    # Our own PID is alive, but with another start time it is not the recorded process.
+    assert svc.pid_alive(os.getpid())
+    assert not svc.pid_alive(os.getpid(), proc_start="1")
+
+
+def test_mlflow_up_rejects_folder_backend_and_busy_port(tmp_path: Path) -> None:
+    with pytest.raises(svc.ServiceError, match="not a SQL URI"):
+        svc.mlflow_up(tmp_path, port=0, backend_store_uri=str(tmp_path / "mlruns"))
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with pytest.raises(svc.ServiceError, match=f"port {port} .* already in use"):
+            svc.mlflow_up(tmp_path, port=port)
+    assert not (tmp_path / "mlflow.json").exists()
+
+
+def test_auth_needs_flask_wtf_and_admin_password(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(svc, "_has_module", lambda name: False)
+    with pytest.raises(svc.ServiceError, match=r"pip install 'mlflow\[auth\]'"):
+        svc.mlflow_up(tmp_path, port=0, auth=True)
+    monkeypatch.setattr(svc, "_has_module", lambda name: True)
+    monkeypatch.delenv("MLFLOW_AUTH_ADMIN_PASSWORD", raising=False)
+    with pytest.raises(svc.ServiceError, match="MLFLOW_AUTH_ADMIN_PASSWORD"):
+        svc.mlflow_up(tmp_path, port=0, auth=True)
+    assert not (tmp_path / "mlflow.json").exists()
+
+
+@pytest.mark.slow
+def test_failed_start_leaves_nothing_and_hides_db_password(tmp_path: Path) -> None:
+    # Nothing listens on the database port: the server dies during start-up.
+    uri = f"postgresql://mlflow:{PLANTED}@127.0.0.1:{svc.free_port()}/mlflow"
+    with pytest.raises(svc.ServiceError, match="exited with code|did not answer") as err:
+        svc.mlflow_up(tmp_path, port=0, backend_store_uri=uri, timeout=90)
+    assert PLANTED not in str(err.value)
+    assert not (tmp_path / "mlflow.json").exists()
+    assert [st.state for st in svc.status(tmp_path)] == ["stopped", "stopped"]
+    assert not _processes_mentioning(str(tmp_path))
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for p in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in p.read_bytes():
+                found.append(p.parent.name)
+        except OSError:
+            continue
+    return found
