@@ -58,8 +58,11 @@ def _seed() -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_session() -> Iterator[None]:
-    """One local Ray for the whole session: 2 logical CPUs, no dashboard."""
+def ray_session(s3_endpoint: dict[str, str]) -> Iterator[None]:
+    """One local Ray for the whole session: 2 logical CPUs, no dashboard.
+
+    Started after the S3 endpoint so that Ray's workers inherit its ``AWS_*`` variables.
+    """
     import ray
 
     if not ray.is_initialized():

@@ -243,3 +243,74 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path) -
     after = [v for s, v in losses if s == start + 1][-1]  # first step trained after the restore
     first = [v for s, v in losses if s == 1][0]
     assert after < 0.8 * first  # continued from trained weights, not from initialization
+
+
+@pytest.mark.slow
+def test_checkpoints_and_trunk_on_s3(ray_session, s3_endpoint) -> None:
+    """Storage on an S3 endpoint over HTTP: checkpoints, latest.json and the final trunk."""
+    import s3fs
+
+    url = f"s3://{s3_endpoint['bucket']}/runs"
+    job = tiny_job(
+        url,
+        "on-s3",
+        "train.steps=2",
+        "train.checkpoint_every=1",
+        "train.val_every=2",
+        "train.keep_checkpoints=1",
+    )
+    result = pretrain(job, datasets=digits_datasets(job, epochs=1), track=False)
+    assert result.error is None and result.steps == 2
+    assert result.final_trunk == f"{url}/on-s3/final/trunk.safetensors"
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint["endpoint_url"]})
+    listing = {p.rsplit("/", 1)[-1] for p in fs.find(f"{s3_endpoint['bucket']}/runs/on-s3")}
+    assert {
+        "__0_0.distcp",
+        "__1_0.distcp",
+        ".metadata",
+        "latest.json",
+        "trunk.safetensors",
+    } <= listing
+    assert latest_train_state(job)["step"] == 2
+    trunk, saved = read_trunk(f"{url}/on-s3/final")
+    assert saved.name == "on-s3" and sum(p.numel() for p in trunk.parameters()) > 0
+
+
+TWO_NODES = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import ray
+from ray.cluster_utils import Cluster
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+from train_helpers import digits_datasets, tiny_job
+from aim_platform.train.launcher import pretrain
+job = tiny_job({storage!r}, "two-nodes", "train.steps=2", "train.cpus_per_worker=1",
+               "train.placement_strategy=STRICT_SPREAD", "train.val_every=2")
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+result = pretrain(job, datasets=digits_datasets(job, epochs=1), track=False)
+print("RESULT", json.dumps({{"steps": result.steps, "error": result.error, "nodes": len(nodes)}}))
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_two_node_cluster_one_worker_per_node(tmp_path) -> None:
+    """A 2-node Ray cluster on this machine (one CPU per node), one worker per node
+    (STRICT_SPREAD and 1 CPU per worker leave no other placement)."""
+    import os
+    import subprocess
+    import sys
+
+    script = TWO_NODES.format(tests=str(Path(__file__).parent), storage=str(tmp_path / "runs"))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
+    )
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
+    out = json.loads(lines[-1].removeprefix("RESULT "))
+    assert out == {"steps": 2, "error": None, "nodes": 2}

@@ -193,6 +193,11 @@ class TrainConfig(StrictModel):
     log_every: int = Field(10, ge=1)
     max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
     storage_path: str = Field("./runs", description="any fsspec URL: folder or s3://bucket/x")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for storage_path (endpoint_url, region); credentials come "
+        "from the environment (AWS_ACCESS_KEY_ID, ...) and are redacted if given here",
+    )
     warmup_throughput_steps: int = Field(3, ge=0, description="steps excluded from images/s")
     peak_flops: float | None = Field(None, gt=0, description="override the device peak for MFU")
 

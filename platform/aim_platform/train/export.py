@@ -6,13 +6,15 @@ no pickled objects. ``folder`` is any fsspec URL (local folder or ``s3://``).
 
 from __future__ import annotations
 
-import fsspec
+from typing import Any
+
 import torch
 import yaml
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from aim_platform.config import JobConfig, dump_config
+from aim_platform.data.storage import filesystem
 from aim_platform.models.aim import AIMTrunk, build_trunk
 
 TRUNK_FILE = "trunk.safetensors"
@@ -21,7 +23,7 @@ CONFIG_FILE = "config.yaml"
 
 def write_trunk(state_dict: dict[str, torch.Tensor], job: JobConfig, folder: str) -> str:
     """Write trunk weights and the job config into ``folder``; return the weights' URL."""
-    fs, root = fsspec.core.url_to_fs(folder)
+    fs, root = filesystem(folder, job.train.storage_options)
     fs.makedirs(root, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     with fs.open(f"{root}/{TRUNK_FILE}", "wb") as f:
@@ -31,9 +33,11 @@ def write_trunk(state_dict: dict[str, torch.Tensor], job: JobConfig, folder: str
     return f"{folder.rstrip('/')}/{TRUNK_FILE}"
 
 
-def read_trunk(folder: str) -> tuple[AIMTrunk, JobConfig]:
+def read_trunk(
+    folder: str, storage_options: dict[str, Any] | None = None
+) -> tuple[AIMTrunk, JobConfig]:
     """Load a trunk written by :func:`write_trunk` (float32, eval mode) and its job config."""
-    fs, root = fsspec.core.url_to_fs(folder)
+    fs, root = filesystem(folder, storage_options)
     if not fs.exists(f"{root}/{TRUNK_FILE}"):
         raise FileNotFoundError(f"no {TRUNK_FILE} in {folder}")
     with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:

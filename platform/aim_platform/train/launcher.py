@@ -13,10 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
-
 from aim_platform import tracking
 from aim_platform.config import JobConfig, dump_config, flatten
+from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
 
 RUN_ID_FILE = "mlflow_run_id.json"
 
@@ -62,7 +61,7 @@ def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
     """The newest complete checkpoint's train state (``latest.json``), or None."""
     from aim_platform.train.checkpoint import LATEST
 
-    fs, root = fsspec.core.url_to_fs(run_root(job))
+    fs, root = filesystem(run_root(job), job.train.storage_options)
     if not fs.exists(f"{root}/{LATEST}"):
         return None
     with fs.open(f"{root}/{LATEST}", "r") as f:
@@ -73,7 +72,7 @@ def _reuse_or_start_run(
     job: JobConfig, uri: str, tags: Mapping[str, str | None], parent_run_id: str | None
 ) -> str:
     """One MLflow run per job: a job restarted by name continues its run."""
-    fs, root = fsspec.core.url_to_fs(run_root(job))
+    fs, root = filesystem(run_root(job), job.train.storage_options)
     marker = f"{root}/{RUN_ID_FILE}"
     if fs.exists(marker):
         with fs.open(marker, "r") as f:
@@ -156,6 +155,9 @@ def pretrain(
 
     if datasets is None:
         datasets = default_datasets(job, start_epoch)
+    storage_fs, storage_path = None, storage
+    if is_remote(storage):  # pyarrow's S3 client with the endpoint override (e.g. MinIO)
+        storage_fs, storage_path = pyarrow_filesystem(storage, tc.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -173,7 +175,8 @@ def pretrain(
         ),
         run_config=ray.train.RunConfig(
             name=job.name,
-            storage_path=storage,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
         ),
@@ -192,7 +195,7 @@ def pretrain(
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
     result.error = str(fit.error) if fit.error else None
     final = f"{root}/final/trunk.safetensors"
-    fs, path = fsspec.core.url_to_fs(final)
+    fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
     if track:
         _log_outputs(uri, run_id, result)

@@ -217,7 +217,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=f"checkpoint_{state.step:08d}",
                 )
-            _commit_latest(loop_config.get("run_root"), state, rank)
+            _commit_latest(loop_config.get("run_root"), tc.storage_options, state, rank)
         else:
             ray.train.report(report)
         step_start = time.perf_counter()  # logging, validation and saving are not step time
@@ -227,7 +227,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _export_trunk(model, job, loop_config.get("final_dir"), rank)
 
 
-def _commit_latest(run_root: str | None, state: ckpt.TrainState, rank: int) -> None:
+def _commit_latest(
+    run_root: str | None, storage_options: dict[str, Any], state: ckpt.TrainState, rank: int
+) -> None:
     """After every rank's upload returned, rank 0 records the checkpoint as the latest.
 
     ``latest.json`` is written last and in one piece, so a crash in the middle of a save
@@ -239,9 +241,9 @@ def _commit_latest(run_root: str | None, state: ckpt.TrainState, rank: int) -> N
         return
     import json
 
-    import fsspec
+    from aim_platform.data.storage import filesystem
 
-    fs, root = fsspec.core.url_to_fs(run_root)
+    fs, root = filesystem(run_root, storage_options)
     body = json.dumps({"checkpoint": f"checkpoint_{state.step:08d}", **vars(state)})
     tmp = f"{root}/{ckpt.LATEST}.tmp"
     with fs.open(tmp, "w") as f:
