@@ -397,6 +397,60 @@ def bench_attention(
         console.print(line, markup=False, soft_wrap=True)
 
 
+@app.command()
+def probe(
+    checkpoint: str = typer.Argument(..., help="trunk folder (runs/NAME/final) or converted .pt"),
+    dataset: str = typer.Argument(..., help="labelled ingest root (local or s3://)"),
+    set_: list[str] = typer.Option([], "--set", help="ProbeConfig override a=b (repeatable)"),
+    config: Path = typer.Option(None, help="ProbeConfig YAML"),
+    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI "
+                                     "or ./runs/mlflow.db"),
+    experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
+    parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
+) -> None:
+    """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
+    from aim_platform import tracking
+    from aim_platform.config import ConfigError, ProbeConfig, TrackingConfig, load_config
+    from aim_platform.eval.probe import log_probe, report_metrics, run_probe
+    from aim_platform.train.launcher import ensure_ray
+
+    try:
+        cfg = load_config(config, set_, ProbeConfig)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    ensure_ray(address)
+    report = run_probe(checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options)
+    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+    run_id = log_probe(uri, report, cfg, experiment=experiment, run_name="probe",
+                       trunk_path=checkpoint, dataset=dataset, parent_run_id=parent_run_id)
+    for key, value in sorted(report_metrics(report).items()):
+        console.print(f"{key:40s} {value:.4f}")
+    console.print(f"MLflow run {run_id} at {uri}")
+
+
+@app.command()
+def correlate(
+    run_ids: list[str] = typer.Argument(..., help="one pre-training run, or several runs"),
+    tracking_uri: str = typer.Option(None, help="MLflow URI (default as for pretrain)"),
+    log_to: str = typer.Option(None, help="across runs: log the result into this run"),
+) -> None:
+    """Pre-training loss vs probe accuracy: per checkpoint of one run, or across runs."""
+    from aim_platform import tracking
+    from aim_platform.config import TrackingConfig
+    from aim_platform.eval.correlation import correlate_run, correlate_runs
+
+    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+    if len(run_ids) == 1:
+        corr = correlate_run(uri, run_ids[0])
+    else:
+        corr = correlate_runs(uri, run_ids, log_to=log_to)
+    console.print(corr.table())
+    if len(corr.losses) < 2:
+        console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

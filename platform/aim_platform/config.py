@@ -289,6 +289,41 @@ class DataConfig(StrictModel):
         return self
 
 
+class ProbeConfig(StrictModel):
+    """Frozen-trunk probes (paper Section 5, eq. 4; Tables 7 and 8)."""
+
+    dataset: str | None = Field(
+        None, description="labelled ingest root (aimctl ingest); None: the first data source"
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["attentive", "linear", "both"] = "attentive"
+    layers: list[int] | None = Field(
+        None, description="blocks whose outputs are averaged; None: the last quarter (>= 1)"
+    )
+    sweep: bool = Field(True, description="also probe every block on its own (Table 7)")
+    labels_per_class: int | None = Field(None, ge=1, description="None: every train label")
+    views: int = Field(4, ge=1, description="augmented crops per training image")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    attention: Literal["bidirectional", "causal"] = "bidirectional"
+    lora_rank: int | None = Field(None, ge=1, description="train rank-r LoRA with the probe")
+    seed: int = 0
+    at_steps: list[int] = Field(
+        default_factory=list,
+        description="pre-training steps whose trunk is probed (the final trunk always is)",
+    )
+
+    def resolved_layers(self, num_blocks: int) -> list[int]:
+        """Block indices (0-based, ascending) the main probe averages."""
+        if self.layers is None:
+            n = max(1, num_blocks // 4)
+            return list(range(num_blocks - n, num_blocks))
+        out = sorted({i % num_blocks for i in self.layers})
+        return out
+
+
 class JobConfig(StrictModel):
     """Root of a job's configuration (extended by the data, training and eval sections)."""
 
@@ -299,6 +334,7 @@ class JobConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
+    probe: ProbeConfig | None = Field(None, description="probe after (and during) pre-training")
 
 
 C = TypeVar("C", bound=BaseModel)

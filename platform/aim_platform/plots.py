@@ -41,3 +41,57 @@ def chunk_loss_figure(history: Mapping[int, Sequence[Any]]) -> Figure:
     ax.legend(fontsize="small")
     fig.tight_layout()
     return fig
+
+
+def loss_vs_probe_figure(
+    loss: Sequence[tuple[int, float]],
+    main: Sequence[tuple[int, float]],
+    blocks: Mapping[str, Sequence[tuple[int, float]]],
+) -> Figure:
+    """Validation loss (left axis) and probe accuracy per block (right) against the step."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if loss:
+        s, v = zip(*sorted(loss), strict=True)
+        ax.plot(s, v, color="black", marker="o", label="val loss")
+    ax.set_xlabel("pre-training step")
+    ax.set_ylabel("validation loss")
+    right = ax.twinx()
+    for name, points in blocks.items():
+        if points:
+            s, v = zip(*sorted(points), strict=True)
+            right.plot(s, v, marker=".", linestyle="--", label=f"probe {name}")
+    if main:
+        s, v = zip(*sorted(main), strict=True)
+        right.plot(s, v, marker="s", color="tab:red", label="probe (main layers)")
+    right.set_ylabel("probe top-1 accuracy")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, fontsize="small", loc="center right")
+    ax.set_title("Pre-training loss vs downstream accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def scatter_figure(labels: Sequence[str], losses: Sequence[float], accs: Sequence[float]) -> Figure:
+    """Probe accuracy against validation loss, one labelled point per run."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter(losses, accs)
+    for name, x, y in zip(labels, losses, accs, strict=True):
+        ax.annotate(name, (x, y), fontsize="small")
+    ax.set_xlabel("validation loss")
+    ax.set_ylabel("probe top-1 accuracy")
+    fig.tight_layout()
+    return fig
+
+
+def accuracy_per_block_figure(per_block: Mapping[str, Mapping[int, float]]) -> Figure:
+    """Probe top-1 per trunk block (paper Table 7), one line per probe kind."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, scores in per_block.items():
+        blocks = sorted(scores)
+        ax.plot(blocks, [scores[b] for b in blocks], marker="o", label=kind)
+    ax.set_xlabel("trunk block")
+    ax.set_ylabel("probe top-1 accuracy")
+    ax.legend()
+    fig.tight_layout()
+    return fig

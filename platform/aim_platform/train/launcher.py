@@ -199,8 +199,40 @@ def pretrain(
     result.final_trunk = final if fs.exists(path) else None
     if track:
         _log_outputs(uri, run_id, result)
+        if job.probe and result.final_trunk and not result.error:
+            probe_checkpoints(job, result)
         tracking.finish_run(uri, run_id, "FAILED" if result.error else "FINISHED")
     return result
+
+
+def probe_checkpoints(job: JobConfig, result: PretrainResult) -> None:
+    """Probe every exported trunk (``probe.at_steps`` and the final one), log each probe as
+    a nested run and into the pre-training run at its step, then correlate loss and accuracy."""
+    from aim_platform.eval.correlation import correlate_run
+    from aim_platform.eval.probe import log_probe, run_probe
+
+    assert job.probe is not None and result.tracking_uri and result.run_id
+    dataset = job.probe.dataset or job.data.sources[0].url
+    trunks = {
+        s: f"{result.storage}/trunks/step_{s:08d}" for s in job.probe.at_steps if s < result.steps
+    }
+    trunks[result.steps] = f"{result.storage}/final"
+    for step, path in sorted(trunks.items()):
+        report = run_probe(
+            path, job.probe, dataset=dataset, storage_options=job.train.storage_options
+        )
+        log_probe(
+            result.tracking_uri,
+            report,
+            job.probe,
+            experiment=job.tracking.experiment,
+            run_name=f"{job.name}-probe-step{step}",
+            trunk_path=path,
+            dataset=dataset,
+            parent_run_id=result.run_id,
+            step=step,
+        )
+    correlate_run(result.tracking_uri, result.run_id)
 
 
 def _redacted(job: JobConfig) -> JobConfig:

@@ -151,6 +151,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         num_devices=world,
         warmup_steps=tc.warmup_throughput_steps,
     )
+    probe_steps = set(job.probe.at_steps) if job.probe else set()
     lo, hi = job.model.prefix_range
     accum = tc.grad_accum_steps
     train_shard = ray.train.get_dataset_shard("train")
@@ -191,8 +192,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         step_loss, micro, loss_acc = loss_acc, 0, 0.0
 
         do_log = state.step % tc.log_every == 0 or state.step == tc.steps
-        do_val = state.step % tc.val_every == 0 or state.step == tc.steps
+        probe_now = state.step in probe_steps  # a trunk to probe: export it, validate here
+        do_val = state.step % tc.val_every == 0 or state.step == tc.steps or probe_now
         do_ckpt = state.step % tc.checkpoint_every == 0 or state.step == tc.steps
+        if probe_now:
+            _export_trunk(
+                model, job, f"{loop_config['run_root']}/trunks/step_{state.step:08d}", rank
+            )
         if not (do_log or do_val or do_ckpt):
             continue
         loss_sum, dropped_total = _all_reduce_sum([step_loss, float(dropped)], device)

@@ -1,0 +1,140 @@
+"""Pre-training loss vs downstream accuracy (paper Fig. 4): coefficients, tables and plots.
+
+Within a run, each probed checkpoint pairs its ``val/loss`` with its probe accuracy (both
+logged at that step in the pre-training run); across runs, each run contributes its last
+pair. Pearson and Spearman coefficients and a plot go to MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+LOSS_KEY = "val/loss"
+ACC_KEY = "probe/attentive/top1"
+
+
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r (NaN when fewer than 2 points or a constant series)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) != len(b):
+        raise ValueError(f"series differ in length: {len(a)} vs {len(b)}")
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties sharing their average rank."""
+    order = values.argsort(kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(1, len(values) + 1)
+    for v in np.unique(values):
+        tie = values == v
+        ranks[tie] = ranks[tie].mean()
+    return ranks
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (Pearson on average ranks)."""
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    return pearson(_ranks(a), _ranks(b))
+
+
+@dataclass
+class Correlation:
+    """Paired points (one per checkpoint or per run) and their coefficients."""
+
+    labels: list[str]
+    losses: list[float]
+    accuracies: list[float]
+
+    @property
+    def pearson(self) -> float:
+        return pearson(self.losses, self.accuracies)
+
+    @property
+    def spearman(self) -> float:
+        return spearman(self.losses, self.accuracies)
+
+    def table(self) -> str:
+        """A Markdown table of the points and the coefficients."""
+        rows = ["| point | val loss | probe top-1 |", "| --- | --- | --- |"]
+        rows += [
+            f"| {n} | {loss:.4f} | {acc:.4f} |"
+            for n, loss, acc in zip(self.labels, self.losses, self.accuracies, strict=True)
+        ]
+        rows.append(f"\nPearson {self.pearson:.3f}, Spearman {self.spearman:.3f}")
+        return "\n".join(rows)
+
+
+def run_points(tracking_uri: str, run_id: str, acc_key: str = ACC_KEY) -> Correlation:
+    """Pairs (val loss, probe accuracy) at every step where a run logged both."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, LOSS_KEY)}
+    accs = {m.step: m.value for m in client.get_metric_history(run_id, acc_key)}
+    steps = sorted(set(losses) & set(accs))
+    return Correlation(
+        [f"step {s}" for s in steps], [losses[s] for s in steps], [accs[s] for s in steps]
+    )
+
+
+def correlate_run(tracking_uri: str, run_id: str) -> Correlation:
+    """Compute and log ``corr/pearson``, ``corr/spearman``, a table and the Fig. 4 analogue
+    plot (validation loss and probe accuracy per block against the step) into the run."""
+    from mlflow.tracking import MlflowClient
+
+    from aim_platform.plots import loss_vs_probe_figure
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    corr = run_points(tracking_uri, run_id)
+    if len(corr.losses) >= 2:
+        client.log_metric(run_id, "corr/pearson", corr.pearson)
+        client.log_metric(run_id, "corr/spearman", corr.spearman)
+    client.log_text(run_id, corr.table(), "correlation.md")
+    keys = [
+        m for m in client.get_run(run_id).data.metrics if m.startswith("probe/attentive/block_")
+    ]
+    blocks = {
+        key.split("/")[2]: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+        for key in sorted(keys)
+    }
+    loss = [(m.step, m.value) for m in client.get_metric_history(run_id, LOSS_KEY)]
+    main = [(m.step, m.value) for m in client.get_metric_history(run_id, ACC_KEY)]
+    fig = loss_vs_probe_figure(loss, main, blocks)
+    client.log_figure(run_id, fig, "loss_vs_probe.png")
+    return corr
+
+
+def correlate_runs(
+    tracking_uri: str, run_ids: Sequence[str], log_to: str | None = None
+) -> Correlation:
+    """Across runs (e.g. a study's trials): each run's last probed step is one point."""
+    from mlflow.tracking import MlflowClient
+
+    from aim_platform.plots import scatter_figure
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    labels, losses, accs = [], [], []
+    for rid in run_ids:
+        points = run_points(tracking_uri, rid)
+        if points.losses:
+            labels.append(client.get_run(rid).info.run_name or rid)
+            losses.append(points.losses[-1])
+            accs.append(points.accuracies[-1])
+    corr = Correlation(labels, losses, accs)
+    if log_to:
+        if len(losses) >= 2:
+            client.log_metric(log_to, "corr/pearson", corr.pearson)
+            client.log_metric(log_to, "corr/spearman", corr.spearman)
+        client.log_text(log_to, corr.table(), "correlation_across_runs.md")
+        client.log_figure(
+            log_to,
+            scatter_figure(corr.labels, corr.losses, corr.accuracies),
+            "loss_vs_probe_across_runs.png",
+        )
+    return corr

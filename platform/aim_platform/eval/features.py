@@ -1,0 +1,207 @@
+"""Features from a frozen trunk: the Python API and the Ray Data actor that computes them.
+
+A trunk is found by path: a folder written by pre-training (``trunk.safetensors`` +
+``config.yaml``) or a file written by ``aimctl convert-ml-aim``. Images go in as PIL images,
+uint8 arrays (N, H, W, 3) already at the model's size, uint8 patch sequences (N, K, P), or a
+Ray Dataset with a ``patches`` column; features come out per block (bidirectional attention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aim_platform.config import ModelConfig
+from aim_platform.models.aim import AIMTrunk, pixels_to_input
+from aim_platform.models.layers import AttentionKind, attention_mask, patchify
+
+
+def load_trunk(
+    path: str, storage_options: dict[str, Any] | None = None
+) -> tuple[AIMTrunk, ModelConfig]:
+    """A frozen float32 trunk (eval mode, no gradients) and its model config."""
+    if path.endswith(".pt"):
+        from aim_platform.models.interop import load_converted
+
+        clf = load_converted(path)
+        trunk = clf.trunk
+        d = trunk.embed_dim
+        grid = int(round(trunk.num_patches**0.5))
+        patch = int(round((trunk.patch_embed.proj.in_features / 3) ** 0.5))
+        cfg = ModelConfig(
+            size=None,
+            img_size=grid * patch,
+            patch_size=patch,
+            embed_dim=d,
+            num_blocks=len(trunk.blocks),
+            num_heads=trunk.blocks[0].attn.num_heads,
+        )
+    else:
+        from aim_platform.train.export import read_trunk
+
+        trunk, job = read_trunk(path, storage_options)
+        cfg = job.model
+    trunk.eval().requires_grad_(False)
+    return trunk, cfg
+
+
+def block_outputs(
+    trunk: AIMTrunk,
+    pixels: torch.Tensor,
+    layers: Sequence[int],
+    attention: AttentionKind = "bidirectional",
+) -> torch.Tensor:
+    """Raw outputs of the chosen blocks for uint8 patch sequences.
+
+    Args:
+        trunk: A trunk (frozen or not).
+        pixels: (B, K, P) uint8 patch sequences in raster order.
+        layers: Block indices (ascending, non-negative).
+        attention: ``bidirectional`` (downstream default) or ``causal`` (Table 3d).
+
+    Returns:
+        (B, L, K, D) with L = len(layers).
+    """
+    x = pixels_to_input(pixels)  # (B, K, P) float
+    mask = attention_mask(attention, x.shape[1])
+    mask = None if mask is None else mask.to(x.device)
+    _, outs = trunk(x, mask=mask, num_blocks=max(layers) + 1)
+    return torch.stack([outs[i] for i in layers], dim=1)  # (B, L, K, D)
+
+
+def _to_patches(images: Any, cfg: ModelConfig) -> torch.Tensor:
+    """PIL images, (N, H, W, 3) uint8 images or (N, K, P) patches -> (N, K, P) uint8."""
+    from PIL import Image
+
+    from aim_platform.data.transforms import patchify_hwc
+
+    if isinstance(images, torch.Tensor):
+        images = images.numpy()
+    if isinstance(images, np.ndarray) and images.ndim == 3:
+        if images.shape[1:] != (cfg.num_patches, cfg.patch_dim):
+            raise ValueError(
+                f"patches must be (N, {cfg.num_patches}, {cfg.patch_dim}), got {images.shape}"
+            )
+        return torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8))
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        if images.shape[1:] != (cfg.img_size, cfg.img_size, 3):
+            raise ValueError(
+                f"images must be (N, {cfg.img_size}, {cfg.img_size}, 3) uint8, got {images.shape}"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).permute(0, 3, 1, 2)
+        return patchify(x, cfg.patch_size)  # (N, K, P)
+    out = []
+    for img in images:
+        if not isinstance(img, Image.Image):
+            raise TypeError(f"expected PIL images, uint8 arrays or patches, got {type(img)}")
+        rgb = img.convert("RGB")
+        side = min(rgb.size)
+        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
+        rgb = rgb.crop((left, top, left + side, top + side)).resize(
+            (cfg.img_size, cfg.img_size), Image.BICUBIC
+        )
+        out.append(patchify_hwc(np.asarray(rgb), cfg.patch_size))
+    return torch.from_numpy(np.stack(out))
+
+
+def embed(
+    trunk: AIMTrunk,
+    cfg: ModelConfig,
+    images: Any,
+    layers: Sequence[int] = (-1,),
+    pool: bool = True,
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Features of images: the mean of the chosen blocks' outputs, mean-pooled over patches.
+
+    Args:
+        trunk: From :func:`load_trunk`.
+        cfg: Its model config.
+        images: PIL images (centre-cropped and resized), (N, H, W, 3) uint8 arrays at the
+            model's size, or (N, K, P) uint8 patch sequences. For a Ray Dataset use
+            :func:`dataset_features`.
+        layers: Blocks to average (negative counts from the end).
+        pool: Mean over patches -> (N, D); False keeps tokens -> (N, K, D).
+    """
+    n = len(trunk.blocks)
+    idx = sorted({i % n for i in layers})
+    patches = _to_patches(images, cfg)
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(patches), batch_size):
+            feats = block_outputs(trunk, patches[start : start + batch_size], idx).mean(1)
+            outs.append(feats.mean(1) if pool else feats)  # (B, D) or (B, K, D)
+    return torch.cat(outs)
+
+
+class FeatureActor:
+    """Ray Data callable class: holds one frozen trunk, maps ``patches`` to block outputs.
+
+    Output columns: ``features`` float16 (L, K, D) per row, plus ``label`` and ``id``.
+    """
+
+    def __init__(
+        self,
+        trunk_path: str,
+        layers: Sequence[int],
+        attention: str,
+        storage_options: dict[str, Any] | None = None,
+        threads: int = 1,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.trunk, _ = load_trunk(trunk_path, storage_options)
+        self.layers = list(layers)
+        self.attention = attention
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        pixels = torch.from_numpy(np.stack(batch["patches"]))  # (B, K, P) uint8
+        with torch.no_grad():
+            feats = block_outputs(self.trunk, pixels, self.layers, self.attention)
+        return {
+            "features": feats.to(torch.float16).numpy(),  # (B, L, K, D)
+            "label": np.asarray(batch["label"]),
+            "id": np.asarray(batch["id"]),
+        }
+
+
+def dataset_features(
+    ds: Any,
+    trunk_path: str,
+    layers: Sequence[int],
+    attention: str = "bidirectional",
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    actors: int = 1,
+    cpus_per_actor: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block outputs of every valid row of a Ray Dataset, computed by an actor pool.
+
+    Returns:
+        ``(features (N, L, K, D) float16, labels (N,) int64, ids (N,))`` in the dataset's order.
+    """
+    ds = ds.filter(lambda row: bool(row["valid"])) if "valid" in ds.columns() else ds
+    out = ds.select_columns(["patches", "label", "id"]).map_batches(
+        FeatureActor,
+        fn_constructor_kwargs={
+            "trunk_path": trunk_path,
+            "layers": list(layers),
+            "attention": attention,
+            "storage_options": storage_options,
+            "threads": max(1, int(cpus_per_actor)),
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+    )
+    feats, labels, ids = [], [], []
+    for batch in out.iter_batches(batch_size=1024, batch_format="numpy"):
+        feats.append(batch["features"])
+        labels.append(batch["label"])
+        ids.append(batch["id"])
+    if not feats:
+        raise ValueError("the dataset has no valid rows to compute features for")
+    return np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(ids)

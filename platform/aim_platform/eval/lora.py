@@ -1,0 +1,148 @@
+"""LoRA (paper Table 8): rank-r adapters on the trunk's attention projections, trained
+together with the attentive probe while every original trunk weight stays frozen."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aim_platform.config import ProbeConfig
+from aim_platform.models.aim import AIMTrunk
+from aim_platform.models.heads import AttentiveProbe
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale * x A^T B^T`` with a frozen ``base``; B starts at zero."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = (alpha if alpha is not None else rank) / rank
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        update = (x @ self.lora_a.t()) @ self.lora_b.t()  # (..., in) -> (..., r) -> (..., out)
+        return self.base(x) + self.scale * update
+
+    def merged(self) -> nn.Linear:
+        """A plain Linear with the adapter folded into its weight."""
+        out = nn.Linear(
+            self.base.in_features, self.base.out_features, bias=self.base.bias is not None
+        )
+        with torch.no_grad():
+            out.weight.copy_(self.base.weight + self.scale * self.lora_b @ self.lora_a)
+            if self.base.bias is not None:
+                out.bias.copy_(self.base.bias)
+        return out
+
+
+def add_lora(trunk: AIMTrunk, rank: int) -> list[nn.Parameter]:
+    """Freeze the trunk and wrap every block's ``attn.qkv`` and ``attn.proj`` with LoRA.
+
+    Returns:
+        The adapter parameters (the only trainable trunk parameters afterwards).
+    """
+    trunk.requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for block in trunk.blocks:
+        for name in ("qkv", "proj"):
+            wrapped = LoRALinear(getattr(block.attn, name), rank)
+            setattr(block.attn, name, wrapped)
+            params += [wrapped.lora_a, wrapped.lora_b]
+    return params
+
+
+def merge_lora(trunk: AIMTrunk) -> AIMTrunk:
+    """Fold every adapter into its projection, in place (plain Linears again)."""
+    for block in trunk.blocks:
+        for name in ("qkv", "proj"):
+            layer = getattr(block.attn, name)
+            if isinstance(layer, LoRALinear):
+                setattr(block.attn, name, layer.merged())
+    return trunk
+
+
+def trained_fraction(trunk: AIMTrunk) -> float:
+    """Adapter parameters over the original trunk parameters."""
+    lora = sum(p.numel() for n, p in trunk.named_parameters() if "lora_" in n)
+    base = sum(p.numel() for n, p in trunk.named_parameters() if "lora_" not in n)
+    return lora / base
+
+
+def _materialize(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels, labels = [], []
+    cols = ["patches", "label", "valid"]
+    for batch in ds.select_columns(cols).iter_batches(batch_size=1024, batch_format="numpy"):
+        keep = np.asarray(batch["valid"], dtype=bool)
+        pixels.append(np.stack(batch["patches"])[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels))
+
+
+def fit_lora_probe(
+    trunk: AIMTrunk,
+    layers: list[int],
+    train: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int,
+    cfg: ProbeConfig,
+) -> dict[str, float]:
+    """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction."""
+    from aim_platform.eval.features import block_outputs
+    from aim_platform.eval.probe import accuracy
+
+    torch.manual_seed(cfg.seed)
+    adapters = add_lora(trunk, cfg.lora_rank or 8)
+    probe = AttentiveProbe(trunk.embed_dim, num_classes, trunk.blocks[0].attn.num_heads)
+    opt = torch.optim.AdamW(
+        [*adapters, *probe.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    steps = cfg.steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    (tx, ty), (vx, vy) = train, val
+    for _ in range(steps):
+        idx = torch.randint(0, len(tx), (min(cfg.batch_size, len(tx)),), generator=gen)
+        feats = block_outputs(trunk, tx[idx], layers, cfg.attention).mean(1)  # (B, K, D)
+        loss = F.cross_entropy(probe(feats), ty[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    probe.eval()
+    with torch.no_grad():
+        logits = torch.cat(
+            [
+                probe(block_outputs(trunk, vx[i : i + 256], layers, cfg.attention).mean(1))
+                for i in range(0, len(vx), 256)
+            ]
+        )
+    score = accuracy(logits, vy)
+    return {"top1": score.top1, "top5": score.top5, "trained_fraction": trained_fraction(trunk)}
+
+
+def run_lora_probe(
+    trunk_path: str,
+    cfg: ProbeConfig,
+    train_ds: Any,
+    val_ds: Any,
+    layers: list[int],
+    num_classes: int,
+    storage_options: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """LoRA + attentive probe on the probe job's datasets (materialized: small label sets)."""
+    from aim_platform.eval.features import load_trunk
+
+    trunk, _ = load_trunk(trunk_path, storage_options)
+    return fit_lora_probe(
+        trunk, layers, _materialize(train_ds), _materialize(val_ds), num_classes, cfg
+    )

@@ -1,0 +1,316 @@
+"""Probes on a frozen trunk: attentive (paper eq. 4) and linear, per block and on the mean
+of the chosen blocks (Table 7), trained on features an actor pool computed.
+
+``run_probe`` is the job: pick the labelled rows, build the augmented training views and the
+fixed validation view with the data pipeline, compute block outputs with Ray, train the probe
+heads here (they are small), and log a (nested) MLflow run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aim_platform.config import DataConfig, DataSource, ProbeConfig
+from aim_platform.models.heads import AttentiveProbe, LinearProbe
+
+
+@dataclass
+class ProbeScore:
+    """Accuracy of one probe on the validation split."""
+
+    top1: float
+    top5: float
+
+
+@dataclass
+class ProbeReport:
+    """Everything one probe job measured.
+
+    Attributes:
+        layers: Blocks the main probe averaged.
+        main: kind -> score of the probe on the mean of ``layers``.
+        per_block: kind -> block -> score (empty without a sweep).
+        train_images: Labelled training images used (before augmentation).
+        val_images: Validation images.
+        lora: Score and trained fraction of the LoRA run, when asked for.
+    """
+
+    layers: list[int]
+    main: dict[str, ProbeScore] = field(default_factory=dict)
+    per_block: dict[str, dict[int, ProbeScore]] = field(default_factory=dict)
+    train_images: int = 0
+    val_images: int = 0
+    lora: dict[str, float] | None = None
+
+    def best_block(self, kind: str = "attentive") -> tuple[int, ProbeScore] | None:
+        """The block with the highest top-1 (None without a sweep)."""
+        blocks = self.per_block.get(kind) or {}
+        if not blocks:
+            return None
+        b = max(blocks, key=lambda i: blocks[i].top1)
+        return b, blocks[b]
+
+
+def make_probe(kind: str, dim: int, num_classes: int, num_heads: int) -> nn.Module:
+    """An attentive or linear probe head."""
+    if kind == "attentive":
+        return AttentiveProbe(dim, num_classes, num_heads=num_heads)
+    if kind == "linear":
+        return LinearProbe(dim, num_classes)
+    raise ValueError(f"unknown probe kind {kind!r}; known: attentive, linear")
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> ProbeScore:
+    """Top-1 and top-5 accuracy (top-5 is top-k with k = min(5, classes))."""
+    k = min(5, logits.shape[1])
+    top = logits.topk(k, dim=1).indices  # (N, k)
+    hit = top == labels.view(-1, 1)
+    return ProbeScore(float(hit[:, 0].float().mean()), float(hit.any(1).float().mean()))
+
+
+def fit_probe(
+    probe: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+) -> ProbeScore:
+    """Train ``probe`` with AdamW and a cosine schedule on (N, K, D) features; score it.
+
+    Features may be float16 (as stored); they are upcast per batch.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    n = train_x.shape[0]
+    probe.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        loss = F.cross_entropy(probe(train_x[idx].float()), train_y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    probe.eval()
+    with torch.no_grad():
+        logits = torch.cat([probe(val_x[i : i + 512].float()) for i in range(0, len(val_x), 512)])
+    return accuracy(logits, val_y)
+
+
+def probe_features(
+    train: np.ndarray,
+    train_y: np.ndarray,
+    val: np.ndarray,
+    val_y: np.ndarray,
+    blocks: list[int],
+    cfg: ProbeConfig,
+    layers: list[int],
+    num_classes: int,
+    num_heads: int,
+) -> ProbeReport:
+    """Train every probe the config asks for on precomputed block outputs.
+
+    Args:
+        train: (N, L, K, D) outputs of ``blocks`` for the training views.
+        val: (M, L, K, D) for the validation view.
+        blocks: The block index of each of the L slices.
+        layers: Blocks the main probe averages (a subset of ``blocks``).
+    """
+    tx, vx = torch.from_numpy(train), torch.from_numpy(val)
+    ty, vy = torch.from_numpy(train_y), torch.from_numpy(val_y)
+    kinds = ["attentive", "linear"] if cfg.kind == "both" else [cfg.kind]
+    report = ProbeReport(layers=layers, train_images=0, val_images=len(vy))
+    pos = [blocks.index(b) for b in layers]
+    dim = tx.shape[-1]
+    for kind in kinds:
+        torch.manual_seed(cfg.seed)
+        probe = make_probe(kind, dim, num_classes, num_heads)
+        report.main[kind] = fit_probe(
+            probe,
+            tx[:, pos].float().mean(1),
+            ty,
+            vx[:, pos].float().mean(1),
+            vy,
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            seed=cfg.seed,
+        )
+        if cfg.sweep:
+            report.per_block[kind] = {}
+            for i, b in enumerate(blocks):
+                torch.manual_seed(cfg.seed)  # same initialization and batches for every block
+                probe = make_probe(kind, dim, num_classes, num_heads)
+                report.per_block[kind][b] = fit_probe(
+                    probe,
+                    tx[:, i],
+                    ty,
+                    vx[:, i],
+                    vy,
+                    steps=cfg.steps,
+                    batch_size=cfg.batch_size,
+                    lr=cfg.lr,
+                    weight_decay=cfg.weight_decay,
+                    seed=cfg.seed,
+                )
+    return report
+
+
+def select_labelled(
+    url: str, n_per_class: int | None, seed: int, storage_options: dict[str, Any] | None = None
+) -> set[str] | None:
+    """Ids of ``n_per_class`` training rows per label, chosen by a seeded hash (None: all).
+
+    Reads only the ``id`` and ``label`` columns of the train shards.
+    """
+    if n_per_class is None:
+        return None
+    import pyarrow.parquet as pq
+
+    from aim_platform.data.pipeline import source_shards
+    from aim_platform.data.transforms import id_hash
+
+    shards = source_shards(DataSource(url=url), "train", storage_options)
+    by_label: dict[int, list[tuple[int, str]]] = {}
+    for path in shards.paths:
+        table = pq.read_table(path, columns=["id", "label"], filesystem=shards.filesystem)
+        for sid, label in zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True):
+            if label is not None and label >= 0:
+                by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
+    if not by_label:
+        raise ValueError(f"dataset: {url} has no labelled training rows")
+    return {sid for rows in by_label.values() for _, sid in sorted(rows)[:n_per_class]}
+
+
+def probe_datasets(cfg: ProbeConfig, model_cfg: Any, dataset: str) -> tuple[Any, Any]:
+    """Ray datasets for a probe: ``views`` augmented passes over the (selected) labelled
+    training rows, and the fixed centre-crop view of the validation split."""
+    from aim_platform.data.pipeline import build_train_dataset, build_val_dataset
+
+    data = DataConfig(sources=[DataSource(url=dataset)], storage_options=cfg.storage_options)
+    chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
+    train = build_train_dataset(data, model_cfg, seed=cfg.seed, epochs=cfg.views)
+    if chosen is not None:
+        train = train.filter(lambda row: row["id"] in chosen)
+    val = build_val_dataset(data, model_cfg)
+    return train, val
+
+
+def run_probe(
+    trunk_path: str,
+    cfg: ProbeConfig,
+    *,
+    dataset: str,
+    storage_options: dict[str, Any] | None = None,
+) -> ProbeReport:
+    """The whole probe job on one trunk (features by Ray, probes here). Needs Ray running."""
+    from aim_platform.eval.features import dataset_features, load_trunk
+
+    trunk, model_cfg = load_trunk(trunk_path, storage_options)
+    n_blocks = len(trunk.blocks)
+    layers = cfg.resolved_layers(n_blocks)
+    blocks = sorted(set(layers) | (set(range(n_blocks)) if cfg.sweep else set()))
+    train_ds, val_ds = probe_datasets(cfg, model_cfg, dataset)
+    tx, ty, tids = dataset_features(train_ds, trunk_path, blocks, cfg.attention, storage_options)
+    vx, vy, _ = dataset_features(val_ds, trunk_path, blocks, cfg.attention, storage_options)
+    if (vy < 0).any() or (ty < 0).any():
+        raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
+    num_classes = int(max(ty.max(), vy.max())) + 1
+    report = probe_features(
+        tx, ty, vx, vy, blocks, cfg, layers, num_classes, trunk.blocks[0].attn.num_heads
+    )
+    report.train_images = len(set(tids.tolist()))
+    if cfg.lora_rank:
+        from aim_platform.eval.lora import run_lora_probe
+
+        report.lora = run_lora_probe(
+            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options
+        )
+    return report
+
+
+def report_metrics(report: ProbeReport) -> dict[str, float]:
+    """Flat metric names: ``probe/{kind}/top1``, ``probe/{kind}/block_{b}/top1``, ..."""
+    out: dict[str, float] = {}
+    for kind, score in report.main.items():
+        out[f"probe/{kind}/top1"] = score.top1
+        out[f"probe/{kind}/top5"] = score.top5
+    for kind, blocks in report.per_block.items():
+        for b, score in blocks.items():
+            out[f"probe/{kind}/block_{b}/top1"] = score.top1
+        best = report.best_block(kind)
+        if best is not None:
+            out[f"probe/{kind}/best_block"] = float(best[0])
+            out[f"probe/{kind}/best_block_top1"] = best[1].top1
+    if report.lora:
+        for key, value in report.lora.items():
+            out[f"probe/lora/{key}"] = value
+    return out
+
+
+def log_probe(
+    tracking_uri: str,
+    report: ProbeReport,
+    cfg: ProbeConfig,
+    *,
+    experiment: str,
+    run_name: str,
+    trunk_path: str,
+    dataset: str,
+    parent_run_id: str | None = None,
+    step: int | None = None,
+) -> str:
+    """Log a probe as its own MLflow run (nested under ``parent_run_id``), and its metrics
+    into the parent at ``step`` so that the parent can correlate loss and accuracy."""
+    from mlflow.tracking import MlflowClient
+
+    from aim_platform import tracking
+    from aim_platform.config import flatten
+    from aim_platform.plots import accuracy_per_block_figure
+    from aim_platform.security import redact
+
+    params = flatten(redact({"probe": cfg.model_dump(mode="json")}))
+    params.update(
+        {
+            "trunk": trunk_path,
+            "dataset": dataset,
+            "probe.layers_used": report.layers,
+            "train_images": report.train_images,
+            "val_images": report.val_images,
+        }
+    )
+    run_id = tracking.start_run(
+        tracking_uri,
+        experiment,
+        run_name,
+        params,
+        {"kind": "probe", "pretrain_step": str(step)},
+        parent_run_id,
+    )
+    metrics = report_metrics(report)
+    logger = tracking.RunLogger(tracking_uri, run_id)
+    logger.log_metrics(metrics, step=step or 0)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if report.per_block:
+        per_block = {k: {b: s.top1 for b, s in v.items()} for k, v in report.per_block.items()}
+        client.log_figure(run_id, accuracy_per_block_figure(per_block), "accuracy_per_block.png")
+    tracking.finish_run(tracking_uri, run_id)
+    if parent_run_id and step is not None:
+        tracking.RunLogger(tracking_uri, parent_run_id).log_metrics(metrics, step=step)
+    return run_id

@@ -1,0 +1,194 @@
+"""Downstream evaluation: probes, LoRA, features API, correlation, MLflow logging."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from aim_platform.config import JobConfig, ModelConfig, ProbeConfig, build_config
+from aim_platform.eval import embed, load_trunk
+from aim_platform.eval.correlation import Correlation, pearson, spearman
+from aim_platform.eval.features import block_outputs
+from aim_platform.eval.lora import add_lora, fit_lora_probe, merge_lora, trained_fraction
+from aim_platform.eval.probe import (
+    ProbeReport,
+    ProbeScore,
+    accuracy,
+    fit_probe,
+    log_probe,
+    make_probe,
+    report_metrics,
+)
+from aim_platform.models.aim import build_trunk
+from aim_platform.train.export import write_trunk
+
+CFG = ModelConfig(size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4)
+
+
+def small_trunk(tmp_path, seed: int = 0) -> str:
+    job = build_config(JobConfig, {"model": CFG.model_dump()})
+    torch.manual_seed(seed)
+    path = str(tmp_path / f"trunk{seed}")
+    write_trunk(build_trunk(job.model).state_dict(), job, path)
+    return path
+
+
+def toy_task(n: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 patches whose class is their brightness (dark, mid, bright) under noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 3, (n,), generator=gen)
+    pixels = torch.randint(0, 70, (n, CFG.num_patches, CFG.patch_dim), generator=gen)
+    pixels += (labels * 90).view(-1, 1, 1)
+    return pixels.to(torch.uint8), labels
+
+
+def test_attentive_probe_parameter_count_and_accuracy_metric() -> None:
+    d, c = 32, 7
+    probe = make_probe("attentive", d, c, num_heads=4)
+    assert sum(p.numel() for p in probe.parameters()) == 2 * d * d + d + d * c
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    score = accuracy(logits, torch.tensor([1, 2]))
+    assert score.top1 == 0.5 and score.top5 == 1.0
+    with pytest.raises(ValueError, match="unknown probe kind"):
+        make_probe("knn", d, c, 4)
+
+
+def test_probe_on_frozen_trunk_learns_and_leaves_trunk_unchanged(tmp_path) -> None:
+    trunk, cfg = load_trunk(small_trunk(tmp_path))
+    before = {k: v.clone() for k, v in trunk.state_dict().items()}
+    assert not any(p.requires_grad for p in trunk.parameters())
+    x, y = toy_task(96)
+    feats = block_outputs(trunk, x, [0, 1]).mean(1)  # (N, K, D)
+    for kind in ("attentive", "linear"):
+        torch.manual_seed(0)
+        score = fit_probe(
+            make_probe(kind, 32, 3, 4),
+            feats[:64],
+            y[:64],
+            feats[64:],
+            y[64:],
+            steps=60,
+            batch_size=32,
+            lr=1e-2,
+            weight_decay=0.0,
+            seed=0,
+        )
+        assert score.top1 > 0.9, (kind, score)
+    for k, v in trunk.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(tmp_path) -> None:
+    trunk, _ = load_trunk(small_trunk(tmp_path))
+    base = {k: v.clone() for k, v in trunk.state_dict().items()}
+    x, y = toy_task(48)
+    cfg = ProbeConfig(lora_rank=4, steps=20, batch_size=16, lr=1e-2, weight_decay=0.0)
+    result = fit_lora_probe(trunk, [1], (x[:32], y[:32]), (x[32:], y[32:]), 3, cfg)
+    assert 0 < result["trained_fraction"] < 0.2
+    assert result["trained_fraction"] == pytest.approx(trained_fraction(trunk))
+    trainable = {n for n, p in trunk.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    state = trunk.state_dict()
+    for k, v in base.items():  # every original weight untouched
+        key = k.replace("attn.qkv.", "attn.qkv.base.").replace("attn.proj.", "attn.proj.base.")
+        assert torch.equal(state[key], v), k
+    assert any(state[k].abs().sum() > 0 for k in state if k.endswith("lora_b"))  # adapters moved
+    with torch.no_grad():
+        unmerged = block_outputs(trunk, x[:8], [0, 1])
+        merge_lora(trunk)
+        merged = block_outputs(trunk, x[:8], [0, 1])
+    assert not any("lora_" in n for n, _ in trunk.named_parameters())
+    torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_wraps_every_attention_projection() -> None:
+    trunk = build_trunk(CFG)
+    params = add_lora(trunk, 2)
+    assert len(params) == 2 * 2 * CFG.num_blocks  # A and B, qkv and proj, every block
+    d = CFG.embed_dim
+    expected = CFG.num_blocks * (2 * (d + 3 * d) + 2 * (d + d))
+    assert sum(p.numel() for p in params) == expected
+
+
+def test_embed_accepts_pil_arrays_and_patches(tmp_path) -> None:
+    trunk, cfg = load_trunk(small_trunk(tmp_path))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, cfg.img_size, cfg.img_size, 3), dtype=np.uint8)
+    from aim_platform.data.transforms import patchify_hwc
+
+    patches = np.stack([patchify_hwc(im, cfg.patch_size) for im in images])
+    pil = [Image.fromarray(im) for im in images]
+    a = embed(trunk, cfg, images)
+    b = embed(trunk, cfg, patches)
+    c = embed(trunk, cfg, pil)
+    assert a.shape == (3, cfg.embed_dim)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)  # same-size PIL images: crop and resize are identities
+    tokens = embed(trunk, cfg, patches, layers=[0, 1], pool=False)
+    assert tokens.shape == (3, cfg.num_patches, cfg.embed_dim)
+    with pytest.raises(ValueError, match="images must be"):
+        embed(trunk, cfg, images[:, :8])
+
+
+def test_correlation_coefficients_on_constructed_cases() -> None:
+    assert pearson([1, 2, 3, 4], [2, 4, 6, 8]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3, 4], [8, 6, 4, 2]) == pytest.approx(-1.0)
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson([1, 2, 3, 4], [1, 8, 27, 64]) < 0.99
+    assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties
+    from scipy.stats import pearsonr, spearmanr
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=20), rng.normal(size=20)
+    y[3] = y[4]
+    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
+    assert pearson(x, y) == pytest.approx(pearsonr(x, y).statistic)
+    assert np.isnan(pearson([1], [2])) and np.isnan(spearman([1, 1], [2, 3]))
+    corr = Correlation(["a", "b", "c"], [1.0, 0.8, 0.6], [0.5, 0.6, 0.7])
+    assert corr.spearman == pytest.approx(-1.0) and "Spearman -1.000" in corr.table()
+
+
+def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_server) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from aim_platform import tracking
+    from aim_platform.eval.correlation import correlate_run
+
+    parent = tracking.start_run(mlflow_server, "probe-tests", "pretrain", {}, {})
+    logger = tracking.RunLogger(mlflow_server, parent)
+    for step, (loss, acc) in {10: (0.9, 0.5), 20: (0.7, 0.6), 30: (0.6, 0.65)}.items():
+        logger.log_metrics({"val/loss": loss}, step=step)
+        report = ProbeReport(
+            layers=[1],
+            main={"attentive": ProbeScore(acc, 0.9)},
+            per_block={"attentive": {0: ProbeScore(acc - 0.1, 0.8), 1: ProbeScore(acc, 0.9)}},
+            train_images=100,
+            val_images=50,
+        )
+        child = log_probe(
+            mlflow_server,
+            report,
+            ProbeConfig(),
+            experiment="probe-tests",
+            run_name=f"probe-{step}",
+            trunk_path="/x",
+            dataset="/d",
+            parent_run_id=parent,
+            step=step,
+        )
+    client = MlflowClient(tracking_uri=mlflow_server)
+    run = client.get_run(child)
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    assert run.data.metrics["probe/attentive/top1"] == pytest.approx(0.65)
+    assert run.data.metrics["probe/attentive/best_block"] == 1
+    assert "accuracy_per_block.png" in {a.path for a in client.list_artifacts(child)}
+    corr = correlate_run(mlflow_server, parent)
+    assert corr.losses == [0.9, 0.7, 0.6] and corr.spearman == pytest.approx(-1.0)
+    parent_run = client.get_run(parent)
+    assert parent_run.data.metrics["corr/spearman"] == pytest.approx(-1.0)
+    assert {"loss_vs_probe.png", "correlation.md"} <= {
+        a.path for a in client.list_artifacts(parent)
+    }
+    assert set(report_metrics(report)) >= {"probe/attentive/block_0/top1", "probe/attentive/top5"}
