@@ -1,0 +1,262 @@
+"""``aimctl bench data``: our decode path against a torchvision-style baseline (a ratio).
+
+1. Same process, same core (pinned), the same ``builtin:photos`` JPEGs (about 1024x768,
+   quality 90), interleaved rounds: our :func:`~aim_platform.data.transforms.train_image`
+   (draft-mode decode, crop and bicubic resize in one call, flip) against the baseline that
+   ``torchvision.transforms.RandomResizedCrop`` amounts to (open, convert RGB, full decode,
+   crop, bicubic resize, flip), written here plainly so torchvision is not needed.
+2. Optionally, the rate at which the Ray Data pipeline (:func:`build_train_dataset`)
+   delivers batches to a consumer with 1 and 2 CPUs, against a plain one-core loop that
+   runs the same decode (+ patchify) over the same Parquet shards.
+
+:func:`baseline_image` can be timed under another PIL build too (``python -m
+aim_platform.data.bench --baseline-only``): BENCHMARKS.md compares ours on Pillow-SIMD with
+the baseline on standard Pillow, each in its own environment::
+
+    python -m aim_platform.data.bench --write-jpegs /tmp/jpegs        # main venv
+    PYTHONPATH=platform /tmp/pillow-venv/bin/python -m aim_platform.data.bench \
+        --jpegs /tmp/jpegs --baseline-only                          # Pillow + NumPy only
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from aim_platform.data.transforms import random_resized_crop_box, train_image
+
+Echo = Callable[[str], None]
+
+
+def baseline_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """torchvision-style: open, convert RGB, RandomResizedCrop(scale 0.4-1), bicubic, flip."""
+    img = Image.open(io.BytesIO(data)).convert("RGB")  # full-size decode
+    left, top, w, h = random_resized_crop_box(*img.size, rng, (0.4, 1.0), (3 / 4, 4 / 3))
+    img = img.crop((left, top, left + w, top + h)).resize((size, size), Image.BICUBIC)
+    if rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.asarray(img)  # (S, S, 3)
+
+
+def ours_image(data: bytes, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Our path: draft-mode decode, crop+resize in one call, flip."""
+    return train_image(data, size, rng)
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+    """``n`` builtin:photos JPEGs (web-size random crops of real photos, quality 90)."""
+    from aim_platform.data.sources import photo_jpeg
+
+    return [photo_jpeg(i, seed) for i in range(n)]
+
+
+def _pin_one_core() -> str:
+    try:
+        cpu = sorted(os.sched_getaffinity(0))[0]
+        os.sched_setaffinity(0, {cpu})
+        return f"pinned to core {cpu}"
+    except (AttributeError, OSError):
+        return "not pinned"
+
+
+def _unpin(cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+
+
+def _rate(fn: Callable[[bytes, int, np.random.Generator], np.ndarray], jpegs, size) -> float:
+    """Images per CPU-second of this thread: a per-core rate that other processes sharing
+    the core do not distort (wall-clock rates on a busy machine would)."""
+    rng = np.random.default_rng(0)
+    t = time.thread_time()
+    for data in jpegs:
+        fn(data, size, rng)
+    return len(jpegs) / (time.thread_time() - t)
+
+
+def compare(jpegs: list[bytes], size: int = 224, rounds: int = 3) -> dict[str, list[float]]:
+    """Interleaved rounds on the current core; images per second of each path per round."""
+    ours_image(jpegs[0], size, np.random.default_rng(0))  # warm up
+    baseline_image(jpegs[0], size, np.random.default_rng(0))
+    out: dict[str, list[float]] = {"ours": [], "baseline": []}
+    for _ in range(rounds):
+        out["ours"].append(_rate(ours_image, jpegs, size))
+        out["baseline"].append(_rate(baseline_image, jpegs, size))
+    return out
+
+
+def plain_loop_rate(root: str, img_size: int, patch_size: int) -> tuple[int, float]:
+    """One core, no Ray: read the train shards with pyarrow and decode+patchify each row."""
+    import pyarrow.parquet as pq
+
+    from aim_platform.data.transforms import decode_batch
+
+    files = sorted(Path(root, "train").glob("part-*.parquet"))
+    n = 0
+    t = time.perf_counter()
+    for f in files:
+        table = pq.read_table(f, columns=["id", "image"])
+        ids, images = table.column("id").to_pylist(), table.column("image").to_pylist()
+        for i in range(0, len(ids), 32):
+            _, valid = decode_batch(
+                ids[i : i + 32], images[i : i + 32], img_size=img_size,
+                patch_size=patch_size, train=True,
+            )  # fmt: skip
+            n += int(valid.sum())
+    return n, n / (time.perf_counter() - t)
+
+
+def ray_rate(root: str, cpus: int, epochs: int = 1) -> dict[str, float]:
+    """Start a Ray with ``cpus`` CPUs, consume ``epochs`` epochs, stop it.
+
+    Returns:
+        rows, seconds from building the dataset to the last batch (``total_s``), the
+        time to the first batch (``first_s``) and rows/s overall and after the first batch.
+    """
+    import ray
+
+    from aim_platform.config import DataConfig, ModelConfig
+    from aim_platform.data.pipeline import build_train_dataset
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        data = DataConfig(sources=[{"url": root}], cpus_per_task=1.0)
+        model = ModelConfig(size="aim-600M")
+        t0 = time.perf_counter()
+        ds = build_train_dataset(data, model, seed=0, epochs=epochs)
+        rows, first = 0, None
+        for batch in ds.iter_batches(batch_size=64, batch_format="numpy", prefetch_batches=2):
+            if first is None:
+                first = time.perf_counter() - t0
+            rows += len(batch["valid"])
+        total = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    first = first or total
+    return {
+        "rows": rows,
+        "total_s": total,
+        "first_s": first,
+        "rate": rows / total,
+        "steady_rate": rows / max(total - first, 1e-9),
+    }
+
+
+def run(
+    images: int = 200,
+    rounds: int = 3,
+    size: int = 224,
+    pipeline: bool = True,
+    pipeline_images: int = 2400,
+    echo: Echo = print,
+) -> dict[str, object]:
+    """The whole benchmark; prints as it goes and returns the figures."""
+    import PIL
+    from PIL import features
+
+    echo(
+        f"PIL {PIL.__version__} (libjpeg-turbo: {features.check_feature('libjpeg_turbo')}); "
+        f"{images} builtin:photos JPEGs, output {size}px"
+    )
+    jpegs = make_jpegs(images)
+    shapes = {Image.open(io.BytesIO(j)).size for j in jpegs}
+    echo(f"JPEG sizes: {sorted(shapes)}, mean {np.mean([len(j) for j in jpegs]) / 1e3:.0f} kB")
+    # The ratio first, in a process that has not started Ray: after ray.init, large
+    # allocations stop page-faulting (see BENCHMARKS.md) and the baseline looks 2x faster.
+    saved = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    echo(_pin_one_core())
+    rates = compare(jpegs, size, rounds)
+    _unpin(saved)
+    ours, base = statistics.median(rates["ours"]), statistics.median(rates["baseline"])
+    for r, (o, b) in enumerate(zip(rates["ours"], rates["baseline"], strict=True)):
+        echo(f"round {r}: ours {o:.0f} img/s, baseline {b:.0f} img/s, ratio {o / b:.2f}")
+    echo(
+        f"median (images per CPU-second of one core): ours {ours:.0f}, baseline {base:.0f}, "
+        f"ratio {ours / base:.2f}"
+    )
+    result: dict[str, object] = {"ours": ours, "baseline": base, "ratio": ours / base}
+    if pipeline:
+        result.update(_pipeline(pipeline_images, echo))
+    return result
+
+
+def _pipeline(n: int, echo: Echo) -> dict[str, object]:
+    from aim_platform.data.ingest import ingest
+
+    cache = os.environ.get("AIM_DATA_CACHE") or tempfile.gettempdir()
+    root = str(Path(cache) / f"bench-photos-{n}")
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        m = ingest("builtin:photos", root, num_photos=n, val_fraction=0.0, shard_size_mb=16)
+    finally:
+        ray.shutdown()
+    echo(f"ingested {m['counts']['train']} photos into {len(m['shards']['train'])} shards: {root}")
+    echo(f"load average before the pipeline runs: {os.getloadavg()}")
+    rows, plain = plain_loop_rate(root, 224, 14)
+    echo(
+        f"plain one-core loop (decode+crop+flip+patchify, no Ray): {plain:.0f} img/s ({rows} rows)"
+    )
+    out: dict[str, object] = {"plain": plain}
+    for cpus in (1, 2):
+        for epochs in (1, 2):
+            r = ray_rate(root, cpus, epochs)
+            echo(
+                f"Ray Data, {cpus} CPU(s), {epochs} epoch(s) in one dataset: {r['rate']:.0f} img/s "
+                f"overall ({r['rate'] / plain:.2f}x plain), first batch after "
+                f"{r['first_s']:.1f} s, {r['steady_rate']:.0f} img/s after it"
+            )
+            out[f"ray_{cpus}cpu_{epochs}ep"] = r
+    return out
+
+
+def _main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline-only", action="store_true", help="time the baseline alone")
+    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--jpegs", help="time these *.jpg instead of generating them")
+    p.add_argument("--write-jpegs", help="write the generated JPEGs here and stop")
+    args = p.parse_args()
+    if args.write_jpegs:
+        Path(args.write_jpegs).mkdir(parents=True, exist_ok=True)
+        for i, data in enumerate(make_jpegs(args.images)):
+            Path(args.write_jpegs, f"{i:05d}.jpg").write_bytes(data)
+        return
+    if args.jpegs:
+        jpegs = [f.read_bytes() for f in sorted(Path(args.jpegs).glob("*.jpg"))]
+    else:
+        jpegs = make_jpegs(args.images)
+    import PIL
+
+    print(_pin_one_core(), f"PIL {PIL.__version__}, {len(jpegs)} JPEGs")
+    fns = (
+        {"baseline": baseline_image}
+        if args.baseline_only
+        else {"ours": ours_image, "baseline": baseline_image}
+    )
+    for fn in fns.values():
+        fn(jpegs[0], 224, np.random.default_rng(0))
+    rates: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            rates[name].append(_rate(fn, jpegs, 224))
+    for name, r in rates.items():
+        print(
+            f"{name}: median {statistics.median(r):.0f} img/s/core, rounds "
+            + ", ".join(f"{x:.0f}" for x in r)
+        )
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,148 @@
+"""Bodies of the pipeline's Ray Data tasks (no Ray, no torch: cheap to import in workers).
+
+Each new Ray worker process imports the module of the function it runs; keeping these
+functions away from :mod:`aim_platform.data.pipeline` (which imports Ray Data, pydantic and,
+through the config, torch) saves about a second of start-up per worker.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
+
+
+def draw_counts(
+    ids: Iterable[str], rate: float, *, seed: int, epoch: int, source: str
+) -> np.ndarray:
+    """How many times each row is drawn this epoch: floor(rate) or floor(rate)+1.
+
+    The extra draw is a stable hash of (seed, epoch, source, id), so the result does not
+    depend on which task or in which order rows are seen.
+
+    Returns:
+        (N,) int64 counts.
+    """
+    base = math.floor(rate)
+    frac = rate - base
+    salt = f"mix:{seed}:{epoch}:{source}:"
+    extra = [hash_unit(i, salt) < frac for i in ids]
+    return base + np.asarray(extra, dtype=np.int64)
+
+
+def decode_train_table(
+    table: pa.Table,
+    *,
+    source: str,
+    rate: float,
+    model: dict[str, int],
+    seed: int,
+    epoch: int,
+    aug: dict[str, Any],
+) -> dict[str, np.ndarray]:
+    """Train view of one chunk of a shard: draw mixture counts, permute, decode+crop+flip+patchify.
+
+    Returns:
+        Columns ``id``, ``patches`` (M, K, P) uint8, ``valid``, ``epoch``, ``label``, ``source``.
+    """
+    ids = table.column("id").to_pylist()
+    labels = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
+    counts = draw_counts(ids, rate, seed=seed, epoch=epoch, source=source)  # (N,)
+    index = np.repeat(np.arange(len(ids)), counts)  # (M,)
+    repeats = np.concatenate([np.arange(c) for c in counts]) if len(index) else index
+    if len(index):
+        rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, id_hash(ids[0]), 1])
+        order = rng.permutation(len(index))
+        index, repeats = index[order], repeats[order]
+    images = table.column("image").to_pylist()
+    patches, valid = decode_batch(
+        [f"{source}/{ids[j]}" for j in index],
+        [images[j] for j in index],
+        img_size=model["img_size"],
+        patch_size=model["patch_size"],
+        train=True,
+        seed=seed,
+        epoch=epoch,
+        repeats=repeats,
+        **aug,
+    )
+    return {
+        "id": np.asarray([ids[j] for j in index], dtype=object),
+        "patches": patches,  # (M, K, P) uint8
+        "valid": valid,
+        "epoch": np.full(len(index), epoch, np.int32),
+        "label": labels[index],
+        "source": np.full(len(index), source, dtype=object),
+    }
+
+
+def decode_val_table(
+    table: pa.Table, *, source: str, model: dict[str, int], max_pixels: int
+) -> dict[str, np.ndarray]:
+    """Validation view of one chunk of a shard: resize + centre crop + patchify, order kept."""
+    ids = table.column("id").to_pylist()
+    patches, valid = decode_batch(
+        ids,
+        table.column("image").to_pylist(),
+        img_size=model["img_size"],
+        patch_size=model["patch_size"],
+        train=False,
+        max_pixels=max_pixels,
+    )
+    labels = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False)
+    return {
+        "id": np.asarray(ids, dtype=object),
+        "patches": patches,  # (B, K, P) uint8
+        "valid": valid,
+        "epoch": np.zeros(len(ids), np.int32),
+        "label": labels.astype(np.int32),
+        "source": np.full(len(ids), source, dtype=object),
+    }
+
+
+def read_and_decode(
+    batch: dict[str, np.ndarray],
+    *,
+    sources: list[tuple[str, float, Any]],
+    train: bool,
+    model: dict[str, int],
+    seed: int,
+    chunk_rows: int,
+    aug: dict[str, Any],
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray task body: read each (epoch, source, shard) work item and yield decoded chunks.
+
+    Args:
+        batch: Work items: ``epoch``, ``source`` (index into ``sources``), ``path``.
+        sources: (name, draw rate, pyarrow filesystem) per source.
+        train: Training view (augmented, mixture draws) or validation view.
+        model: ``img_size`` and ``patch_size``.
+        seed: Job seed.
+        chunk_rows: Rows read and decoded at a time (a generator output each).
+        aug: RandomResizedCrop/flip options and ``max_pixels``.
+
+    Yields:
+        Row batches with the pipeline's columns.
+    """
+    import pyarrow.parquet as pq
+
+    for epoch, src, path in zip(batch["epoch"], batch["source"], batch["path"], strict=True):
+        name, rate, fs = sources[int(src)]
+        with fs.open_input_file(str(path)) as f:
+            reader = pq.ParquetFile(f)
+            for rb in reader.iter_batches(batch_size=chunk_rows, columns=["id", "image", "label"]):
+                table = pa.Table.from_batches([rb])
+                if train:
+                    yield decode_train_table(
+                        table, source=name, rate=rate, model=model, seed=seed,
+                        epoch=int(epoch), aug=aug,
+                    )  # fmt: skip
+                else:
+                    yield decode_val_table(
+                        table, source=name, model=model, max_pixels=aug["max_pixels"]
+                    )
