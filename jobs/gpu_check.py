@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +115,29 @@ def step_table(results: list[tuple[StepCase, StepBenchResult | str]], peak: floa
     return "\n".join(lines)
 
 
+def attention_table(attn: dict, dtype: str) -> str:
+    """Run ``bench attention`` and format its Markdown table."""
+    a = run_attention_bench(**attn, dtype=dtype)
+    b, h, k, dh = a.shape
+    lines = [
+        f"Attention forward+backward, B={b} H={h} K={k} Dh={dh}, {dtype}:",
+        "",
+        "| variant | ms | vs causal SDPA |",
+        "| --- | ---: | ---: |",
+    ]
+    lines += [f"| {n} | {a.median(n) * 1e3:.3f} | {a.ratio(n):.2f}x |" for n in a.times]
+    return "\n".join(lines)
+
+
+def guarded(fn: Callable[[], str], what: str) -> str:
+    """``fn()``, or a line saying that ``what`` failed (the traceback goes to stderr)."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - report and carry on with the other checks
+        traceback.print_exc()
+        return f"{what}: failed: {type(exc).__name__}: {exc}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the check; print (and optionally write) the Markdown report."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -126,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
+    if not gpu and not args.smoke:
+        print("no GPU here: run with --smoke for the tiny CPU version", file=sys.stderr)
+        return 2
     if gpu:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity is meant as fp32
     dtype = "bf16" if gpu else "fp32"
@@ -135,14 +163,14 @@ def main(argv: list[str] | None = None) -> int:
         attn = dict(size="aim-tiny", batch=2, rounds=1, iters=1)
     else:
         shape = dict(size=args.size, blocks=None, head_blocks=None, batch=args.batch)
-        timing = dict(rounds=3, steps_per_round=5, warmup=2, matmul_n=8192 if gpu else 2048)
+        timing = dict(rounds=3, steps_per_round=5, warmup=2, matmul_n=8192, matmul_iters=20)
         attn = dict(size=args.size, batch=args.batch, rounds=9, iters=5)
     name = device_name(device)
     report = [
         f"### {name}: torch {torch.__version__}, CUDA {torch.version.cuda}, {dtype}"
         + (" (smoke: tiny shapes)" if args.smoke else ""),
         "",
-        parity_check(device, args.smoke),
+        guarded(lambda: parity_check(device, args.smoke), "parity flex vs sdpa"),
         "",
         f"Training step, {shape['size']} "
         f"({'cut' if args.smoke else 'full depth'}), batch {shape['batch']}, {dtype}, "
@@ -169,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         except torch.OutOfMemoryError:
             results.append((case, "out of memory"))
+        except Exception as exc:  # noqa: BLE001 - one broken case must not cost the lease
+            traceback.print_exc()
+            results.append((case, f"failed: {type(exc).__name__}"))
         else:
             print(r.summary(), flush=True)
             results.append((case, r))
@@ -180,15 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         report.append("Attention: skipped (time budget).")
     else:
         print("-- attention", flush=True)
-        a = run_attention_bench(**attn, dtype=dtype)
-        b, h, k, dh = a.shape
-        report += [
-            f"Attention forward+backward, B={b} H={h} K={k} Dh={dh}, {dtype}:",
-            "",
-            "| variant | ms | vs causal SDPA |",
-            "| --- | ---: | ---: |",
-        ]
-        report += [f"| {n} | {a.median(n) * 1e3:.3f} | {a.ratio(n):.2f}x |" for n in a.times]
+        report.append(guarded(lambda: attention_table(attn, dtype), "attention"))
     report.append(f"\n(total {time.monotonic() - start:.0f} s)")
     text = "\n".join(report)
     print("\n" + text, flush=True)

@@ -6,6 +6,7 @@ Control flow lives in ``forward``; the pieces are in :mod:`.layers`, :mod:`.head
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std, (3,) float32 on ``device``, made once per device.
+
+    ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy (it synchronizes the
+    stream); built per step it would stall the host behind the GPU twice every step.
+    """
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, device=device)  # (3,)
+        std = torch.tensor(IMAGENET_STD, device=device)  # (3,)
+    return mean, std
+
+
 def pixels_to_input(patches: torch.Tensor) -> torch.Tensor:
     """uint8 patch sequences -> normalized float model input.
 
@@ -46,8 +60,7 @@ def pixels_to_input(patches: torch.Tensor) -> torch.Tensor:
     """
     b, k, pdim = patches.shape
     x = patches.float().reshape(b, k, pdim // 3, 3) / 255.0  # (B, K, p*p, 3)
-    mean = x.new_tensor(IMAGENET_MEAN)
-    std = x.new_tensor(IMAGENET_STD)
+    mean, std = _imagenet_stats(x.device)  # (3,) each
     return ((x - mean) / std).reshape(b, k, pdim)  # (B, K, P)
 
 
@@ -261,7 +274,7 @@ class AIMForPretraining(nn.Module):
         elif prefix_len is None:
             raise ValueError("prefix_causal pre-training needs prefix_len (B,)")
         else:
-            prefix_len = prefix_len.to(x.device)
+            prefix_len = prefix_len.to(x.device, non_blocking=True)  # no stream sync
         pred = self(seq, positions=positions, prefix_len=prefix_len)  # (B, K, P)
         return next_patch_loss(pred, target, prefix_len)
 

@@ -1,0 +1,1 @@
+"""Benchmarks: a training step against a matmul peak, attention kernels (``aimctl bench``)."""
