@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile infra/pillow_simd.sh
 	touch $(STAMP)
 
 demo: setup
-	$(VENV)/bin/aimctl selfcheck
+	$(VENV)/bin/aimctl selfcheck --steps 20
+	$(VENV)/bin/aimctl pretrain jobs/configs/demo.yaml
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)

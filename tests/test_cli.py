@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from aim_platform.cli import app
 from typer.testing import CliRunner
+
+from aim_platform.cli import app
 
 
 def test_doctor_reports_versions_pil_and_devices() -> None:

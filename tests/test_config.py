@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from aim_platform.config import (
     ConfigError,
     JobConfig,

@@ -15,9 +15,10 @@ from urllib.parse import urlparse
 import pytest
 import tomllib
 import yaml
+from conftest import REPO
+
 from aim_platform import services, submit
 from aim_platform.security import is_secret_key, redact_text
-from conftest import REPO
 
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
@@ -151,6 +152,7 @@ def test_ray_clusters_head_gpu_workers_and_autoscaling() -> None:
 def _check_aimctl_command(command: str, where: str) -> None:
     """``aimctl SUB ARGS``: SUB is a real command, each --option exists, paths exist in the repo."""
     import typer.main
+
     from aim_platform.cli import app
 
     args = shlex.split(command)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+from typer.testing import CliRunner
+
 from aim_platform.cli import app
 from aim_platform.models.interop import load_converted, load_ml_aim_v1
 from aim_platform.models.layers import patchify
 from aim_platform.selfcheck import ml_aim_parity, reference_path
-from typer.testing import CliRunner
 
 
 def test_block_outputs_and_logits_match_official_code() -> None:

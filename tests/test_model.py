@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+
 from aim_platform.config import ModelConfig
 from aim_platform.models import (
     SIZES,

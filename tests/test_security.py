@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from aim_platform.config import flatten
 from aim_platform.security import (
     REDACTED,

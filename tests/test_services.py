@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
 from aim_platform import services as svc
 from aim_platform.cli import app
 from aim_platform.config import flatten
 from aim_platform.security import REDACTED, redact, redact_params
-from typer.testing import CliRunner
 
 PLANTED = "planted-Secret-9f8e7d6c5b4a"
 PLANTED_KEY_ID = "AKIAPLANTED000000000"

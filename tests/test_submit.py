@@ -21,10 +21,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from aim_platform import submit as sub
-from aim_platform.cli import app
 from conftest import REPO, free_port
 from typer.testing import CliRunner
+
+from aim_platform import submit as sub
+from aim_platform.cli import app
 
 
 def _head_processes(pgid: int, temp_dir: str) -> list[int]:

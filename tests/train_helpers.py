@@ -41,7 +41,7 @@ def digits_datasets(
         out = []
         for e in range(epochs):
             for i in rng.permutation(index):
-                out.append({"patches": patches[i], "valid": True, "epoch": e})
+                out.append({"patches": patches[i], "valid": True, "epoch": e, "label": -1})
         return out
 
     train_idx = np.arange(n_train)

@@ -404,8 +404,9 @@ def probe(
     set_: list[str] = typer.Option([], "--set", help="ProbeConfig override a=b (repeatable)"),
     config: Path = typer.Option(None, help="ProbeConfig YAML"),
     address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
-    tracking_uri: str = typer.Option(None, help="MLflow URI; default $MLFLOW_TRACKING_URI "
-                                     "or ./runs/mlflow.db"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./runs/mlflow.db"
+    ),
     experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
     parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
 ) -> None:
@@ -423,8 +424,16 @@ def probe(
     ensure_ray(address)
     report = run_probe(checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options)
     uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
-    run_id = log_probe(uri, report, cfg, experiment=experiment, run_name="probe",
-                       trunk_path=checkpoint, dataset=dataset, parent_run_id=parent_run_id)
+    run_id = log_probe(
+        uri,
+        report,
+        cfg,
+        experiment=experiment,
+        run_name="probe",
+        trunk_path=checkpoint,
+        dataset=dataset,
+        parent_run_id=parent_run_id,
+    )
     for key, value in sorted(report_metrics(report).items()):
         console.print(f"{key:40s} {value:.4f}")
     console.print(f"MLflow run {run_id} at {uri}")
@@ -449,6 +458,87 @@ def correlate(
     console.print(corr.table())
     if len(corr.losses) < 2:
         console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
+
+
+@app.command()
+def study(
+    spec: Path = typer.Argument(..., help="study spec (jobs/studies/*.yaml)"),
+    scale: str = typer.Option("tiny", help="budget preset: tiny, small or paper"),
+    set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
+    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    storage: str = typer.Option("./runs/studies", help="study folder root"),
+    tracking_uri: str = typer.Option(None, help="MLflow URI (a server for concurrent trials)"),
+    resume: bool = typer.Option(False, help="continue an interrupted study"),
+) -> None:
+    """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    from aim_platform.config import ConfigError
+    from aim_platform.tune.studies import load_study, run_study
+
+    if scale not in ("tiny", "small", "paper"):
+        console.print(f"[red]--scale: {scale!r} is not one of tiny, small, paper[/red]")
+        raise typer.Exit(2)
+    try:
+        parsed = load_study(spec)
+        parsed.job(next(iter(parsed.variants)), scale, set_)  # validate the overrides
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    result = run_study(
+        parsed,
+        scale,
+        storage=storage,
+        tracking_uri=tracking_uri,
+        address=address,
+        resume=resume,
+        extra=set_,
+    )
+    console.print(result.markdown())
+    for t in result.trials:
+        if t.error:
+            console.print(f"[red]trial {t.variant} failed:[/red] {t.error.splitlines()[0]}")
+    console.print(f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
+
+
+@app.command("tokenizer-fit")
+def tokenizer_fit(
+    dataset_url: str = typer.Argument(..., help="ingest root (aimctl ingest) or builtin:digits"),
+    out: str = typer.Argument(..., help="codebook file to write (path or s3://...safetensors)"),
+    num_tokens: int = typer.Option(512, help="codebook size (k-means centroids)"),
+    max_patches: int = typer.Option(100_000, help="patches sampled for k-means"),
+    model_size: str = typer.Option("aim-tiny", help="registered size giving image/patch size"),
+    image_size: int | None = typer.Option(None, "--image-size", "--size", help="image side"),
+    patch_size: int | None = typer.Option(None, help="patch side (default: the size's)"),
+    iters: int = typer.Option(20, help="maximum Lloyd iterations"),
+    seed: int = typer.Option(0, help="seed of crops, subsample and k-means++"),
+    storage_options: str = typer.Option("", help='fsspec options JSON, e.g. {"endpoint_url": ...}'),
+    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+) -> None:
+    """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
+    from aim_platform.data.storage import parse_storage_options
+    from aim_platform.models.tokenizer import Tokenizer, fit_tokenizer
+    from aim_platform.train.launcher import ensure_ray
+
+    sizes = {"img_size": image_size, "patch_size": patch_size}
+    try:
+        opts = parse_storage_options(storage_options)
+        model = build_config(
+            ModelConfig, {"size": model_size, **{k: v for k, v in sizes.items() if v}}
+        )
+        source = {"sources": [{"url": dataset_url}], "storage_options": opts}
+        data = build_config(DataConfig, source)
+        ensure_ray(address)
+        fit_tokenizer(data, model, out, num_tokens, max_patches, seed, iters, opts)
+    except (ConfigError, ValueError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(2) from None
+    tok = Tokenizer.load(out, opts)
+    info = tok.fitted_on
+    console.print(
+        f"{out}: {tok.num_tokens} tokens x {tok.patch_dim} values, fitted on {info['patches']} "
+        f"patches of {info['images']} images; mean squared distance "
+        f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
+    )
 
 
 def main() -> None:

@@ -16,11 +16,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aim_platform.models.sizes import SIZES
 
 # Pre-training attention; downstream runs the trunk bidirectionally (or causally for Table 3d
-# probes), which a pre-training objective cannot: every position would see its target.
-PretrainAttention = Literal["prefix_causal", "causal"]
+# probes), which the autoregressive objective cannot: every position would see its target.
+# ``bidirectional`` is valid only with the masked objective (Table 5), and required there.
+PretrainAttention = Literal["prefix_causal", "causal", "bidirectional"]
 PatternKind = Literal["raster", "spiral", "checkerboard", "random"]
 HeadKind = Literal["none", "mlp", "transformer"]
-TargetKind = Literal["normalized", "raw"]
+TargetKind = Literal["normalized", "raw", "tokens"]
+ObjectiveKind = Literal["autoregressive", "masked"]
 
 
 class ConfigError(ValueError):
@@ -44,7 +46,10 @@ class HeadConfig(StrictModel):
 
 
 class ModelConfig(StrictModel):
-    """An AIM model: trunk shapes, attention, autoregression pattern, head and target.
+    """An AIM model: trunk shapes, attention, autoregression pattern, head, target, objective.
+
+    ``target: tokens`` needs ``tokenizer`` (a codebook from ``aimctl tokenizer-fit``, or
+    ``auto``: the launcher fits one); ``objective: masked`` needs ``attention: bidirectional``.
 
     ``size`` names a registered variant (``aim-600M``, ``aim-tiny``, ...) whose shapes fill
     every field that is not given explicitly.
@@ -69,6 +74,16 @@ class ModelConfig(StrictModel):
     prefix_max: int | None = Field(None, description="largest prefix length S; None: K-1")
     target: TargetKind = "normalized"
     target_eps: float = Field(1e-6, gt=0)
+    tokenizer: str | None = Field(
+        None,
+        description="k-means codebook (aimctl tokenizer-fit) path or URL, for target=tokens; "
+        "auto: the launcher fits one into the run's storage",
+    )
+    num_tokens: int = Field(512, ge=2, description="codebook size (target=tokens)")
+    objective: ObjectiveKind = Field(
+        "autoregressive", description="autoregressive (next patch) or masked (Table 5)"
+    )
+    mask_ratio: float = Field(0.75, gt=0, lt=1, description="share of patches masked (masked)")
 
     @model_validator(mode="before")
     @classmethod
@@ -120,6 +135,7 @@ class ModelConfig(StrictModel):
                 problems.append(f"prefix_max: {hi} is outside [1, K-1] = [1, {k - 1}]")
             if self.prefix_min > hi:
                 problems.append(f"prefix_min: {self.prefix_min} is larger than prefix_max={hi}")
+        problems += self._objective_problems()
         if self.head.kind == "transformer" and self.head.width % self.head.num_heads:
             problems.append(
                 f"head.width: {self.head.width} is not divisible by head.num_heads="
@@ -128,6 +144,33 @@ class ModelConfig(StrictModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _objective_problems(self) -> list[str]:
+        """Impossible objective/target/attention combinations, each naming its field."""
+        problems = []
+        if self.objective == "autoregressive" and self.attention == "bidirectional":
+            problems.append(
+                "attention: bidirectional lets every position see the patch it predicts; "
+                "it is valid only with objective=masked"
+            )
+        if self.objective == "masked" and self.attention != "bidirectional":
+            problems.append(
+                f"attention: {self.attention} with objective=masked; masked image modelling "
+                "uses bidirectional attention (set attention=bidirectional)"
+            )
+        if self.objective == "masked" and self.pattern != "raster":
+            problems.append(
+                f"pattern: {self.pattern} applies to the autoregressive objective only "
+                "(masked needs raster)"
+            )
+        if self.target == "tokens" and not self.tokenizer:
+            problems.append(
+                "tokenizer: required with target=tokens (a codebook path or URL from "
+                "aimctl tokenizer-fit, or auto)"
+            )
+        if self.target != "tokens" and self.tokenizer is not None:
+            problems.append(f"tokenizer: set but target is {self.target} (only used by tokens)")
+        return problems
 
     @property
     def grid_size(self) -> int:
@@ -335,6 +378,49 @@ class JobConfig(StrictModel):
     train: TrainConfig = TrainConfig()
     tracking: TrackingConfig = TrackingConfig()
     probe: ProbeConfig | None = Field(None, description="probe after (and during) pre-training")
+
+
+Scale = Literal["tiny", "small", "paper"]
+
+
+class StudySpec(StrictModel):
+    """A Ray Tune ablation study (one of the paper's Tables 3-5): a base job, named variants
+    (each a list of ``a.b=c`` overrides, one trial each) and budget presets per scale."""
+
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    table: str = Field(..., description="the paper's table, e.g. 3b")
+    description: str = ""
+    base: dict[str, Any] = Field(default_factory=dict, description="JobConfig fields")
+    base_overrides: list[str] = Field(default_factory=list)
+    variants: dict[str, list[str]] = Field(..., min_length=2)
+    scales: dict[Scale, list[str]] = Field(..., description="budget overrides per scale")
+    metric: str = Field("val/loss", description="what ASHA minimizes")
+    asha: bool = False
+    max_concurrent_trials: int = Field(1, ge=1)
+    paper: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="row (linear/attentive) -> variant -> paper top-1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> StudySpec:
+        missing = [s for s in ("tiny", "paper") if s not in self.scales]
+        if missing:
+            raise ValueError(f"scales: missing presets {missing} (tiny and paper are required)")
+        for row, cols in self.paper.items():
+            unknown = set(cols) - set(self.variants)
+            if unknown:
+                raise ValueError(f"paper: row {row!r} names unknown variants {sorted(unknown)}")
+        return self
+
+    def job(self, variant: str, scale: Scale, extra: list[str] | None = None) -> JobConfig:
+        """The validated job of one variant at one scale."""
+        if variant not in self.variants:
+            raise ConfigError(f"variants: unknown variant {variant!r}")
+        if scale not in self.scales:
+            raise ConfigError(f"scales: no preset {scale!r} in study {self.name!r}")
+        overrides = [*self.base_overrides, *self.scales[scale], *self.variants[variant]]
+        overrides += [f"name={self.name}-{scale}-{variant}", *(extra or [])]
+        return build_config(JobConfig, self.base, overrides)
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -95,3 +95,16 @@ def accuracy_per_block_figure(per_block: Mapping[str, Mapping[int, float]]) -> F
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def chunk_curves_figure(curves: Mapping[str, Sequence[float]]) -> Figure:
+    """Final validation loss per chunk of the sequence, one line per trial (paper Fig. 7)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, values in curves.items():
+        ax.plot(range(len(values)), values, marker="o", label=name)
+    ax.set_xlabel("chunk of the patch sequence")
+    ax.set_ylabel("validation loss")
+    ax.set_title("Loss per chunk")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig

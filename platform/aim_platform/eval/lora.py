@@ -76,11 +76,13 @@ def trained_fraction(trunk: AIMTrunk) -> float:
     return lora / base
 
 
-def _materialize(ds: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _materialize(ds: Any, keep_ids: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, P) uint8 patches and (N,) labels of the valid (and kept) rows."""
     pixels, labels = [], []
-    cols = ["patches", "label", "valid"]
-    for batch in ds.select_columns(cols).iter_batches(batch_size=1024, batch_format="numpy"):
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
         keep = np.asarray(batch["valid"], dtype=bool)
+        if keep_ids is not None:
+            keep &= np.array([str(i) in keep_ids for i in batch["id"]], dtype=bool)
         pixels.append(np.stack(batch["patches"])[keep])
         labels.append(np.asarray(batch["label"])[keep])
     return torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels))
@@ -138,11 +140,11 @@ def run_lora_probe(
     layers: list[int],
     num_classes: int,
     storage_options: dict[str, Any] | None = None,
+    keep_ids: set[str] | None = None,
 ) -> dict[str, float]:
     """LoRA + attentive probe on the probe job's datasets (materialized: small label sets)."""
     from aim_platform.eval.features import load_trunk
 
     trunk, _ = load_trunk(trunk_path, storage_options)
-    return fit_lora_probe(
-        trunk, layers, _materialize(train_ds), _materialize(val_ds), num_classes, cfg
-    )
+    train, val = _materialize(train_ds, keep_ids), _materialize(val_ds, None)
+    return fit_lora_probe(trunk, layers, train, val, num_classes, cfg)

@@ -199,17 +199,13 @@ def select_labelled(
 
 
 def probe_datasets(cfg: ProbeConfig, model_cfg: Any, dataset: str) -> tuple[Any, Any]:
-    """Ray datasets for a probe: ``views`` augmented passes over the (selected) labelled
-    training rows, and the fixed centre-crop view of the validation split."""
+    """Ray datasets for a probe: ``views`` augmented passes over the labelled training rows,
+    and the fixed centre-crop view of the validation split."""
     from aim_platform.data.pipeline import build_train_dataset, build_val_dataset
 
     data = DataConfig(sources=[DataSource(url=dataset)], storage_options=cfg.storage_options)
-    chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
     train = build_train_dataset(data, model_cfg, seed=cfg.seed, epochs=cfg.views)
-    if chosen is not None:
-        train = train.filter(lambda row: row["id"] in chosen)
-    val = build_val_dataset(data, model_cfg)
-    return train, val
+    return train, build_val_dataset(data, model_cfg)
 
 
 def run_probe(
@@ -227,7 +223,10 @@ def run_probe(
     layers = cfg.resolved_layers(n_blocks)
     blocks = sorted(set(layers) | (set(range(n_blocks)) if cfg.sweep else set()))
     train_ds, val_ds = probe_datasets(cfg, model_cfg, dataset)
-    tx, ty, tids = dataset_features(train_ds, trunk_path, blocks, cfg.attention, storage_options)
+    chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
+    tx, ty, tids = dataset_features(
+        train_ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=chosen
+    )
     vx, vy, _ = dataset_features(val_ds, trunk_path, blocks, cfg.attention, storage_options)
     if (vy < 0).any() or (ty < 0).any():
         raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
@@ -240,7 +239,7 @@ def run_probe(
         from aim_platform.eval.lora import run_lora_probe
 
         report.lora = run_lora_probe(
-            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options
+            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options, chosen
         )
     return report
 

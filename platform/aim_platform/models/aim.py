@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -25,8 +25,16 @@ from aim_platform.models.layers import (
     patchify,
     sincos_pos_embed_2d,
 )
-from aim_platform.models.losses import LossOutput, next_patch_loss, normalize_patches
+from aim_platform.models.losses import (
+    LossOutput,
+    masked_patch_loss,
+    masked_token_loss,
+    next_patch_loss,
+    next_token_loss,
+    normalize_patches,
+)
 from aim_platform.models.patterns import pattern_order
+from aim_platform.models.tokenizer import assign_tokens, load_codebook
 
 if TYPE_CHECKING:  # config imports the size registry from this package
     from aim_platform.config import ModelConfig
@@ -71,6 +79,37 @@ def sample_prefix_lengths(
     return torch.randint(low, high + 1, (batch,), generator=generator)
 
 
+def sample_mask(
+    batch: int,
+    num_patches: int,
+    ratio: float,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Random masks for masked image modelling: ``round(ratio * K)`` patches per sample.
+
+    The count is clamped to [1, K-1] so that every sample has a masked and a visible patch.
+
+    Args:
+        batch: B.
+        num_patches: K.
+        ratio: Share of patches to mask, in (0, 1).
+        generator: Seed source; its device is where the draw happens (None: torch's global
+            RNG on ``device``).
+        device: Where the mask goes.
+
+    Returns:
+        (B, K) bool, True where the patch is masked.
+    """
+    n = min(max(round(ratio * num_patches), 1), num_patches - 1)
+    where = generator.device if generator is not None else device
+    noise = torch.rand(batch, num_patches, generator=generator, device=where)  # (B, K)
+    picked = noise.argsort(dim=1)[:, :n]  # (B, n) masked patch indices
+    mask = torch.zeros(batch, num_patches, dtype=torch.bool, device=where)  # (B, K)
+    mask.scatter_(1, picked, True)
+    return mask.to(device, non_blocking=True) if device is not None else mask
+
+
 class AIMTrunk(nn.Module):
     """ViT trunk: patch embedding + 2-D sine-cosine positions, pre-norm blocks, final norm.
 
@@ -111,6 +150,8 @@ class AIMTrunk(nn.Module):
         mask: torch.Tensor | BlockMask | None = None,
         positions: torch.Tensor | None = None,
         num_blocks: int | None = None,
+        masked: torch.Tensor | None = None,
+        mask_token: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Run the trunk.
 
@@ -120,13 +161,20 @@ class AIMTrunk(nn.Module):
                 block mask from :func:`flex_block_mask` (None: bidirectional).
             positions: (K,) raster index of the patch at each sequence position (None: raster).
             num_blocks: Run only the first ``num_blocks`` blocks (None: all).
+            masked: (B, K) bool; masked patches' embeddings are replaced by ``mask_token``
+                (D,) before the position embedding is added (masked image modelling), so
+                their pixels never enter the blocks.
+            mask_token: (D,) the learnable mask token, required with ``masked``.
 
         Returns:
             ``(features, block_outputs)``: post-norm features (B, K, D) of the last block run,
             and the raw output of every block run, each (B, K, D).
         """
         pos = self.pos_embed if positions is None else self.pos_embed[positions]  # (K, D)
-        x = self.patch_embed(patches) + pos.to(patches.dtype)  # (B, K, D)
+        x = self.patch_embed(patches)  # (B, K, D)
+        if masked is not None:
+            x = torch.where(masked.unsqueeze(-1), mask_token.to(x.dtype), x)  # (B, K, D)
+        x = x + pos.to(patches.dtype)  # (B, K, D)
         outputs = []
         recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks[:num_blocks]:
@@ -189,37 +237,72 @@ def init_weights(module: nn.Module) -> None:
 
 
 class AIMForPretraining(nn.Module):
-    """Trunk + pixel head + next-patch loss, with the pattern and prefix handled here.
+    """Trunk + pixel head + loss, with the pattern, prefix, target and objective handled here.
 
     ``loss`` is the whole pre-training objective from uint8 patches: normalize the input,
     order the patches by the pattern (tokens, position embeddings and targets alike), build the
     attention mask, predict, and take the MSE on the patches after the prefix.
 
+    Variants (paper Tables 3a and 5):
+
+    - ``target: tokens``: the head outputs ``num_tokens`` logits per position and the loss is
+      the cross-entropy against the next patch's k-means token (nearest centroid of its
+      normalized pixels). The codebook is read from ``cfg.tokenizer`` at construction into the
+      non-persistent buffer ``codebook`` (V, P); :meth:`set_codebook` replaces it.
+    - ``objective: masked``: a random ``mask_ratio`` of patches per sample is replaced by the
+      learnable ``mask_token`` (D,) after the patch embedding (position embeddings are still
+      added), the trunk and a transformer head attend bidirectionally, each position predicts
+      its own patch, and only masked patches carry loss. ``prefix_len`` is ignored.
+
     Args:
         cfg: The model; ``cfg.attention_backend`` picks SDPA with a boolean mask (``sdpa``, the
             CPU path) or FlexAttention with a block mask (``flex``, for GPUs).
         activation_checkpointing: Recompute each trunk block in the backward.
+        storage_options: fsspec options to read ``cfg.tokenizer`` (target tokens only).
     """
 
-    def __init__(self, cfg: ModelConfig, activation_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        activation_checkpointing: bool = False,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.trunk = build_trunk(cfg, activation_checkpointing)
+        tokens = cfg.target == "tokens"
         self.head = PixelHead(
             cfg.head.kind,
             in_dim=cfg.embed_dim,
-            patch_dim=cfg.patch_dim,
+            patch_dim=cfg.num_tokens if tokens else cfg.patch_dim,
             num_blocks=cfg.head.num_blocks,
             width=cfg.head.width,
             mlp_ratio=cfg.head.mlp_ratio,
             num_heads=cfg.head.num_heads,
             eps=cfg.norm_eps,
+            causal=cfg.objective == "autoregressive",
         )
         init_weights(self.head)
+        self.register_buffer("codebook", None, persistent=False)
+        if tokens:
+            url = str(cfg.tokenizer)
+            self.set_codebook(load_codebook(url, cfg.num_tokens, cfg.patch_dim, storage_options))
+        self.register_parameter("mask_token", None)
+        if cfg.objective == "masked":
+            self.mask_token = nn.Parameter(torch.empty(cfg.embed_dim))  # (D,)
+            nn.init.normal_(self.mask_token, std=0.02)
         order = pattern_order(cfg.pattern, cfg.grid_size, cfg.pattern_seed)  # (K,)
         self.register_buffer("order", order, persistent=False)
         # Raster order is the identity: skip the per-step gathers of patches and positions.
         self.identity_order = cfg.pattern == "raster"
+
+    def set_codebook(self, codebook: torch.Tensor) -> None:
+        """Use ``codebook`` (num_tokens, P) as the k-means codebook of the token target."""
+        shape = (self.cfg.num_tokens, self.cfg.patch_dim)
+        if tuple(codebook.shape) != shape:
+            raise ValueError(f"tokenizer: codebook shape {tuple(codebook.shape)} != {shape}")
+        device = self.trunk.pos_embed.device
+        self.codebook = codebook.detach().float().to(device)  # (V, P)
 
     def compile_blocks(self, **compile_kwargs) -> None:
         """``torch.compile`` every trunk and head block in place (per block, as torchtitan).
@@ -236,47 +319,91 @@ class AIMForPretraining(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor | None = None,
         prefix_len: torch.Tensor | None = None,
+        masked: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predictions in sequence order: output k predicts the patch at position k+1.
+        """Predictions in sequence order.
+
+        Autoregressive: output k predicts the patch at position k+1. Masked: output k predicts
+        the patch at position k, whose input was replaced by the mask token.
 
         Args:
             tokens: (B, K, P) normalized float patches in sequence (pattern) order.
             positions: (K,) raster index of each sequence position (None: raster).
             prefix_len: (B,) prefix lengths for ``prefix_causal`` attention.
+            masked: (B, K) bool, the masked patches; required for the masked objective.
 
         Returns:
-            (B, K, P).
+            (B, K, P) pixels, or (B, K, V) logits over the codebook for ``target: tokens``.
         """
         k = tokens.shape[1]
+        if self.cfg.objective == "masked" and masked is None:
+            raise ValueError("the masked objective needs masked (B, K), see sample_mask")
         if self.cfg.attention_backend == "flex":
             mask = flex_block_mask(self.cfg.attention, k, prefix_len, tokens.device)
         else:
             mask = attention_mask(self.cfg.attention, k, prefix_len, tokens.device)
-        x, _ = self.trunk(tokens, mask=mask, positions=positions)  # (B, K, D)
+        x, _ = self.trunk(
+            tokens, mask=mask, positions=positions, masked=masked, mask_token=self.mask_token
+        )  # (B, K, D)
         pos = self.trunk.pos_embed if positions is None else self.trunk.pos_embed[positions]
-        return self.head(x + pos.to(x.dtype))  # (B, K, P)
+        return self.head(x + pos.to(x.dtype))  # (B, K, P) or (B, K, V)
 
-    def loss(self, pixels: torch.Tensor, prefix_len: torch.Tensor | None = None) -> LossOutput:
+    def targets(self, seq: torch.Tensor) -> torch.Tensor:
+        """What each patch's prediction is scored against, in ``seq``'s order.
+
+        Args:
+            seq: (B, K, P) float model input (:func:`pixels_to_input`).
+
+        Returns:
+            (B, K, P) normalized or raw pixels, or (B, K) int64 token ids for ``tokens``.
+        """
+        if self.cfg.target == "raw":
+            return seq
+        normalized = normalize_patches(seq, self.cfg.target_eps)  # (B, K, P)
+        if self.cfg.target == "tokens":
+            return assign_tokens(normalized, self.codebook)  # (B, K)
+        return normalized
+
+    def loss(
+        self,
+        pixels: torch.Tensor,
+        prefix_len: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossOutput:
         """The pre-training loss on a batch of raster-order patches.
 
         Args:
             pixels: (B, K, P) uint8 patch sequences in raster order, as the pipeline delivers.
-            prefix_len: (B,) prefix lengths; required for ``prefix_causal``, ignored otherwise.
+            prefix_len: (B,) prefix lengths; required for ``prefix_causal``, ignored otherwise
+                (and always ignored by the masked objective).
+            generator: Seed of the masks (masked objective; None: torch's global RNG).
         """
         x = pixels_to_input(pixels)  # (B, K, P) float
+        if self.cfg.objective == "masked":
+            return self._masked_loss(x, generator)
         seq = x if self.identity_order else x[:, self.order]  # (B, K, P) in pattern order
         positions = None if self.identity_order else self.order
-        target = (
-            normalize_patches(seq, self.cfg.target_eps) if self.cfg.target == "normalized" else seq
-        )
+        target = self.targets(seq)  # (B, K, P), or (B, K) token ids
         if self.cfg.attention != "prefix_causal":
             prefix_len = None
         elif prefix_len is None:
             raise ValueError("prefix_causal pre-training needs prefix_len (B,)")
         else:
             prefix_len = prefix_len.to(x.device, non_blocking=True)  # no stream sync
-        pred = self(seq, positions=positions, prefix_len=prefix_len)  # (B, K, P)
+        pred = self(seq, positions=positions, prefix_len=prefix_len)  # (B, K, P) or (B, K, V)
+        if self.cfg.target == "tokens":
+            return next_token_loss(pred, target, prefix_len)
         return next_patch_loss(pred, target, prefix_len)
+
+    def _masked_loss(self, x: torch.Tensor, generator: torch.Generator | None) -> LossOutput:
+        """Masked image modelling on raster-order input ``x`` (B, K, P): loss on masked only."""
+        b, k, _ = x.shape
+        masked = sample_mask(b, k, self.cfg.mask_ratio, generator, x.device)  # (B, K)
+        target = self.targets(x)  # (B, K, P), or (B, K) token ids
+        pred = self(x, masked=masked)  # (B, K, P) or (B, K, V)
+        if self.cfg.target == "tokens":
+            return masked_token_loss(pred, target, masked)
+        return masked_patch_loss(pred, target, masked)
 
 
 class AIMClassifier(nn.Module):

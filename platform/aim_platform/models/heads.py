@@ -12,12 +12,17 @@ from aim_platform.models.layers import Block, ResidualMLPBlock, attention_mask
 class PixelHead(nn.Module):
     """Maps trunk features to patch pixels, each position predicting the next patch.
 
+    ``patch_dim`` is the output width P: pixels per patch, or the codebook size V when the
+    target is discrete tokens (the head then outputs logits). For the masked objective each
+    position predicts its own patch and the transformer head attends bidirectionally
+    (``causal=False``).
+
     Kinds:
         ``none``: one linear map D -> P.
         ``mlp``: linear D -> W, ``num_blocks`` residual pre-norm MLP blocks (ratio 4) applied to
             each patch independently, LayerNorm, linear W -> P (paper default 12 x 2048).
-        ``transformer``: linear D -> W, ``num_blocks`` causal transformer blocks of width W,
-            LayerNorm, linear W -> P.
+        ``transformer``: linear D -> W, ``num_blocks`` causal (or bidirectional) transformer
+            blocks of width W, LayerNorm, linear W -> P.
     """
 
     def __init__(
@@ -30,9 +35,11 @@ class PixelHead(nn.Module):
         mlp_ratio: float = 4.0,
         num_heads: int = 8,
         eps: float = 1e-6,
+        causal: bool = True,
     ) -> None:
         super().__init__()
         self.kind = kind
+        self.causal = causal
         if kind == "none":
             self.proj_in = nn.Identity()
             self.blocks = nn.ModuleList()
@@ -53,7 +60,8 @@ class PixelHead(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj_in(x)  # (B, K, D) -> (B, K, W)
         if self.kind == "transformer":
-            mask = attention_mask("causal", x.shape[1], device=x.device)  # (K, K)
+            kind = "causal" if self.causal else "bidirectional"
+            mask = attention_mask(kind, x.shape[1], device=x.device)  # (K, K) or None
             for block in self.blocks:
                 x = block(x, mask)  # (B, K, W)
         else:

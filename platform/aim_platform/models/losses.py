@@ -1,10 +1,12 @@
-"""Targets and the next-patch regression loss (paper Section 3, eq. 2)."""
+"""Targets and losses: next-patch regression (paper Section 3, eq. 2), next-token
+cross-entropy (Table 3a) and the masked-image-modelling losses (Table 5)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -23,18 +25,48 @@ def normalize_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 @dataclass
 class LossOutput:
-    """Result of :func:`next_patch_loss`.
+    """Result of every loss here (:func:`next_patch_loss` and the others).
 
     Attributes:
-        loss: Scalar mean squared error over every (sample, target patch) after the prefix.
-        per_position: (K,) summed squared error per target position t (0 for t=0), so that
-            loss per chunk of the sequence (paper Fig. 7) can be aggregated across batches.
+        loss: Scalar mean error (squared error, or cross-entropy for tokens) over every
+            (sample, target patch) that carries loss: after the prefix, or masked.
+        per_position: (K,) summed error per target position t (0 where nothing is counted,
+            e.g. t=0 for next-patch losses), so that loss per chunk of the sequence (paper
+            Fig. 7) can be aggregated across batches.
         per_position_count: (K,) number of (sample, patch) pairs behind ``per_position``.
     """
 
     loss: torch.Tensor
     per_position: torch.Tensor
     per_position_count: torch.Tensor
+
+
+def _shifted_valid(
+    b: int, k: int, prefix_len: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Which next-patch predictions carry loss: target t = k+1 >= S. (B, K-1) bool."""
+    if prefix_len is None:
+        return torch.ones(b, k - 1, dtype=torch.bool, device=device)
+    t = torch.arange(1, k, device=device)  # target index of each prediction
+    return t.view(1, -1) >= prefix_len.view(-1, 1)  # (B, K-1)
+
+
+def _reduce(err: torch.Tensor, valid: torch.Tensor, shift: int) -> LossOutput:
+    """Mean of ``err`` over ``valid`` entries, and its per-target-position sums and counts.
+
+    Args:
+        err: (B, N) error of each prediction (N = K - shift).
+        valid: (B, N) bool, which predictions count.
+        shift: Target position of prediction n is n + shift (1: next patch, 0: same patch);
+            the first ``shift`` target positions get a zero sum and count.
+    """
+    weight = valid.to(err.dtype)  # (B, N)
+    count = weight.sum()
+    loss = (err * weight).sum() / count.clamp_min(1.0)
+    zero = err.new_zeros(shift)
+    per_position = torch.cat([zero, (err * weight).sum(dim=0).detach()])  # (K,)
+    per_position_count = torch.cat([zero, weight.sum(dim=0)])  # (K,)
+    return LossOutput(loss, per_position, per_position_count)
 
 
 def next_patch_loss(
@@ -53,18 +85,55 @@ def next_patch_loss(
     """
     b, k, _ = target.shape
     err = (pred[:, :-1].float() - target[:, 1:].float()).pow(2).mean(dim=-1)  # (B, K-1)
-    t = torch.arange(1, k, device=target.device)  # target index of each prediction
-    if prefix_len is None:
-        valid = torch.ones(b, k - 1, dtype=torch.bool, device=target.device)
-    else:
-        valid = t.view(1, -1) >= prefix_len.view(-1, 1)  # (B, K-1)
-    weight = valid.to(err.dtype)
-    count = weight.sum()
-    loss = (err * weight).sum() / count.clamp_min(1.0)
-    zero = err.new_zeros(1)
-    per_position = torch.cat([zero, (err * weight).sum(dim=0).detach()])  # (K,)
-    per_position_count = torch.cat([zero, weight.sum(dim=0)])  # (K,)
-    return LossOutput(loss, per_position, per_position_count)
+    return _reduce(err, _shifted_valid(b, k, prefix_len, target.device), shift=1)
+
+
+def next_token_loss(
+    logits: torch.Tensor, token_ids: torch.Tensor, prefix_len: torch.Tensor | None
+) -> LossOutput:
+    """Cross-entropy of "position k predicts the token of patch k+1" (discrete target, Table 3a).
+
+    Args:
+        logits: (B, K, V) scores over the codebook; logits[:, k] predicts token_ids[:, k+1].
+        token_ids: (B, K) int64 codebook index of each patch, in sequence order.
+        prefix_len: (B,) prefix lengths S; targets t < S carry no loss (None: S = 1).
+
+    Returns:
+        :class:`LossOutput` with per-position sums of cross-entropy (nats).
+    """
+    b, k = token_ids.shape
+    scores = logits[:, :-1].float().transpose(1, 2)  # (B, V, K-1)
+    err = F.cross_entropy(scores, token_ids[:, 1:], reduction="none")  # (B, K-1)
+    return _reduce(err, _shifted_valid(b, k, prefix_len, token_ids.device), shift=1)
+
+
+def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, masked: torch.Tensor) -> LossOutput:
+    """MSE of "position k predicts its own patch", on masked patches only (Table 5).
+
+    Args:
+        pred: (B, K, P) predictions; pred[:, k] is the prediction of target[:, k].
+        target: (B, K, P) targets.
+        masked: (B, K) bool, True where the patch was replaced by the mask token.
+
+    Returns:
+        :class:`LossOutput`; ``per_position`` is indexed by the patch's own position.
+    """
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, K)
+    return _reduce(err, masked, shift=0)
+
+
+def masked_token_loss(
+    logits: torch.Tensor, token_ids: torch.Tensor, masked: torch.Tensor
+) -> LossOutput:
+    """Cross-entropy of each masked patch's own token (masked objective with target tokens).
+
+    Args:
+        logits: (B, K, V) scores over the codebook, logits[:, k] for patch k.
+        token_ids: (B, K) int64 codebook index of each patch.
+        masked: (B, K) bool, True where the patch was replaced by the mask token.
+    """
+    err = F.cross_entropy(logits.float().transpose(1, 2), token_ids, reduction="none")  # (B, K)
+    return _reduce(err, masked, shift=0)
 
 
 def chunk_losses(per_position: torch.Tensor, counts: torch.Tensor, chunks: int = 8) -> list[float]:

@@ -102,8 +102,9 @@ def default_datasets(job: JobConfig, start_epoch: int) -> dict[str, Any]:
         job.data, job.model, seed=job.seed, epochs=epochs, start_epoch=start_epoch
     )
     val = build_val_dataset(job.data, job.model)
-    cols = ["patches", "valid", "epoch"]
-    return {"train": train.select_columns(cols), "val": val.select_columns(cols)}
+    # No select_columns here: a projection can become its own 1-CPU task that never gets
+    # scheduled beside the workers; the loop's collate function drops the string columns.
+    return {"train": train, "val": val}
 
 
 def pretrain(
@@ -114,6 +115,7 @@ def pretrain(
     tags: Mapping[str, str | None] | None = None,
     parent_run_id: str | None = None,
     track: bool = True,
+    callbacks: list[Any] | None = None,
 ) -> PretrainResult:
     """Run (or resume) a pre-training job and return where everything went.
 
@@ -121,16 +123,18 @@ def pretrain(
         job: The validated job config.
         address: Ray cluster address; None starts an embedded Ray (or reuses a running one).
         datasets: ``{"train": ..., "val": ...}`` Ray Datasets with columns ``patches``
-            (uint8 (K, P)), ``valid`` (bool) and ``epoch`` (int); None builds them from
-            ``job.data``.
+            (uint8 (K, P)), ``valid`` (bool), ``epoch`` and ``label`` (int; other columns are
+            ignored); None builds them from ``job.data``.
         tags: Extra MLflow tags (e.g. a study name).
         parent_run_id: Nest the MLflow run under this run.
         track: False disables MLflow.
+        callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
     """
     import ray
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from aim_platform.data.pipeline import execution_options
     from aim_platform.train.loop import train_loop_per_worker
 
     ensure_ray(address)
@@ -153,6 +157,21 @@ def pretrain(
         run_id = _reuse_or_start_run(job, uri, run_tags, parent_run_id)
         tracking.log_artifact_text(uri, run_id, dump_config(_redacted(job)), "config.yaml")
 
+    if job.model.target == "tokens" and job.model.tokenizer == "auto":
+        from aim_platform.models.tokenizer import resolve_tokenizer
+
+        # Fit the k-means codebook once into the run's storage (reused when resuming).
+        job = job.model_copy(
+            update={
+                "model": resolve_tokenizer(
+                    job.model,
+                    job.data,
+                    f"{root}/tokenizer.safetensors",
+                    seed=job.seed,
+                    storage_options=tc.storage_options,
+                )
+            }
+        )
     if datasets is None:
         datasets = default_datasets(job, start_epoch)
     storage_fs, storage_path = None, storage
@@ -179,8 +198,11 @@ def pretrain(
             storage_filesystem=storage_fs,
             failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets=dict(datasets),
+        # Ray Train would reset each dataset's execution options (dropping preserve_order).
+        dataset_config=ray.train.DataConfig(execution_options=execution_options(job.data)),
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
     )
     result = PretrainResult(name=job.name, storage=root, run_id=run_id, tracking_uri=uri)
@@ -200,16 +222,20 @@ def pretrain(
     if track:
         _log_outputs(uri, run_id, result)
         if job.probe and result.final_trunk and not result.error:
-            probe_checkpoints(job, result)
+            result.metrics.update(probe_checkpoints(job, result))
         tracking.finish_run(uri, run_id, "FAILED" if result.error else "FINISHED")
     return result
 
 
-def probe_checkpoints(job: JobConfig, result: PretrainResult) -> None:
+def probe_checkpoints(job: JobConfig, result: PretrainResult) -> dict[str, float]:
     """Probe every exported trunk (``probe.at_steps`` and the final one), log each probe as
-    a nested run and into the pre-training run at its step, then correlate loss and accuracy."""
+    a nested run and into the pre-training run at its step, then correlate loss and accuracy.
+
+    Returns:
+        The final trunk's probe metrics (``probe/attentive/top1``, ...).
+    """
     from aim_platform.eval.correlation import correlate_run
-    from aim_platform.eval.probe import log_probe, run_probe
+    from aim_platform.eval.probe import log_probe, report_metrics, run_probe
 
     assert job.probe is not None and result.tracking_uri and result.run_id
     dataset = job.probe.dataset or job.data.sources[0].url
@@ -233,6 +259,7 @@ def probe_checkpoints(job: JobConfig, result: PretrainResult) -> None:
             step=step,
         )
     correlate_run(result.tracking_uri, result.run_id)
+    return report_metrics(report)
 
 
 def _redacted(job: JobConfig) -> JobConfig:

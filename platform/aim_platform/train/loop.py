@@ -10,14 +10,14 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from aim_platform.config import JobConfig, dump_config
+from aim_platform.config import DataConfig, JobConfig, dump_config
+from aim_platform.data.pipeline import train_batches
 from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
 from aim_platform.models.losses import chunk_losses
 from aim_platform.train import checkpoint as ckpt
@@ -44,17 +44,8 @@ def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
     return float(full() if full is not None else norm)
 
 
-def _batches(
-    shard: Any, batch_size: int, device: torch.device
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over a dataset shard as torch batches (patches uint8, valid, epoch)."""
-    yield from shard.iter_torch_batches(
-        batch_size=batch_size, drop_last=True, prefetch_batches=2, device=device
-    )
-
-
 def validate(
-    model: AIMForPretraining, shard: Any, batch_size: int, device: torch.device
+    model: AIMForPretraining, shard: Any, data: DataConfig, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     """Validation loss (and loss per chunk of the sequence) over the whole validation shard."""
     cfg = model.cfg
@@ -65,14 +56,14 @@ def validate(
     counts = torch.zeros(k, dtype=torch.float64)
     model.eval()
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=False, device=device
+        for batch in train_batches(
+            shard, data, batch_size=batch_size, device=device, drop_last=False
         ):
             pixels = batch["patches"][batch["valid"]]  # (B, K, P) uint8
             if pixels.shape[0] == 0:
                 continue
             prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
-            out = model.loss(pixels, prefix)
+            out = model.loss(pixels, prefix, generator=gen)
             loss_sum += out.per_position.double().cpu()
             counts += out.per_position_count.double().cpu()
     model.train()
@@ -116,7 +107,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     precision = resolve_precision(tc.precision, device)
 
     torch.manual_seed(job.seed)  # identical initialization on every rank
-    model = AIMForPretraining(job.model, activation_checkpointing=tc.activation_checkpointing)
+    model = AIMForPretraining(
+        job.model,
+        activation_checkpointing=tc.activation_checkpointing,
+        storage_options=tc.storage_options,  # where a tokens target's codebook is read from
+    )
     model.to(device)
     if tc.compile:
         for block in [*model.trunk.blocks, *model.head.blocks]:
@@ -158,8 +153,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val")
 
     micro, loss_acc, dropped = 0, 0.0, 0
-    step_start = time.perf_counter()
-    for batch in _batches(train_shard, tc.micro_batch_size, device):
+    last_val: dict[str, float] = {}
+    step_start = window_start = ready = time.perf_counter()
+    data_wait = 0.0  # seconds spent waiting for batches since the last report
+    batches = train_batches(
+        train_shard, job.data, batch_size=tc.micro_batch_size, seed=job.seed, device=device
+    )
+    for batch in batches:
+        data_wait += time.perf_counter() - ready
         if state.step >= tc.steps:
             break
         valid = batch["valid"].bool()
@@ -172,11 +173,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         last = micro == accum - 1
         if hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(last)
-        out = model.loss(pixels, prefix)
+        out = model.loss(pixels, prefix, generator=gen)  # gen also draws masked-MIM masks
         (out.loss / accum).backward()
         loss_acc += float(out.loss.detach()) / accum
         micro += 1
         if not last:
+            ready = time.perf_counter()
             continue
 
         grad_norm = _grad_norm(model, job.optim.grad_clip)
@@ -200,7 +202,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model, job, f"{loop_config['run_root']}/trunks/step_{state.step:08d}", rank
             )
         if not (do_log or do_val or do_ckpt):
+            ready = time.perf_counter()
             continue
+        window = time.perf_counter() - window_start
         loss_sum, dropped_total = _all_reduce_sum([step_loss, float(dropped)], device)
         metrics: dict[str, float] = {
             "train/loss": loss_sum / world,
@@ -209,12 +213,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train/epoch": float(state.epoch),
             "data/dropped_images": dropped_total,
             **meter.metrics(prefix="perf/"),
+            # share of wall time spent waiting for data: > ~0.1 means the pipeline is the
+            # bottleneck (add decode CPUs), ~0 means the model is
+            "perf/data_wait_fraction": data_wait / window if window > 0 else 0.0,
         }
         if do_val:
-            metrics.update(validate(model, val_shard, tc.micro_batch_size, device))
+            last_val = validate(model, val_shard, job.data, tc.micro_batch_size, device)
+            metrics.update(last_val)
         if logger is not None:
             logger.log_metrics(metrics, step=state.step)
-        report = {**metrics, "step": state.step}
+        # Every report carries the latest validation figures (a scheduler such as ASHA on
+        # val/loss needs the metric in each result); MLflow gets them only when measured.
+        report = {**last_val, **metrics, "step": state.step}
         if do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
                 ckpt.save(Path(tmp), app, state, config_yaml, rank)
@@ -226,7 +236,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             _commit_latest(loop_config.get("run_root"), tc.storage_options, state, rank)
         else:
             ray.train.report(report)
-        step_start = time.perf_counter()  # logging, validation and saving are not step time
+        # logging, validation and saving count neither as step time nor as data waiting
+        step_start = window_start = ready = time.perf_counter()
+        data_wait = 0.0
 
     if state.step < tc.steps and rank == 0:
         print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")

@@ -24,9 +24,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW (betas, weight decay from the config) over :func:`param_groups`."""
+    """AdamW (betas, weight decay from the config) over :func:`param_groups`.
+
+    The fused kernel: on this CPU the default per-tensor AdamW is the largest cost of a
+    step outside the matmuls (bench step: 88.7% of the matmul peak -> 92.2% fused).
+    """
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas)
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), fused=True
     )
 
 

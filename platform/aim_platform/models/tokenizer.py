@@ -1,0 +1,420 @@
+"""K-means patch tokenizer for the discrete-token target (paper Table 3a).
+
+A codebook of V centroids is fitted with k-means (k-means++ seeding, Lloyd iterations) on
+patch vectors normalized exactly as the pixel target is (:func:`patch_vectors`: the model
+input of :func:`~aim_platform.models.aim.pixels_to_input`, then
+:func:`~aim_platform.models.losses.normalize_patches`). A patch's token is the index of its
+nearest centroid (squared Euclidean distance).
+
+A codebook is one safetensors file: the tensor ``codebook`` (V, P) float32, and in the
+safetensors header's ``__metadata__`` the format name, ``num_tokens``, ``patch_dim``, ``eps``
+and a JSON ``fitted_on`` record. No pickles. It lives at any local path or fsspec URL.
+
+Shapes: N patch vectors, P = patch*patch*3 values each, V centroids (tokens), B batch, K patches.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from aim_platform.models.losses import normalize_patches
+
+if TYPE_CHECKING:
+    from aim_platform.config import DataConfig, ModelConfig
+
+FORMAT = "aim-platform/kmeans-codebook-v1"
+AUTO = "auto"  # ModelConfig.tokenizer value: the launcher fits a codebook for the run
+CHUNK_ROWS = 16384  # rows of the (N, V) distance matrix computed at once
+
+
+def patch_vectors(pixels: torch.Tensor | np.ndarray, eps: float = 1e-6) -> torch.Tensor:
+    """uint8 patches -> the per-patch-normalized vectors that tokens are defined on.
+
+    Args:
+        pixels: (..., P) uint8 patches (e.g. (B, K, P) or (N, P)), channel last in a patch.
+        eps: Variance epsilon of :func:`normalize_patches` (the model's ``target_eps``).
+
+    Returns:
+        (N, P) float32 with N the product of the leading dimensions.
+    """
+    from aim_platform.models.aim import pixels_to_input  # aim imports this module lazily too
+
+    x = torch.as_tensor(pixels)
+    p = x.shape[-1]
+    x = x.reshape(1, -1, p)  # (1, N, P)
+    return normalize_patches(pixels_to_input(x), eps)[0]  # (N, P)
+
+
+def nearest_centroid(
+    x: torch.Tensor, centroids: torch.Tensor, chunk: int = CHUNK_ROWS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest centroid of each row by squared Euclidean distance, in row chunks.
+
+    Uses ``|x|^2 - 2 x.c + |c|^2`` in float32 with autocast off (a bf16 matmul would pick
+    wrong neighbours), ``chunk`` rows at a time so memory stays at ``chunk x V`` floats.
+
+    Args:
+        x: (N, P) vectors.
+        centroids: (V, P).
+        chunk: Rows per distance block.
+
+    Returns:
+        ``(ids, sqdist)``: (N,) int64 index of the nearest centroid and (N,) float32 squared
+        distance to it.
+    """
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        x = x.float()
+        c = centroids.float().to(x.device)  # (V, P)
+        c2 = c.pow(2).sum(dim=1)  # (V,)
+        ids, dists = [], []
+        for rows in x.split(chunk):  # (n, P) each
+            d = rows.pow(2).sum(dim=1, keepdim=True) - 2 * rows @ c.T + c2  # (n, V)
+            best, idx = d.min(dim=1)  # (n,), (n,)
+            ids.append(idx)
+            dists.append(best.clamp_min(0))
+    return torch.cat(ids), torch.cat(dists)  # (N,), (N,)
+
+
+def assign_tokens(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Token id of each normalized patch vector: its nearest centroid.
+
+    Args:
+        vectors: (..., P) float normalized patches (see :func:`patch_vectors`).
+        codebook: (V, P).
+
+    Returns:
+        (...) int64, e.g. (B, K) for (B, K, P) input.
+    """
+    lead = vectors.shape[:-1]
+    ids, _ = nearest_centroid(vectors.reshape(-1, vectors.shape[-1]), codebook)  # (N,)
+    return ids.reshape(lead)  # (...)
+
+
+def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: each next centroid is a row drawn with probability ~ D(x)^2.
+
+    Args:
+        x: (N, P) float32 rows, N >= k.
+        k: Number of centroids.
+        generator: CPU generator (the seed).
+
+    Returns:
+        (k, P) initial centroids (rows of ``x``).
+    """
+    n = x.shape[0]
+    x2 = x.pow(2).sum(dim=1)  # (N,)
+
+    def sqdist_to(i: int) -> torch.Tensor:  # one matrix-vector product, no (N, P) temporary
+        return (x2 - 2 * (x @ x[i]) + x2[i]).clamp_min(0)  # (N,)
+
+    first = int(torch.randint(n, (1,), generator=generator))
+    picks = [first]
+    d2 = sqdist_to(first)  # (N,) squared distance to the nearest pick so far
+    for _ in range(1, k):
+        if float(d2.sum()) > 0:
+            idx = int(torch.multinomial(d2.cpu().double(), 1, generator=generator))
+        else:  # every row already coincides with a centroid: any row will do
+            idx = int(torch.randint(n, (1,), generator=generator))
+        picks.append(idx)
+        d2 = torch.minimum(d2, sqdist_to(idx))  # (N,)
+    return x[torch.tensor(picks, device=x.device)].clone()  # (k, P)
+
+
+@dataclass
+class KMeansResult:
+    """Centroids and the mean squared distance to the nearest centroid (inertia / N).
+
+    ``inertia[0]`` is that of the k-means++ seeds, ``inertia[i]`` after ``i`` Lloyd updates;
+    Lloyd's algorithm never increases it.
+    """
+
+    centroids: torch.Tensor
+    inertia: list[float]
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> KMeansResult:
+    """Seeded k-means: k-means++ seeding, then at most ``iters`` Lloyd iterations.
+
+    Each iteration assigns every row to its nearest centroid and moves each centroid to the
+    mean of its rows. A centroid left without rows is moved onto the row farthest from its
+    own centroid (which can only lower the error). Stops early once no row changes cluster.
+
+    Args:
+        x: (N, P) float rows, N >= k.
+        k: Number of centroids.
+        iters: Maximum Lloyd iterations.
+        seed: Seed of the k-means++ draws (same seed and data: same centroids).
+
+    Returns:
+        :class:`KMeansResult` with (k, P) float32 centroids.
+
+    Raises:
+        ValueError: fewer rows than centroids.
+    """
+    x = x.float()
+    n, p = x.shape
+    if n < k:
+        raise ValueError(f"num_tokens: {k} centroids need at least {k} patches, got {n}")
+    gen = torch.Generator().manual_seed(seed)
+    centroids = kmeans_plus_plus(x, k, gen)  # (k, P)
+    ids, d2 = nearest_centroid(x, centroids)  # (N,), (N,)
+    inertia = [float(d2.mean())]
+    for _ in range(iters):
+        sums = torch.zeros(k, p, device=x.device).index_add_(0, ids, x)  # (k, P)
+        counts = torch.bincount(ids, minlength=k)  # (k,)
+        updated = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)  # (k, P)
+        empty = (counts == 0).nonzero().flatten()  # (E,)
+        if len(empty):
+            far = d2.topk(len(empty)).indices  # (E,) rows farthest from their centroid
+            updated[empty] = x[far]
+        centroids = updated
+        new_ids, d2 = nearest_centroid(x, centroids)
+        inertia.append(float(d2.mean()))
+        converged = torch.equal(new_ids, ids)
+        ids = new_ids
+        if converged:
+            break
+    return KMeansResult(centroids, inertia)
+
+
+@dataclass
+class Tokenizer:
+    """A fitted codebook and how to turn patches into token ids.
+
+    Attributes:
+        codebook: (V, P) float32 centroids in normalized-patch space.
+        eps: Variance epsilon of the patch normalization it was fitted with.
+        fitted_on: What it was fitted on (dataset, sizes, counts, seed, inertia): provenance.
+    """
+
+    codebook: torch.Tensor
+    eps: float = 1e-6
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        """V, the codebook size."""
+        return int(self.codebook.shape[0])
+
+    @property
+    def patch_dim(self) -> int:
+        """P, values per patch."""
+        return int(self.codebook.shape[1])
+
+    def assign(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., P) normalized patch vectors -> (...) int64 nearest-centroid ids."""
+        return assign_tokens(vectors, self.codebook)
+
+    def encode(self, pixels: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(B, K, P) uint8 patches -> (B, K) int64 token ids (normalizes, then assigns)."""
+        x = torch.as_tensor(pixels)
+        return self.assign(patch_vectors(x, self.eps)).reshape(x.shape[:-1])  # (B, K)
+
+    def to_bytes(self) -> bytes:
+        """The safetensors file: the codebook tensor and the JSON-valued metadata header."""
+        metadata = {
+            "format": FORMAT,
+            "num_tokens": str(self.num_tokens),
+            "patch_dim": str(self.patch_dim),
+            "eps": repr(float(self.eps)),
+            "fitted_on": json.dumps(self.fitted_on, sort_keys=True),
+        }
+        codebook = self.codebook.detach().float().cpu().contiguous()  # (V, P)
+        return st_save({"codebook": codebook}, metadata=metadata)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Tokenizer:
+        """Parse :meth:`to_bytes` output; checks the format and the shapes it declares."""
+        meta = read_metadata(data)
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"not a codebook file: format {meta.get('format')!r} != {FORMAT!r}")
+        codebook = st_load(data)["codebook"]  # (V, P)
+        shape = (int(meta["num_tokens"]), int(meta["patch_dim"]))
+        if tuple(codebook.shape) != shape:
+            raise ValueError(f"codebook shape {tuple(codebook.shape)} != header {shape}")
+        return cls(codebook, float(meta["eps"]), json.loads(meta.get("fitted_on", "{}")))
+
+    def save(self, url: str, storage_options: dict[str, Any] | None = None) -> str:
+        """Write the codebook file to a local path or fsspec URL; returns ``url``."""
+        from aim_platform.data.storage import filesystem  # fsspec and pyarrow: only when used
+
+        fs, path = filesystem(url, storage_options)
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(self.to_bytes())
+        return url
+
+    @classmethod
+    def load(cls, url: str, storage_options: dict[str, Any] | None = None) -> Tokenizer:
+        """Read a codebook file written by :meth:`save`."""
+        if url == AUTO:
+            raise ValueError(
+                "tokenizer: 'auto' is a request for the launcher to fit a codebook into the "
+                "run's storage; give a codebook path or URL here"
+            )
+        from aim_platform.data.storage import filesystem
+
+        fs, path = filesystem(url, storage_options)
+        if not fs.exists(path):
+            raise FileNotFoundError(f"tokenizer: no codebook at {url!r} (aimctl tokenizer-fit)")
+        with fs.open(path, "rb") as f:
+            return cls.from_bytes(f.read())
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file: 8-byte little-endian header size, JSON."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def load_codebook(
+    url: str, num_tokens: int, patch_dim: int, storage_options: dict[str, Any] | None = None
+) -> torch.Tensor:
+    """The (V, P) codebook at ``url``, checked against the model's ``num_tokens`` and P."""
+    tok = Tokenizer.load(url, storage_options)
+    if (tok.num_tokens, tok.patch_dim) != (num_tokens, patch_dim):
+        raise ValueError(
+            f"tokenizer: codebook at {url!r} has {tok.num_tokens} tokens of {tok.patch_dim} "
+            f"values; the model needs num_tokens={num_tokens}, patch_dim={patch_dim}"
+        )
+    return tok.codebook
+
+
+def fit_tokenizer_from_arrays(
+    patches_uint8: np.ndarray | torch.Tensor,
+    num_tokens: int = 512,
+    iters: int = 20,
+    seed: int = 0,
+    eps: float = 1e-6,
+) -> Tokenizer:
+    """Fit a codebook on uint8 patches (in memory).
+
+    Args:
+        patches_uint8: (N, P) or (B, K, P) uint8 patches.
+        num_tokens: V, the codebook size.
+        iters: Maximum Lloyd iterations.
+        seed: k-means++ seed.
+        eps: Normalization epsilon (the model's ``target_eps``).
+
+    Returns:
+        The :class:`Tokenizer`; ``fitted_on`` holds the counts, seed and inertia history.
+    """
+    x = patch_vectors(patches_uint8, eps)  # (N, P)
+    result = kmeans(x, num_tokens, iters, seed)
+    info = {"patches": int(x.shape[0]), "seed": seed, "iters": iters, "inertia": result.inertia}
+    return Tokenizer(result.centroids, eps, info)
+
+
+def sample_patches(
+    data: DataConfig, model: ModelConfig, max_patches: int, seed: int = 0
+) -> tuple[np.ndarray, int]:
+    """Up to ``max_patches`` uint8 patches from the training pipeline (augmented crops).
+
+    Reads whole images from one epoch of :func:`build_train_dataset` until ``max_patches``
+    patches are collected, then draws ``max_patches`` of them at random (seeded). Needs Ray.
+
+    Returns:
+        ``(patches (N, P) uint8, images read)``.
+    """
+    from aim_platform.data.pipeline import build_train_dataset
+
+    ds = build_train_dataset(data, model, seed=seed, epochs=1)
+    chunks, total, images = [], 0, 0
+    for batch in ds.iter_batches(batch_size=64, batch_format="numpy"):
+        patches = np.stack(list(batch["patches"])) if batch["patches"].dtype == object else None
+        patches = batch["patches"] if patches is None else patches  # (b, K, P)
+        patches = patches[np.asarray(batch["valid"], dtype=bool)]  # drop failed decodes
+        images += patches.shape[0]
+        chunks.append(patches.reshape(-1, patches.shape[-1]))  # (b*K, P)
+        total += chunks[-1].shape[0]
+        if total >= max_patches:
+            break
+    if not chunks:
+        raise ValueError("sources: no training images to fit a tokenizer on")
+    flat = np.concatenate(chunks)  # (N', P)
+    if flat.shape[0] > max_patches:
+        gen = torch.Generator().manual_seed(seed)
+        keep = torch.randperm(flat.shape[0], generator=gen)[:max_patches].numpy()
+        flat = flat[np.sort(keep)]
+    return np.ascontiguousarray(flat), images
+
+
+def fit_tokenizer(
+    data: DataConfig,
+    model: ModelConfig,
+    out_url: str,
+    num_tokens: int = 512,
+    max_patches: int = 100_000,
+    seed: int = 0,
+    iters: int = 20,
+    storage_options: dict[str, Any] | None = None,
+) -> str:
+    """The offline job: sample training patches through the data pipeline, fit, save.
+
+    Args:
+        data: Data section (sources and augmentation, as in pre-training).
+        model: Gives image size, patch size and ``target_eps``.
+        out_url: Codebook file to write (local path or fsspec URL).
+        num_tokens: V.
+        max_patches: Patch vectors k-means runs on.
+        seed: Seed of the pipeline's crops, the subsample and k-means++.
+        iters: Maximum Lloyd iterations.
+        storage_options: fsspec options for ``out_url`` (None: the data section's).
+
+    Returns:
+        ``out_url``.
+    """
+    patches, images = sample_patches(data, model, max_patches, seed)
+    tok = fit_tokenizer_from_arrays(patches, num_tokens, iters, seed, model.target_eps)
+    tok.fitted_on.update(
+        sources=[s.url for s in data.sources],
+        images=images,
+        img_size=model.img_size,
+        patch_size=model.patch_size,
+    )
+    opts = data.storage_options if storage_options is None else storage_options
+    return tok.save(out_url, opts)
+
+
+def resolve_tokenizer(
+    model: ModelConfig,
+    data: DataConfig,
+    out_url: str,
+    *,
+    seed: int = 0,
+    max_patches: int = 100_000,
+    storage_options: dict[str, Any] | None = None,
+) -> ModelConfig:
+    """The model config with ``tokenizer: auto`` replaced by a fitted codebook at ``out_url``.
+
+    For the launcher: with ``target: tokens`` and ``tokenizer: auto``, reuse the codebook
+    already at ``out_url`` when it matches ``num_tokens`` and the patch size (a resumed run),
+    else fit one with :func:`fit_tokenizer` (needs Ray) and write it there. Any other config
+    comes back unchanged.
+    """
+    if model.target != "tokens" or model.tokenizer != AUTO:
+        return model
+    from aim_platform.data.storage import filesystem
+
+    opts = data.storage_options if storage_options is None else storage_options
+    fs, path = filesystem(out_url, opts)
+    reuse = False
+    if fs.exists(path):
+        try:
+            load_codebook(out_url, model.num_tokens, model.patch_dim, opts)
+            reuse = True
+        except ValueError:
+            reuse = False
+    if not reuse:
+        fit_tokenizer(data, model, out_url, model.num_tokens, max_patches, seed, 20, opts)
+    return model.model_copy(update={"tokenizer": out_url})

@@ -1,0 +1,1 @@
+"""Ray Tune ablation studies (the paper's Tables 3-5)."""

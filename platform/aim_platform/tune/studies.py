@@ -1,0 +1,285 @@
+"""Study spec -> Ray Tune run -> one table in the paper's layout.
+
+Each trial is a pre-training (a ``TorchTrainer`` built by the launcher inside the Tune trial:
+Ray's current Tune-drives-Train pattern, metrics forwarded by ``TuneReportCallback``)
+followed by its probes. MLflow: a parent run per study, a child run per trial (the
+pre-training run, with its probe runs nested under it); at the end the parent holds the
+table (Markdown and CSV), the per-chunk loss curves of every trial on one plot and the
+loss-vs-accuracy correlation across trials.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aim_platform import tracking
+from aim_platform.config import ConfigError, Scale, StudySpec, TrackingConfig
+
+STUDIES_DIR = Path(__file__).resolve().parents[3] / "jobs" / "studies"
+ROWS = ("linear", "attentive")
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study spec (and every job it can build, at every scale)."""
+    p = Path(path)
+    data = _read_mapping(p)
+    if "defaults" in data:
+        data = merge_defaults(_read_mapping(p.parent / str(data.pop("defaults"))), data)
+    try:
+        spec = StudySpec.model_validate(data)
+    except Exception as exc:  # pydantic's error already names the field
+        raise ConfigError(f"study spec {p.name}: {exc}") from None
+    for scale in spec.scales:
+        for variant in spec.variants:
+            try:
+                spec.job(variant, scale)
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"study {spec.name}, variant {variant!r}, scale {scale}: {exc}"
+                ) from None
+    return spec
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"study file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"study file {str(path)!r} must hold a mapping")
+    return data
+
+
+def merge_defaults(defaults: dict[str, Any], spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec over its defaults: ``base`` merged deeply, ``scales`` lists appended."""
+    unknown = set(defaults) - {"base", "scales"}
+    if unknown:
+        raise ConfigError(f"defaults: only base and scales may be shared, not {sorted(unknown)}")
+
+    def deep(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    merged = dict(spec)
+    merged["base"] = deep(defaults.get("base") or {}, spec.get("base") or {})
+    scales = {k: list(v) for k, v in (defaults.get("scales") or {}).items()}
+    for k, v in (spec.get("scales") or {}).items():
+        scales[k] = [*scales.get(k, []), *v]
+    merged["scales"] = scales
+    return merged
+
+
+@dataclass
+class TrialOutcome:
+    """One trial's result: its MLflow run and final metrics, or its error."""
+
+    variant: str
+    run_id: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+@dataclass
+class StudyResult:
+    """What a study produced."""
+
+    spec: StudySpec
+    scale: str
+    parent_run_id: str | None
+    tracking_uri: str
+    trials: list[TrialOutcome]
+
+    def table(self) -> list[list[str]]:
+        """Rows linear/attentive x variant columns of probe top-1 (%), best marked ``*``."""
+        cols = list(self.spec.variants)
+        by_variant = {t.variant: t for t in self.trials}
+        rows = [["probe", *cols]]
+        for row in ROWS:
+            values = {}
+            for v in cols:
+                t = by_variant.get(v)
+                value = t.metrics.get(f"probe/{row}/top1") if t and not t.error else None
+                values[v] = value
+            known = [x for x in values.values() if x is not None]
+            best = max(known) if known else None
+            cells = []
+            for v in cols:
+                x = values[v]
+                if x is None:
+                    cells.append("failed" if by_variant.get(v) and by_variant[v].error else "-")
+                else:
+                    cells.append(f"{100 * x:.1f}{'*' if x == best else ''}")
+            rows.append([row, *cells])
+        return rows
+
+    def markdown(self) -> str:
+        """The table as Markdown (best per row in bold), with the paper's numbers if given."""
+        rows = self.table()
+        out = [f"### Table {self.spec.table}: {self.spec.description} (scale {self.scale})", ""]
+        out.append("| " + " | ".join(rows[0]) + " |")
+        out.append("|" + " --- |" * len(rows[0]))
+        for r in rows[1:]:
+            cells = [f"**{c[:-1]}**" if c.endswith("*") else c for c in r]
+            out.append("| " + " | ".join(cells) + " |")
+        for row, cols in self.spec.paper.items():
+            cells = [f"{cols[v]:.1f}" if v in cols else "-" for v in self.spec.variants]
+            out.append(f"| paper ({row}) | " + " | ".join(cells) + " |")
+        return "\n".join(out) + "\n"
+
+    def csv(self) -> str:
+        buf = io.StringIO()
+        csv.writer(buf).writerows(self.table())
+        return buf.getvalue()
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: pre-train the variant (TorchTrainer), probe it, report to Tune."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aim_platform.train.launcher import pretrain
+
+    spec = StudySpec.model_validate(config["spec"])
+    job = spec.job(config["variant"], config["scale"], config["extra"])
+    result = pretrain(
+        job,
+        tags={"study": spec.name, "variant": config["variant"], "table": spec.table},
+        parent_run_id=config["parent_run_id"],
+        callbacks=[TuneReportCallback()],
+    )
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    ray.tune.report({**final, "run_id": result.run_id or "", "done": True})
+
+
+def run_study(
+    spec: StudySpec,
+    scale: Scale,
+    *,
+    storage: str = "./runs/studies",
+    tracking_uri: str | None = None,
+    address: str | None = None,
+    resume: bool = False,
+    extra: list[str] | None = None,
+) -> StudyResult:
+    """Run (or resume) a study; every trial's failure is reported, not fatal.
+
+    Args:
+        spec: The validated study.
+        scale: Budget preset.
+        storage: Study folder root (local); trials' runs go under ``<storage>/<study>``.
+        tracking_uri: MLflow; None: the default rules (several trials at once need a server).
+        address: Ray cluster; None: embedded.
+        resume: Continue an interrupted study of the same name and scale.
+        extra: Overrides applied to every trial (e.g. ``data.sources=...``).
+    """
+    from ray import tune
+
+    from aim_platform.data.pipeline import resolve_url
+    from aim_platform.train.launcher import ensure_ray, storage_url
+
+    ensure_ray(address)
+    root = Path(storage_url(storage)) / f"{spec.name}-{scale}"
+    root.mkdir(parents=True, exist_ok=True)
+    extra = [*(extra or []), f"train.storage_path={root / 'trials'}"]
+    first = spec.job(next(iter(spec.variants)), scale, extra)
+    for source in first.data.sources:  # ingest built-ins once, before trials race on it
+        resolve_url(source.url, first.data.storage_options)
+    uri = tracking.resolve_tracking_uri(
+        TrackingConfig(tracking_uri=tracking_uri or first.tracking.tracking_uri), str(root)
+    )
+    extra.append(f"tracking.tracking_uri={uri}")
+    marker = root / "parent_run.json"
+    if resume and marker.exists():
+        parent = json.loads(marker.read_text())["run_id"]
+    else:
+        params = {
+            "study": spec.name,
+            "table": spec.table,
+            "scale": scale,
+            "variants": ",".join(spec.variants),
+        }
+        parent = tracking.start_run(
+            uri,
+            first.tracking.experiment,
+            f"study-{spec.name}-{scale}",
+            params,
+            {"kind": "study", "table": spec.table},
+        )
+        marker.write_text(json.dumps({"run_id": parent}))
+
+    # The trial only drives a TorchTrainer; its workers and the data tasks hold the CPUs.
+    trainable = tune.with_resources(_trial, {"CPU": 0.01})
+    tune_dir = root / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+    else:
+        scheduler = None
+        if spec.asha:
+            scheduler = tune.schedulers.ASHAScheduler(time_attr="step", grace_period=1)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={
+                "spec": spec.model_dump(mode="json"),
+                "scale": scale,
+                "extra": extra,
+                "parent_run_id": parent,
+                "variant": tune.grid_search(list(spec.variants)),
+            },
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=spec.max_concurrent_trials,
+                scheduler=scheduler,
+                metric=spec.metric if spec.asha else None,
+                mode="min" if spec.asha else None,
+            ),
+            run_config=tune.RunConfig(name="tune", storage_path=str(root)),
+        )
+    grid = tuner.fit()
+    trials = []
+    for r in grid:
+        variant = r.config["variant"] if r.config else "?"
+        metrics = {
+            k: v
+            for k, v in (r.metrics or {}).items()
+            if isinstance(v, int | float) and math.isfinite(v)
+        }
+        run_id = (r.metrics or {}).get("run_id") or None
+        trials.append(TrialOutcome(variant, run_id, metrics, str(r.error) if r.error else None))
+    result = StudyResult(spec, scale, parent, uri, trials)
+    _log_study(result)
+    return result
+
+
+def _log_study(result: StudyResult) -> None:
+    """Table (Markdown, CSV), chunk-loss curves of all trials, correlation across trials."""
+    from mlflow.tracking import MlflowClient
+
+    from aim_platform.eval.correlation import correlate_runs
+    from aim_platform.plots import chunk_curves_figure
+
+    uri, parent = result.tracking_uri, result.parent_run_id
+    client = MlflowClient(tracking_uri=uri)
+    client.log_text(parent, result.markdown(), "table.md")
+    client.log_text(parent, result.csv(), "table.csv")
+    curves = {}
+    for t in result.trials:
+        chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(8)]
+        if all(c is not None for c in chunks):
+            curves[t.variant] = chunks
+        if t.error:
+            client.set_tag(parent, f"failed.{t.variant}", t.error[:500])
+    if curves:
+        client.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
+    run_ids = [t.run_id for t in result.trials if t.run_id and not t.error]
+    if len(run_ids) >= 2:
+        correlate_runs(uri, run_ids, log_to=parent)
+    failed = any(t.error for t in result.trials)
+    tracking.finish_run(uri, parent, "FAILED" if failed and not run_ids else "FINISHED")
