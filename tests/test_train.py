@@ -314,3 +314,52 @@ def test_two_node_cluster_one_worker_per_node(tmp_path) -> None:
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     out = json.loads(lines[-1].removeprefix("RESULT "))
     assert out == {"steps": 2, "error": None, "nodes": 2}
+
+
+@pytest.mark.slow
+def test_services_up_pretrain_logs_there_and_down_leaves_nothing(ray_session, tmp_path) -> None:
+    """`aimctl services up`, a pre-training run logging to that server, `services down`."""
+    import os
+
+    from aim_platform import services
+
+    state = tmp_path / "services"
+    record = services.mlflow_up(state, port=0)
+    try:
+        uri = f"http://{record.host}:{record.port}"
+        job = tiny_job(
+            str(tmp_path / "runs"),
+            "to-server",
+            "train.steps=2",
+            "train.val_every=2",
+            f"tracking.tracking_uri={uri}",
+        )
+        result = pretrain(job, datasets=digits_datasets(job, epochs=1))
+        run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
+        assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
+    finally:
+        assert services.down(state) == [f"mlflow: stopped (pid {record.pid})"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(record.pid, 0)
+    assert all(s.state == "stopped" for s in services.status(state))
+
+
+@pytest.mark.slow
+def test_bench_pretrain_reports_throughput_and_bottleneck(ray_session) -> None:
+    """End to end from the demo config (real Parquet pipeline on builtin digits)."""
+    from aim_platform.bench.pretrain import run
+
+    result = run(
+        steps=6,
+        overrides=[
+            "model.embed_dim=64",
+            "model.num_blocks=2",
+            "model.head.num_blocks=1",
+            "train.warmup_throughput_steps=2",
+        ],
+    )
+    assert result.steps == 6
+    assert result.images_per_s > 0 and result.mfu is not None and 0 < result.mfu < 1
+    assert 0 <= result.data_wait_fraction <= 1
+    lines = result.lines()
+    assert "bottleneck:" in lines[-1] and result.bottleneck in ("data pipeline", "model")

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 console = Console()
+
+
+def _load_or_exit(path: Path | None, overrides: list[str], cls: type[Any]) -> Any:
+    """Load a config; on a bad one print the field-naming message and exit with code 2."""
+    from aim_platform.config import ConfigError, load_config
+
+    try:
+        return load_config(path, overrides, cls)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -130,15 +142,11 @@ def pretrain(
     address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
-    from aim_platform.config import ConfigError, JobConfig, load_config
+    from aim_platform.config import JobConfig
     from aim_platform.train.launcher import pretrain as run_pretrain
     from aim_platform.train.launcher import summary
 
-    try:
-        job = load_config(config, set_, JobConfig)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    job = _load_or_exit(config, set_, JobConfig)
     result = run_pretrain(job, address=address)
     for line in summary(result):
         console.print(line)
@@ -412,15 +420,11 @@ def probe(
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
     from aim_platform import tracking
-    from aim_platform.config import ConfigError, ProbeConfig, TrackingConfig, load_config
+    from aim_platform.config import ProbeConfig, TrackingConfig
     from aim_platform.eval.probe import log_probe, report_metrics, run_probe
     from aim_platform.train.launcher import ensure_ray
 
-    try:
-        cfg = load_config(config, set_, ProbeConfig)
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
+    cfg = _load_or_exit(config, set_, ProbeConfig)
     ensure_ray(address)
     report = run_probe(checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options)
     uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
@@ -539,6 +543,20 @@ def tokenizer_fit(
         f"patches of {info['images']} images; mean squared distance "
         f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
     )
+
+
+@bench_app.command("pretrain")
+def bench_pretrain(
+    config: Path = typer.Option(None, help="job YAML; default jobs/configs/demo.yaml"),
+    steps: int = typer.Option(30, help="optimizer steps (the first few are warm-up)"),
+    set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
+) -> None:
+    """End to end: images/s, MFU and whether data or model is the bottleneck."""
+    from aim_platform.bench import pretrain as bench
+
+    result = bench.run(config or bench.DEMO, steps, set_)
+    for line in result.lines():
+        console.print(line)
 
 
 def main() -> None:

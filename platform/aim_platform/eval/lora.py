@@ -98,21 +98,15 @@ def fit_lora_probe(
 ) -> dict[str, float]:
     """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction."""
     from aim_platform.eval.features import block_outputs
-    from aim_platform.eval.probe import accuracy
+    from aim_platform.eval.probe import accuracy, cosine_adamw
 
     torch.manual_seed(cfg.seed)
     adapters = add_lora(trunk, cfg.lora_rank or 8)
     probe = AttentiveProbe(trunk.embed_dim, num_classes, trunk.blocks[0].attn.num_heads)
-    opt = torch.optim.AdamW(
-        [*adapters, *probe.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
-    )
-    steps = cfg.steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    opt, sched = cosine_adamw([*adapters, *probe.parameters()], cfg.lr, cfg.weight_decay, cfg.steps)
     gen = torch.Generator().manual_seed(cfg.seed)
     (tx, ty), (vx, vy) = train, val
-    for _ in range(steps):
+    for _ in range(cfg.steps):
         idx = torch.randint(0, len(tx), (min(cfg.batch_size, len(tx)),), generator=gen)
         feats = block_outputs(trunk, tx[idx], layers, cfg.attention).mean(1)  # (B, K, D)
         loss = F.cross_entropy(probe(feats), ty[idx])

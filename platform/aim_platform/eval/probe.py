@@ -75,6 +75,17 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> ProbeScore:
     return ProbeScore(float(hit[:, 0].float().mean()), float(hit.any(1).float().mean()))
 
 
+def cosine_adamw(
+    params: list[torch.Tensor], lr: float, weight_decay: float, steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW with a cosine decay to zero over ``steps`` (the probes' optimizer)."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    return opt, sched
+
+
 def fit_probe(
     probe: nn.Module,
     train_x: torch.Tensor,
@@ -93,10 +104,7 @@ def fit_probe(
     Features may be float16 (as stored); they are upcast per batch.
     """
     gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
+    opt, sched = cosine_adamw(list(probe.parameters()), lr, weight_decay, steps)
     n = train_x.shape[0]
     probe.train()
     for _ in range(steps):
