@@ -54,7 +54,9 @@ def ensure_ray(address: str | None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(include_dashboard=False)
+        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
+        # without it the cleaner warns every few seconds and cannot clean up.
+        ray.init()
 
 
 def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
