@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import random_pixels, tiny
 
 from aim_platform.config import ModelConfig
 from aim_platform.models import (
@@ -26,19 +27,6 @@ from aim_platform.models import (
     unpatchify,
 )
 from aim_platform.models.layers import Attention
-
-TINY = dict(
-    size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4, head={"num_blocks": 1, "width": 32}
-)
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{**TINY, **kw})
-
-
-def random_pixels(b: int, cfg: ModelConfig) -> torch.Tensor:
-    return torch.randint(0, 256, (b, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8)
-
 
 # -- no prediction can see what it predicts ------------------------------------------------
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from model_helpers import random_pixels, tiny
 
 from aim_platform.config import (
     ConfigError,
     DataConfig,
     DataSource,
     JobConfig,
-    ModelConfig,
     build_config,
 )
 from aim_platform.models import (
@@ -37,20 +37,7 @@ from aim_platform.models.tokenizer import (
     resolve_tokenizer,
 )
 
-TINY = dict(
-    size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4, head={"num_blocks": 1, "width": 32}
-)
 V = 16  # codebook size of the token tests
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{**TINY, **kw})
-
-
-def random_pixels(b: int, cfg: ModelConfig, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (b, cfg.num_patches, cfg.patch_dim)
-    return torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
 
 
 def blob_patches(n: int, centres: int, patch_dim: int = 48, seed: int = 0) -> torch.Tensor:

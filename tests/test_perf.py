@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from model_helpers import random_pixels, tiny
 from typer.testing import CliRunner
 
 from aim_platform.bench.attention import run_attention_bench
@@ -21,19 +22,6 @@ from aim_platform.models.layers import flex_block_mask
 from aim_platform.train.metrics import flops_per_image
 
 REPO = Path(__file__).resolve().parents[1]
-
-TINY = dict(
-    size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4, head={"num_blocks": 1, "width": 32}
-)
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{**TINY, **kw})
-
-
-def random_pixels(b: int, cfg: ModelConfig) -> torch.Tensor:
-    return torch.randint(0, 256, (b, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8)
-
 
 # -- FlexAttention: the same mask, the same numbers ----------------------------------------
 

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from aim_platform.config import ProbeConfig
@@ -98,31 +97,32 @@ def fit_lora_probe(
 ) -> dict[str, float]:
     """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction."""
     from aim_platform.eval.features import block_outputs
-    from aim_platform.eval.probe import accuracy, cosine_adamw
+    from aim_platform.eval.probe import train_classifier
 
     torch.manual_seed(cfg.seed)
     adapters = add_lora(trunk, cfg.lora_rank or 8)
     probe = AttentiveProbe(trunk.embed_dim, num_classes, trunk.blocks[0].attn.num_heads)
-    opt, sched = cosine_adamw([*adapters, *probe.parameters()], cfg.lr, cfg.weight_decay, cfg.steps)
-    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def logits_of(pixels: torch.Tensor) -> torch.Tensor:
+        feats = block_outputs(trunk, pixels, layers, cfg.attention).mean(1)  # (B, K, D)
+        return probe(feats)
+
     (tx, ty), (vx, vy) = train, val
-    for _ in range(cfg.steps):
-        idx = torch.randint(0, len(tx), (min(cfg.batch_size, len(tx)),), generator=gen)
-        feats = block_outputs(trunk, tx[idx], layers, cfg.attention).mean(1)  # (B, K, D)
-        loss = F.cross_entropy(probe(feats), ty[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    probe.eval()
-    with torch.no_grad():
-        logits = torch.cat(
-            [
-                probe(block_outputs(trunk, vx[i : i + 256], layers, cfg.attention).mean(1))
-                for i in range(0, len(vx), 256)
-            ]
-        )
-    score = accuracy(logits, vy)
+    score = train_classifier(
+        probe,
+        logits_of,
+        [*adapters, *probe.parameters()],
+        tx,
+        ty,
+        vx,
+        vy,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+        eval_batch=256,
+    )
     return {"top1": score.top1, "top5": score.top5, "trained_fraction": trained_fraction(trunk)}
 
 

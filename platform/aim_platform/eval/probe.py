@@ -9,6 +9,7 @@ heads here (they are small), and log a (nested) MLflow run.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,19 +76,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> ProbeScore:
     return ProbeScore(float(hit[:, 0].float().mean()), float(hit.any(1).float().mean()))
 
 
-def cosine_adamw(
-    params: list[torch.Tensor], lr: float, weight_decay: float, steps: int
-) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW with a cosine decay to zero over ``steps`` (the probes' optimizer)."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    return opt, sched
-
-
-def fit_probe(
-    probe: nn.Module,
+def train_classifier(
+    head: nn.Module,
+    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    params: list[torch.Tensor],
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     val_x: torch.Tensor,
@@ -98,26 +90,58 @@ def fit_probe(
     lr: float,
     weight_decay: float,
     seed: int,
+    eval_batch: int = 512,
 ) -> ProbeScore:
-    """Train ``probe`` with AdamW and a cosine schedule on (N, K, D) features; score it.
+    """The probes' training loop: cross-entropy, AdamW, cosine decay to zero, seeded batches.
 
-    Features may be float16 (as stored); they are upcast per batch.
+    Args:
+        head: The probe head: put in train mode for training and eval mode (BatchNorm's
+            running statistics) for validation.
+        logits_of: Inputs (a batch of ``train_x``/``val_x`` rows) -> (B, C) logits.
+        params: What AdamW updates (the head's, plus adapters for LoRA).
     """
     gen = torch.Generator().manual_seed(seed)
-    opt, sched = cosine_adamw(list(probe.parameters()), lr, weight_decay, steps)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     n = train_x.shape[0]
-    probe.train()
+    head.train()
     for _ in range(steps):
         idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        loss = F.cross_entropy(probe(train_x[idx].float()), train_y[idx])
+        loss = F.cross_entropy(logits_of(train_x[idx]), train_y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    probe.eval()
+    head.eval()
     with torch.no_grad():
-        logits = torch.cat([probe(val_x[i : i + 512].float()) for i in range(0, len(val_x), 512)])
-    return accuracy(logits, val_y)
+        chunks = [logits_of(val_x[i : i + eval_batch]) for i in range(0, len(val_x), eval_batch)]
+    return accuracy(torch.cat(chunks), val_y)
+
+
+def fit_probe(
+    probe: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    val_x: torch.Tensor,
+    val_y: torch.Tensor,
+    **budget: Any,
+) -> ProbeScore:
+    """Train ``probe`` on (N, K, D) features (float16 as stored: upcast per batch); score it.
+
+    ``budget``: ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``.
+    """
+    return train_classifier(
+        probe,
+        lambda x: probe(x.float()),
+        list(probe.parameters()),
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        **budget,
+    )
 
 
 def probe_features(
@@ -145,38 +169,25 @@ def probe_features(
     report = ProbeReport(layers=layers, train_images=0, val_images=len(vy))
     pos = [blocks.index(b) for b in layers]
     dim = tx.shape[-1]
+    budget = dict(
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        seed=cfg.seed,
+    )
     for kind in kinds:
         torch.manual_seed(cfg.seed)
         probe = make_probe(kind, dim, num_classes, num_heads)
         report.main[kind] = fit_probe(
-            probe,
-            tx[:, pos].float().mean(1),
-            ty,
-            vx[:, pos].float().mean(1),
-            vy,
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            seed=cfg.seed,
+            probe, tx[:, pos].float().mean(1), ty, vx[:, pos].float().mean(1), vy, **budget
         )
         if cfg.sweep:
             report.per_block[kind] = {}
             for i, b in enumerate(blocks):
                 torch.manual_seed(cfg.seed)  # same initialization and batches for every block
                 probe = make_probe(kind, dim, num_classes, num_heads)
-                report.per_block[kind][b] = fit_probe(
-                    probe,
-                    tx[:, i],
-                    ty,
-                    vx[:, i],
-                    vy,
-                    steps=cfg.steps,
-                    batch_size=cfg.batch_size,
-                    lr=cfg.lr,
-                    weight_decay=cfg.weight_decay,
-                    seed=cfg.seed,
-                )
+                report.per_block[kind][b] = fit_probe(probe, tx[:, i], ty, vx[:, i], vy, **budget)
     return report
 
 
