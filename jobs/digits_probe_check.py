@@ -22,7 +22,8 @@ from aim_platform.eval.correlation import run_points
 from aim_platform.eval.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk
 from aim_platform.train.export import write_trunk
-from aim_platform.train.launcher import ensure_ray, pretrain, summary
+from aim_platform.cluster import connect
+from aim_platform.train.launcher import pretrain, summary
 
 CONFIG = Path(__file__).parent / "configs" / "digits_probe_check.yaml"
 
@@ -33,7 +34,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     job = load_config(CONFIG, args.overrides, JobConfig)
     assert job.probe is not None
-    ensure_ray(None)
+    connect(None)
     dataset = job.probe.dataset or job.data.sources[0].url
     ingest("builtin:digits", dataset, image_size=32, val_fraction=0.5, shard_size_mb=1)
 

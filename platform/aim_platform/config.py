@@ -13,6 +13,7 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aim_platform.errors import PlatformError
 from aim_platform.models.sizes import SIZES
 
 # Pre-training attention; downstream runs the trunk bidirectionally (or causally for Table 3d
@@ -25,7 +26,7 @@ TargetKind = Literal["normalized", "raw", "tokens"]
 ObjectiveKind = Literal["autoregressive", "masked"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PlatformError, ValueError):
     """A configuration that cannot be used; the message names each offending field."""
 
 

@@ -1,23 +1,26 @@
 """Ray job submission: ``aimctl submit`` and ``aimctl jobs status|logs|stop``.
 
 Jobs go through the Ray dashboard's Jobs API (``JobSubmissionClient``, ``http://HOST:8265``)
-with a ``runtime_env`` that carries this repository: the working directory (without ``.venv``,
-``runs``, ``data``, ``.git``) for ``jobs/`` and configs, and ``platform/aim_platform`` as a
-``py_modules`` entry so that the job imports the submitted code before any installed copy.
+with a ``runtime_env`` that carries this repository: the working directory for ``jobs/`` and
+configs, and ``platform/aim_platform`` as a ``py_modules`` entry so that the job imports the
+submitted code before any installed copy.
 
-Ray token authentication (Ray 2.52+, on by default for local clusters since 2.59): the token
-is sent as ``Authorization: Bearer <token>``. It is looked up, in order, in ``--token-file``,
-``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH`` and, only when ``RAY_AUTH_MODE=token``,
-``~/.ray/auth_token`` (Ray's own order after the explicit file). The token never goes into the
-job's ``runtime_env``, which the dashboard shows to anyone who can read it; nodes of a cluster
-get it from their own environment (a Kubernetes Secret, the launcher's node set-up).
+What is left out: Ray applies a runtime_env's ``excludes`` to the working directory *and* to
+every ``py_modules`` folder, each relative to its own root, so an entry there must be safe at
+any depth of the package (:data:`EXCLUDES`: caches, ``*.db``). Folders of the repository root
+(``.venv``, ``.git``, ``runs``, ``data``, ...) are listed, anchored, in the repository's
+``.rayignore``, which Ray reads for the directory that holds it: the working directory only.
+
+The Ray auth token (found as :func:`aim_platform.cluster.resolve_token` says) is sent as
+``Authorization: Bearer <token>``. It never goes into the job's ``runtime_env``, which the
+dashboard shows to anyone who can read it; nodes of a cluster get it from their own
+environment (a Kubernetes Secret, the launcher's node set-up).
 """
 
 from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,26 +28,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
+from aim_platform.cluster import ClusterError, auth_error, resolve_token
 from aim_platform.security import check_relative, is_secret_key, redact_text
+from aim_platform.tracking import git_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(__file__).resolve().parent
-# Never shipped to the cluster (gitignore-style patterns, relative to the working dir).
-EXCLUDES = [
-    ".venv",
-    "runs",
-    "data",
-    ".git",
-    "mlruns",
-    "__pycache__",
-    "*.egg-info",
-    ".pytest_cache",
-    ".ruff_cache",
-    "*.db",
-]
+# Never shipped, at any depth of the working directory or the package (gitignore syntax).
+EXCLUDES = ["__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", "*.db"]
+# Root folders never shipped: anchored entries of this file (read by Ray for the working dir).
+RAYIGNORE = ".rayignore"
 # Non-secret variables forwarded from the submitting shell when they are set.
 FORWARD_ENV = (
     "MLFLOW_TRACKING_URI",
@@ -55,52 +51,10 @@ FORWARD_ENV = (
     "AWS_REGION",
 )
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-TOKEN_HELP = (
-    "set RAY_AUTH_TOKEN to the cluster's token, or point --token-file (or RAY_AUTH_TOKEN_PATH) "
-    "at a file holding it; on the head node `ray get-auth-token` prints it"
-)
 
 
-class SubmitError(RuntimeError):
+class SubmitError(ClusterError):
     """A job that cannot be submitted or queried; the message says what to do."""
-
-
-def resolve_token(
-    token_file: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> str | None:
-    """The Ray auth token to send, or None when none is configured.
-
-    Args:
-        token_file: an explicit file holding the token (``--token-file``); wins over the rest.
-        environ: the environment to read (default ``os.environ``).
-
-    Returns:
-        The token (whitespace stripped) or None.
-
-    Raises:
-        SubmitError: a named token file is missing or empty.
-    """
-    env = os.environ if environ is None else environ
-    if token_file is not None:
-        return _read_token(Path(token_file), "--token-file")
-    if env.get("RAY_AUTH_TOKEN", "").strip():
-        return env["RAY_AUTH_TOKEN"].strip()
-    if env.get("RAY_AUTH_TOKEN_PATH"):
-        return _read_token(Path(env["RAY_AUTH_TOKEN_PATH"]), "RAY_AUTH_TOKEN_PATH")
-    default = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
-    if env.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
-        return _read_token(default, "~/.ray/auth_token")
-    return None
-
-
-def _read_token(path: Path, source: str) -> str:
-    try:
-        token = path.expanduser().read_text().strip()
-    except OSError as exc:
-        raise SubmitError(f"{source}: cannot read token file {str(path)!r}: {exc}") from None
-    if not token:
-        raise SubmitError(f"{source}: token file {str(path)!r} is empty")
-    return token
 
 
 def check_address(address: str | None) -> str:
@@ -138,24 +92,12 @@ def client(address: str | None, token_file: str | Path | None = None) -> JobSubm
     try:
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
-        raise _auth_error(address, token, exc) from None
+        raise auth_error(address, token, exc) from None
     except ConnectionError as exc:
         raise SubmitError(
             f"cannot reach the Ray dashboard at {address} ({exc}); is the head up and its "
             f"dashboard port reachable (kubectl port-forward svc/<cluster>-head-svc 8265)?"
         ) from None
-
-
-def _auth_error(address: str, token: str | None, exc: Exception) -> SubmitError:
-    if token is None:
-        return SubmitError(
-            f"the Ray cluster at {address} requires token authentication "
-            f"(RAY_AUTH_MODE=token) and no token was given: {TOKEN_HELP}"
-        )
-    return SubmitError(
-        f"the Ray cluster at {address} rejected the auth token ({str(exc).splitlines()[0]}); "
-        f"check that it is this cluster's token: {TOKEN_HELP}"
-    )
 
 
 def _call(address: str, token_file: str | Path | None, fn: str, *args: Any) -> Any:
@@ -166,7 +108,7 @@ def _call(address: str, token_file: str | Path | None, fn: str, *args: Any) -> A
     try:
         return getattr(c, fn)(*args)
     except AuthenticationError as exc:
-        raise _auth_error(check_address(address), resolve_token(token_file), exc) from None
+        raise auth_error(check_address(address), resolve_token(token_file), exc) from None
     except RuntimeError as exc:
         if "does not exist" in str(exc) or "404" in str(exc):
             raise SubmitError(f"no job {args[0]!r} on {address}") from None
@@ -214,6 +156,22 @@ def job_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def root_excludes(repo: Path = REPO_ROOT) -> list[str]:
+    """The anchored root folders of ``<repo>/.rayignore`` (``/runs/`` -> ``runs``).
+
+    Raises:
+        SubmitError: the file is missing (the job would carry ``.venv`` and ``.git``).
+    """
+    path = repo / RAYIGNORE
+    if not path.is_file():
+        raise SubmitError(
+            f"{path} is missing: it keeps .venv, .git, runs and data out of submitted jobs; "
+            f"restore it from the repository (git checkout -- {RAYIGNORE})"
+        )
+    lines = (line.strip() for line in path.read_text().splitlines())
+    return [line.strip("/") for line in lines if line.startswith("/")]
+
+
 def runtime_env(repo: Path = REPO_ROOT, env_vars: Mapping[str, str] | None = None) -> dict:
     """The ``runtime_env`` that carries this repository's code to the cluster.
 
@@ -222,12 +180,13 @@ def runtime_env(repo: Path = REPO_ROOT, env_vars: Mapping[str, str] | None = Non
         env_vars: the job's environment (see :func:`job_env`).
 
     Returns:
-        A runtime_env dict: ``working_dir`` (the repo minus :data:`EXCLUDES`), the package as
-        ``py_modules``, and ``env_vars``.
+        A runtime_env dict: ``working_dir`` (the repo minus :data:`EXCLUDES` and the root
+        folders of ``.rayignore``), the whole package as ``py_modules``, and ``env_vars``.
     """
     package = repo / "platform" / "aim_platform"
     if not package.is_dir():
         raise SubmitError(f"{package} not found: run aimctl submit from a checkout of the repo")
+    root_excludes(repo)  # refuse to ship .venv and .git when the ignore file is missing
     return {
         "working_dir": str(repo),
         "py_modules": [str(package)],
@@ -249,28 +208,49 @@ def _config_in_repo(config: str | Path, repo: Path) -> str:
             f"travels to the cluster: put it under jobs/configs/"
         ) from None
     rel_text = check_relative(rel.as_posix(), field="config")
-    if any(rel_text == e or rel_text.startswith(e + "/") for e in EXCLUDES):
+    if any(rel_text.startswith(folder + "/") for folder in root_excludes(repo)):
         raise SubmitError(f"config {rel_text!r} lies in an excluded folder; move it to jobs/")
     return rel_text
 
 
-def default_entrypoint(config_rel: str, overrides: Sequence[str] = ()) -> str:
-    """``aimctl pretrain CONFIG --set ... --address auto`` (joins the job's cluster)."""
-    parts = ["aimctl", "pretrain", config_rel]
+def default_entrypoint(
+    config_rel: str, overrides: Sequence[str] = (), *, study_scale: str | None = None
+) -> str:
+    """The command a submitted CONFIG runs, joining the job's cluster (``--address auto``):
+    ``aimctl pretrain CONFIG --set ...``, or for a study spec (``study_scale`` given)
+    ``aimctl study SPEC --scale S --set ...``."""
+    if study_scale is None:
+        parts = ["aimctl", "pretrain", config_rel]
+    else:
+        parts = ["aimctl", "study", config_rel, "--scale", study_scale]
     for item in overrides:
         parts += ["--set", item]
     parts += ["--address", "auto"]
     return shlex.join(parts)
 
 
-def _git_commit(repo: Path) -> str | None:
+def _validate(config_path: Path, overrides: Sequence[str], scale: str) -> str | None:
+    """Validate a job config or a study spec here, before anything is sent.
+
+    Returns:
+        ``scale`` when the file is a study spec (it has ``variants``), else None.
+    """
+    import yaml
+
+    from aim_platform.config import ConfigError, load_config
+
+    data = yaml.safe_load(config_path.read_text()) or {}
     try:
-        out = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True
-        )
-    except OSError:
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+        if isinstance(data, dict) and "variants" in data:
+            from aim_platform.tune.studies import load_study
+
+            spec = load_study(config_path)
+            spec.job(next(iter(spec.variants)), scale, list(overrides))
+            return scale
+        load_config(config_path, list(overrides))
+    except ConfigError as exc:
+        raise SubmitError(str(exc)) from None
+    return None
 
 
 def submit(
@@ -283,20 +263,22 @@ def submit(
     env: Mapping[str, str] | None = None,
     submission_id: str | None = None,
     entrypoint_num_gpus: float | None = None,
+    scale: str = "tiny",
     repo: Path = REPO_ROOT,
 ) -> str:
     """Submit a platform job; returns its submission id.
 
     Args:
         address: the Ray dashboard, ``http://HOST:8265``.
-        config: a YAML config inside the repository (required without ``entrypoint``); it is
-            validated here before anything is sent.
+        config: a job config or a study spec (``jobs/studies/*.yaml``) inside the repository
+            (required without ``entrypoint``); it is validated here before anything is sent.
         overrides: ``a.b=c`` overrides for the default entrypoint.
         entrypoint: a command to run instead of ``aimctl pretrain CONFIG ...``.
         token_file: a file holding the Ray auth token (see :func:`resolve_token`).
         env: extra non-secret environment variables for the job.
         submission_id: a chosen id (default: Ray generates one).
         entrypoint_num_gpus: GPUs reserved for the driver itself (usually none).
+        scale: the budget preset when ``config`` is a study spec.
         repo: the repository root that travels as the working directory.
 
     Returns:
@@ -308,19 +290,14 @@ def submit(
     metadata = {"aim.submitter": "aimctl"}
     if entrypoint is None:
         if config is None:
-            raise SubmitError("give a CONFIG (for aimctl pretrain) or an --entrypoint")
+            raise SubmitError("give a CONFIG (a job or a study spec) or an --entrypoint")
         config_rel = _config_in_repo(config, repo)
-        from aim_platform.config import ConfigError, load_config
-
-        try:
-            load_config(repo / config_rel, list(overrides))
-        except ConfigError as exc:
-            raise SubmitError(str(exc)) from None
-        entrypoint = default_entrypoint(config_rel, overrides)
+        study_scale = _validate(repo / config_rel, overrides, scale)
+        entrypoint = default_entrypoint(config_rel, overrides, study_scale=study_scale)
         metadata["aim.config"] = config_rel
     elif overrides:
         raise SubmitError("--set applies to the default entrypoint; put them in --entrypoint")
-    commit = _git_commit(repo)
+    commit = git_commit(repo)
     if commit:
         metadata["aim.git_commit"] = commit
     renv = runtime_env(repo, job_env(env))
@@ -351,7 +328,7 @@ def _submit(
             **kwargs,
         )
     except AuthenticationError as exc:
-        raise _auth_error(check_address(address), resolve_token(token_file), exc) from None
+        raise auth_error(check_address(address), resolve_token(token_file), exc) from None
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""Joining a Ray cluster: the one place that connects a driver (``aimctl pretrain``, ``study``,
+``probe``, ``tokenizer-fit``) to Ray and that finds the cluster's auth token.
+
+Ray token authentication (Ray 2.52+, on by default for local clusters since 2.59): a client
+sends the token, looked up in order in an explicit token file (``--token-file``),
+``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH`` and, only when ``RAY_AUTH_MODE=token``,
+``~/.ray/auth_token`` (Ray's own order after the explicit file). A driver that joins a cluster
+with a token gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` set in its environment here,
+so nobody has to know about Ray's variables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+from aim_platform.errors import PlatformError
+
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN to the cluster's token, or point --token-file (or RAY_AUTH_TOKEN_PATH) "
+    "at a file holding it; on the head node `ray get-auth-token` prints it"
+)
+
+
+class ClusterError(PlatformError):
+    """A cluster that cannot be reached or joined; the message says what to do."""
+
+
+def resolve_token(
+    token_file: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> str | None:
+    """The Ray auth token to send, or None when none is configured.
+
+    Args:
+        token_file: an explicit file holding the token (``--token-file``); wins over the rest.
+        environ: the environment to read (default ``os.environ``).
+
+    Returns:
+        The token (whitespace stripped) or None.
+
+    Raises:
+        ClusterError: a named token file is missing or empty.
+    """
+    env = os.environ if environ is None else environ
+    if token_file is not None:
+        return _read_token(Path(token_file), "--token-file")
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    if env.get("RAY_AUTH_TOKEN_PATH"):
+        return _read_token(Path(env["RAY_AUTH_TOKEN_PATH"]), "RAY_AUTH_TOKEN_PATH")
+    default = Path(env.get("HOME", str(Path.home()))) / ".ray" / "auth_token"
+    if env.get("RAY_AUTH_MODE", "").lower() == "token" and default.is_file():
+        return _read_token(default, "~/.ray/auth_token")
+    return None
+
+
+def _read_token(path: Path, source: str) -> str:
+    try:
+        token = path.expanduser().read_text().strip()
+    except OSError as exc:
+        raise ClusterError(f"{source}: cannot read token file {str(path)!r}: {exc}") from None
+    if not token:
+        raise ClusterError(f"{source}: token file {str(path)!r} is empty")
+    return token
+
+
+def auth_error(address: str, token: str | None, exc: Exception | None = None) -> ClusterError:
+    """The message for a cluster that refused us: no token given, or a wrong one."""
+    if token is None:
+        return ClusterError(
+            f"the Ray cluster at {address} requires token authentication and no token was "
+            f"given: {TOKEN_HELP}"
+        )
+    reason = f" ({str(exc).splitlines()[0]})" if exc is not None and str(exc) else ""
+    return ClusterError(
+        f"the Ray cluster at {address} rejected the auth token{reason}; check that it is this "
+        f"cluster's token: {TOKEN_HELP}"
+    )
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Path]:
+    """Send this process's file descriptor 2 (Ray's C++ core writes there) to a temp file."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.NamedTemporaryFile("w+", prefix="aim-ray-connect-", suffix=".log") as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield Path(f.name)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def connect(address: str | None, token_file: str | Path | None = None) -> bool:
+    """Join the Ray cluster at ``address`` (``auto``, ``HOST:6379``), or start an embedded
+    local Ray when ``address`` is None; a no-op when this process is already connected.
+
+    Returns:
+        True when this call initialized Ray in this process (started an embedded Ray or
+        joined a cluster): the caller calls ``ray.shutdown()`` at the end.
+
+    Raises:
+        ClusterError: a dashboard URL where a cluster address belongs, an unreachable
+            cluster, or a token that is missing or rejected.
+    """
+    if not address:
+        import ray
+
+        if ray.is_initialized():
+            return False
+        ray.init()
+        return True
+    if address.startswith(("http://", "https://")):
+        raise ClusterError(
+            f"--address {address}: that is a dashboard URL, which `aimctl submit` takes; a "
+            f"driver joins a cluster by its GCS address (HOST:6379) or `auto` on a node"
+        )
+    token = resolve_token(token_file)
+    if token is not None:  # before Ray reads its configuration from the environment
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = token
+    import ray
+
+    if ray.is_initialized():
+        return False
+    failure: ConnectionError | None = None
+    with _stderr_captured() as log:  # Ray retries for ~20 s, printing a line a second
+        try:
+            ray.init(address=address)
+        except ConnectionError as exc:
+            failure = exc
+        said = log.read_text(errors="replace")
+    if failure is None:
+        return True
+    if "InvalidAuthToken" in said or "Unauthenticated" in said:
+        raise auth_error(address, token)
+    raise ClusterError(f"cannot join the Ray cluster at {address}: {failure}")

@@ -1,0 +1,9 @@
+"""The platform's expected failures: each one is a :class:`PlatformError` whose message says
+what is wrong and what to do. The command line prints it on one line and exits with code 2;
+any other exception is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+
+class PlatformError(Exception):
+    """An expected failure (bad input, unreachable service, missing credential)."""
