@@ -7,6 +7,7 @@ matters), and is stopped by its own PIDs: ``ray stop`` would kill every Ray on t
 from __future__ import annotations
 
 import os
+import pkgutil
 import re
 import secrets
 import shutil
@@ -24,6 +25,7 @@ import pytest
 from conftest import REPO, free_port
 from typer.testing import CliRunner
 
+import aim_platform
 from aim_platform import submit as sub
 from aim_platform.cli import app
 
@@ -69,7 +71,8 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[dict[str, str]]:
-    """A token-auth Ray head on 127.0.0.1 (1 CPU, dashboard on): address, token, temp dir."""
+    """A token-auth Ray head on 127.0.0.1 (2 CPUs, as the demo needs; dashboard on): address,
+    GCS address, token, temp dir."""
     temp_dir = tempfile.mkdtemp(prefix="aimray", dir="/tmp")  # short: unix socket paths
     token = secrets.token_hex(24)
     venv_bin = str(Path(sys.executable).parent)
@@ -98,9 +101,9 @@ def ray_head() -> Iterator[dict[str, str]]:
     cmd = [
         os.path.join(venv_bin, "ray"), "start", "--head", "--block",
         "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-        "--include-dashboard", "true", "--num-cpus", "1", "--temp-dir", temp_dir,
+        "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", temp_dir,
         "--min-worker-port", "0", "--max-worker-port", "0", "--disable-usage-stats",
-        "--object-store-memory", str(80 * 1024**2),
+        "--object-store-memory", str(300 * 1024**2),
     ]  # fmt: skip
     for flag, port in ports.items():
         cmd += [flag, str(port)]
@@ -124,7 +127,12 @@ def ray_head() -> Iterator[dict[str, str]]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError((Path(temp_dir) / "head.log").read_text()[-3000:])
             time.sleep(0.5)
-        yield {"address": address, "token": token, "temp_dir": temp_dir}
+        yield {
+            "address": address,
+            "gcs": f"127.0.0.1:{ports['--port']}",
+            "token": token,
+            "temp_dir": temp_dir,
+        }
     finally:
         left = _stop_head(proc, temp_dir)
         log.close()
@@ -151,8 +159,10 @@ def _job_id(output: str) -> str:
 def test_submit_tiny_job_runs_submitted_code(ray_head: dict[str, str], token_env: None) -> None:
     runner = CliRunner()
     code = (
-        "import os, aim_platform; print('AIM_FROM', aim_platform.__file__); "
-        "print('VAR', os.environ['AIM_TEST_VAR']); print('CWD', os.getcwd())"
+        "import os, pkgutil, aim_platform; print('AIM_FROM', aim_platform.__file__); "
+        "print('VAR', os.environ['AIM_TEST_VAR']); print('CWD', os.getcwd()); "
+        "print('MODULES', ','.join(sorted(m.name for m in "
+        "pkgutil.walk_packages(aim_platform.__path__, 'aim_platform.'))))"
     )
     result = runner.invoke(
         app,
@@ -179,6 +189,11 @@ def test_submit_tiny_job_runs_submitted_code(ray_head: dict[str, str], token_env
     assert (cwd / "jobs").is_dir() and (cwd / "platform" / "aim_platform").is_dir()
     assert not (cwd / ".venv").exists() and not (cwd / ".git").exists()
     assert "VAR hello" in logs.output
+    # The whole package travelled: every module and sub-package (data/ once went missing).
+    shipped = set(re.search(r"MODULES (\S+)", logs.output).group(1).split(","))
+    local = {m.name for m in pkgutil.walk_packages(aim_platform.__path__, "aim_platform.")}
+    assert {"aim_platform.data", "aim_platform.data.pipeline", "aim_platform.train.loop"} <= local
+    assert shipped == local
     # The token went in the Authorization header only, never into the job's runtime_env.
     info = sub.client(ray_head["address"]).get_job_info(job_id)
     assert info.runtime_env["env_vars"]["AIM_TEST_VAR"] == "hello"
@@ -247,27 +262,6 @@ def test_unknown_job_is_a_clear_error(ray_head: dict[str, str], token_env: None)
 # ------------------------------------------------------------------ without a cluster
 
 
-def test_token_precedence(tmp_path: Path) -> None:
-    f1, f2, home = tmp_path / "f1", tmp_path / "f2", tmp_path / "home"
-    f1.write_text("from-file\n")
-    f2.write_text("from-path-env")
-    (home / ".ray").mkdir(parents=True)
-    (home / ".ray" / "auth_token").write_text("from-home")
-    env = {"RAY_AUTH_TOKEN": "from-env", "RAY_AUTH_TOKEN_PATH": str(f2), "HOME": str(home)}
-    assert sub.resolve_token(f1, env) == "from-file"
-    assert sub.resolve_token(None, env) == "from-env"
-    env.pop("RAY_AUTH_TOKEN")
-    assert sub.resolve_token(None, env) == "from-path-env"
-    env.pop("RAY_AUTH_TOKEN_PATH")
-    assert sub.resolve_token(None, env) is None  # ~/.ray only counts with RAY_AUTH_MODE=token
-    assert sub.resolve_token(None, {**env, "RAY_AUTH_MODE": "token"}) == "from-home"
-    with pytest.raises(sub.SubmitError, match="--token-file: cannot read"):
-        sub.resolve_token(tmp_path / "missing", env)
-    (tmp_path / "empty").write_text(" \n")
-    with pytest.raises(sub.SubmitError, match="RAY_AUTH_TOKEN_PATH: token file .* is empty"):
-        sub.resolve_token(None, {"RAY_AUTH_TOKEN_PATH": str(tmp_path / "empty")})
-
-
 def test_runtime_env_carries_repo_without_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-forwarded")
@@ -275,8 +269,13 @@ def test_runtime_env_carries_repo_without_secrets(monkeypatch: pytest.MonkeyPatc
     renv = sub.runtime_env(REPO, sub.job_env({"AIM_X": "1"}))
     assert renv["working_dir"] == str(REPO)
     assert renv["py_modules"] == [str(REPO / "platform" / "aim_platform")]
-    for excluded in (".venv", "runs", "data", ".git"):
-        assert excluded in renv["excludes"]
+    # Root folders stay home through the anchored .rayignore (working dir only); the global
+    # excludes are safe at any depth of the package: none names one of its folders.
+    assert {".venv", ".git", "runs", "data", "mlruns"} <= set(sub.root_excludes(REPO))
+    package = REPO / "platform" / "aim_platform"
+    folders = {p.name for p in package.rglob("*") if p.is_dir() and p.name != "__pycache__"}
+    assert "data" in folders
+    assert not {e.strip("/") for e in renv["excludes"]} & folders
     assert renv["env_vars"]["MLFLOW_TRACKING_URI"] == "http://mlflow.internal:5000"
     assert renv["env_vars"]["AIM_X"] == "1"
     assert "never-forwarded" not in repr(renv)
@@ -313,3 +312,201 @@ def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None
         sub.default_entrypoint("jobs/configs/a b.yaml", ["optim.lr=1e-3"])
         == "aimctl pretrain 'jobs/configs/a b.yaml' --set optim.lr=1e-3 --address auto"
     )
+
+
+# ------------------------------------------------------- the real jobs, as users submit them
+# The demo config, a tiny study and a probe go through `aimctl submit` to the token-auth head;
+# each must SUCCEED and leave its MLflow runs on the (session) MLflow server.
+
+# Ray Jobs frames every job log with two lines of its own (`ray job logs` shows them too).
+JOBS_FRAME = re.compile(r"job_manager\.py:\d+ -- Runtime env is setting up|^Running entrypoint for job")
+RAW_RAY_LINE = re.compile(
+    r"\((pid|RayTrainWorker|SplitCoordinator|raylet|TrainController)[ =]|core_worker|"
+    r"TrainingReport\(|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)|Warning:"
+)
+
+
+def _journey_args(storage: Path) -> list[str]:
+    sets = {
+        "name": "journey",
+        "train.steps": 60,
+        "train.checkpoint_every": 10,
+        "train.val_every": 30,
+        "train.storage_path": str(storage),
+    }
+    return [item for k, v in sets.items() for item in ("--set", f"{k}={v}")]
+
+
+@pytest.fixture
+def journey_env(token_env: None, mlflow_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Jobs log to the session's MLflow server (`aimctl submit` forwards the variable)."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    return mlflow_server
+
+
+@pytest.fixture(scope="module")
+def shared_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Storage every job of the cluster reaches (one machine here; S3 on a real cluster)."""
+    return tmp_path_factory.mktemp("shared")
+
+
+def _wait_for_checkpoint(run_root: Path, job_id: str, address: str, timeout: float) -> int:
+    latest = run_root / "latest.json"
+    deadline = time.monotonic() + timeout
+    while not latest.exists():
+        state = sub.status(address, job_id).status
+        assert state in ("PENDING", "RUNNING"), sub.logs(address, job_id)[-3000:]
+        assert time.monotonic() < deadline, sub.logs(address, job_id)[-3000:]
+        time.sleep(1)
+    import json
+
+    return int(json.loads(latest.read_text())["step"])
+
+
+@pytest.mark.slow
+def test_demo_submitted_stopped_and_resubmitted_resumes(
+    ray_head: dict[str, str], journey_env: str, shared_storage: Path
+) -> None:
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    runner = CliRunner()
+    address = ray_head["address"]
+    args = ["submit", "jobs/configs/demo.yaml", "--address", address]
+    first = runner.invoke(app, [*args, *_journey_args(shared_storage)])
+    assert first.exit_code == 0, first.output
+    job_id = _job_id(first.output)
+    run_root = shared_storage / "journey"
+    _wait_for_checkpoint(run_root, job_id, address, timeout=300)
+    stopped = runner.invoke(app, ["jobs", "stop", job_id, "--address", address])
+    assert stopped.exit_code == 0 and f"{job_id}: STOPPED" in stopped.output, stopped.output
+    saved = json.loads((run_root / "latest.json").read_text())
+    assert (run_root / saved["checkpoint"]).is_dir() and 10 <= saved["step"] < 60
+
+    again = runner.invoke(app, [*args, *_journey_args(shared_storage), "--wait"])
+    assert again.exit_code == 0, again.output
+    assert "SUCCEEDED" in again.output
+    log = sub.logs(address, _job_id(again.output))
+    # What a person reads: a header, progress lines, a summary; no raw Ray log line.
+    lines = [line for line in log.splitlines() if line.strip() and not JOBS_FRAME.search(line)]
+    assert len(lines) <= 60, log
+    assert not [line for line in lines if RAW_RAY_LINE.search(line)], log
+    assert f"resuming from the checkpoint at step {saved['step']}" in log
+    assert "step 60/60" in log and "mlflow" in log.lower()
+
+    run_id = json.loads((run_root / "mlflow_run_id.json").read_text())["run_id"]
+    client = MlflowClient(tracking_uri=journey_env)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    resumed = client.get_metric_history(run_id, "train/resumed_from_step")
+    assert [int(m.value) for m in resumed] == [saved["step"]]
+    losses = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
+    assert losses[-1].step == 60 and losses[-1].value < 0.8 * losses[0].value
+    assert (run_root / "final" / "trunk.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_probe_of_a_trunk_on_shared_storage_submitted(
+    ray_head: dict[str, str], journey_env: str, shared_storage: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    trunk = shared_storage / "journey" / "final"
+    if not (trunk / "trunk.safetensors").is_file():
+        pytest.skip("needs the trunk of test_demo_submitted_stopped_and_resubmitted_resumes")
+    command = (
+        f"aimctl probe {trunk} builtin:digits --set labels_per_class=10 --set steps=60 "
+        f"--set sweep=false --set kind=both --experiment journey-probe --address auto"
+    )
+    result = CliRunner().invoke(
+        app,
+        ["submit", "--address", ray_head["address"], "--entrypoint", command, "--wait"],
+    )
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(tracking_uri=journey_env)
+    exp = client.get_experiment_by_name("journey-probe")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert metrics["probe/attentive/top1"] > 0.2 and metrics["probe/linear/top1"] > 0.2  # 10%
+
+
+@pytest.mark.slow
+def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    args = [
+        "submit", "jobs/studies/head.yaml", "--scale", "tiny", "--address", ray_head["address"],
+        "--set", "train.steps=4", "--set", "probe.steps=10",
+        "--set", "tracking.experiment=journey-study", "--wait",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    log = sub.logs(ray_head["address"], _job_id(result.output))
+    lines = [line for line in log.splitlines() if line.strip() and not JOBS_FRAME.search(line)]
+    assert not [line for line in lines if RAW_RAY_LINE.search(line)], log
+    assert len(lines) <= 40, log
+    table = Path(re.search(r"table: (\S+)", log).group(1))
+    assert table.is_file() and "| linear |" in table.read_text()
+
+    client = MlflowClient(tracking_uri=journey_env)
+    exp = client.get_experiment_by_name("journey-study")
+    parents = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    assert {"table.md", "table.csv"} <= artifacts
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+    )
+    assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none", "transformer"]
+
+
+@pytest.mark.slow
+def test_failed_job_shows_its_error_with_wait(ray_head: dict[str, str], token_env: None) -> None:
+    command = "python -c \"print('setting up'); raise SystemExit('the data bucket is empty')\""
+    result = CliRunner().invoke(
+        app, ["submit", "--address", ray_head["address"], "--entrypoint", command, "--wait"]
+    )
+    assert result.exit_code == 1
+    assert "FAILED" in result.output and "the data bucket is empty" in result.output
+
+
+@pytest.mark.slow
+def test_drivers_join_a_token_cluster_like_submit_does(
+    ray_head: dict[str, str], tmp_path: Path
+) -> None:
+    """`aimctl pretrain/study/probe --address` find the token as submit does: no RAY_AUTH_MODE."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["HOME"] = str(tmp_path)
+    script = (
+        "from aim_platform.cluster import connect; import ray; "
+        f"connect('{ray_head['gcs']}'); print('CPUS', ray.cluster_resources()['CPU'])"
+    )
+    ok = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "RAY_AUTH_TOKEN": ray_head["token"]},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "CPUS 2.0" in ok.stdout, ok.stderr[-2000:]
+
+    token_file = tmp_path / "token"
+    token_file.write_text(ray_head["token"])
+    config = REPO / "jobs" / "configs" / "demo.yaml"
+    for extra_env, args, expected in [
+        ({}, [], "requires token authentication and no token was given"),
+        ({"RAY_AUTH_TOKEN": "wrong"}, [], "rejected the auth token"),
+    ]:
+        bad = subprocess.run(
+            [str(Path(sys.executable).parent / "aimctl"), "pretrain", str(config),
+             "--address", ray_head["gcs"], "--set", f"train.storage_path={tmp_path}", *args],
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )  # fmt: skip
+        assert bad.returncode == 2, bad.stdout + bad.stderr
+        text = " ".join(bad.stdout.split())
+        assert expected in text and "RAY_AUTH_TOKEN" in text and "Traceback" not in bad.stdout

@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
-console = Console()
+from aim_platform.errors import PlatformError
+
+console = Console(soft_wrap=True)
+
+
+class _ErrorBoundary(TyperGroup):
+    """The one place expected failures become messages: a :class:`PlatformError` prints one
+    line and exits with code 2; anything else is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PlatformError as exc:
+            console.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__, cls=_ErrorBoundary)
+_CLUSTER_OPT = typer.Option(
+    None, "--address", help="Ray cluster to join (auto, HOST:6379); default: embedded Ray"
+)
+_TOKEN_OPT = typer.Option(
+    None, "--token-file", help="file with the Ray auth token [default: $RAY_AUTH_TOKEN, ...]"
+)
+_VERBOSE_OPT = typer.Option(
+    False, "--verbose", "-v", help="show Ray's and the workers' logs live instead of a log file"
+)
 
 
 def _load_or_exit(path: Path | None, overrides: list[str], cls: type[Any]) -> Any:
@@ -135,23 +163,72 @@ def services_status(state_dir: Path | None = _STATE_OPT) -> None:
         raise typer.Exit(1)
 
 
+def _log_folder(job: Any) -> Path:
+    """Local folder for a run's console log: the run folder, or ./runs/NAME for s3:// runs."""
+    from aim_platform.train.launcher import run_root
+
+    root = run_root(job)
+    return Path(root) if "://" not in root else Path("runs").resolve() / job.name
+
+
 @app.command()
 def pretrain(
     config: Path = typer.Argument(..., help="job YAML (see jobs/configs/)"),
     set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
-    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
+    from aim_platform.cluster import connect
     from aim_platform.config import JobConfig
+    from aim_platform.console import TrainDisplay, captured_output, log_path
+    from aim_platform.train.launcher import latest_train_state, summary
     from aim_platform.train.launcher import pretrain as run_pretrain
-    from aim_platform.train.launcher import summary
 
     job = _load_or_exit(config, set_, JobConfig)
-    result = run_pretrain(job, address=address)
-    for line in summary(result):
-        console.print(line)
+    log = None if verbose else log_path(_log_folder(job), "pretrain")
+    tc = job.train
+    with captured_output(log) as term:
+        term.print(
+            f"pre-training {job.name}: {job.model.size}, {tc.steps} steps at batch "
+            f"{tc.global_batch_size} on {tc.num_workers} worker(s)"
+            + (f"; log: {log}" if log else ""),
+            markup=False,
+            highlight=False,
+        )
+        previous = latest_train_state(job)
+        if previous:
+            term.print(f"resuming from the checkpoint at step {previous['step']}", markup=False)
+        own_ray = connect(address, token_file)
+        display = TrainDisplay(term, job.name, tc.steps)
+        try:
+            result = run_pretrain(job, address=address, on_progress=display.update)
+        except PlatformError:
+            raise
+        except Exception as exc:  # the run failed: one line here, the traceback in the log
+            display.close()
+            traceback.print_exc()
+            _failed(term, "pre-training", exc, log)
+        display.close()
+        for line in summary(result):
+            term.print(line, markup=False, highlight=False)
+        if log:
+            term.print(f"log: {log}", markup=False, highlight=False)
+        if own_ray:  # still captured: Ray flushes the workers' last lines
+            import ray
+
+            ray.shutdown()
     if result.error:
         raise typer.Exit(1)
+
+
+def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> NoReturn:
+    first = (str(exc).strip().splitlines() or [""])[0]
+    term.print(f"{what} failed: {type(exc).__name__}: {first}", markup=False, highlight=False)
+    if log:
+        term.print(f"the whole story is in the log: {log}", markup=False, highlight=False)
+    raise typer.Exit(1)
 
 
 @app.command()
@@ -231,9 +308,6 @@ def bench_data(
 _ADDRESS_OPT = typer.Option(
     None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard, http://HOST:8265"
 )
-_TOKEN_OPT = typer.Option(
-    None, "--token-file", help="file with the Ray auth token [default: $RAY_AUTH_TOKEN, ...]"
-)
 
 
 def _submit_call(fn, *args, **kwargs):  # noqa: ANN001, ANN202 - thin error-mapping wrapper
@@ -255,11 +329,13 @@ def submit_cmd(
     token_file: Path | None = _TOKEN_OPT,
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job (no secrets)"),
     submission_id: str | None = typer.Option(None, help="job id [default: generated]"),
+    scale: str = typer.Option("tiny", help="budget preset when CONFIG is a study spec"),
     wait: bool = typer.Option(
         False, "--wait", help="wait for the job to end; exit 1 unless it succeeds"
     ),
 ) -> None:
-    """Submit a platform job (default: aimctl pretrain CONFIG) to a Ray cluster."""
+    """Submit a job to a Ray cluster: a job CONFIG runs `aimctl pretrain CONFIG`, a study
+    spec (jobs/studies/) `aimctl study SPEC --scale S`; --entrypoint runs anything else."""
     from aim_platform import submit as sub
 
     job_id = _submit_call(
@@ -271,14 +347,32 @@ def submit_cmd(
         token_file=token_file,
         env=_submit_call(sub.parse_env, env) if env else None,
         submission_id=submission_id,
+        scale=scale,
     )
     console.print(f"submitted {job_id}", soft_wrap=True)
     console.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
     if wait:
-        state = _submit_call(sub.wait_for, address, job_id, token_file, timeout=7 * 24 * 3600)
-        console.print(f"{job_id}: {state}")
+        with console.status(f"{job_id}: running (Ctrl-C stops waiting, not the job)"):
+            state = _submit_call(sub.wait_for, address, job_id, token_file, timeout=7 * 24 * 3600)
         if state != "SUCCEEDED":
+            _print_job_failure(address, job_id, token_file)
             raise typer.Exit(1)
+        console.print(f"{job_id}: {state}")
+
+
+def _print_job_failure(address: str | None, job_id: str, token_file: Path | None) -> None:
+    """The job's status message and the last lines of its log: why it failed."""
+    from aim_platform import submit as sub
+
+    st = _submit_call(sub.status, address, job_id, token_file)
+    console.print(f"{job_id}: {st.status}", markup=False, highlight=False)
+    lines = [line for line in sub.logs(address, job_id, token_file).splitlines() if line.strip()]
+    if lines:
+        console.print(f"last {min(25, len(lines))} lines of its log:", highlight=False)
+        for line in lines[-25:]:
+            console.print(f"  {line}", markup=False, highlight=False)
+    if st.message:
+        console.print(f"Ray says: {st.message.strip().splitlines()[-1]}", markup=False)
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Status, logs and stop of submitted jobs.")
@@ -411,36 +505,57 @@ def probe(
     dataset: str = typer.Argument(..., help="labelled ingest root (local or s3://)"),
     set_: list[str] = typer.Option([], "--set", help="ProbeConfig override a=b (repeatable)"),
     config: Path = typer.Option(None, help="ProbeConfig YAML"),
-    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
     tracking_uri: str = typer.Option(
         None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./runs/mlflow.db"
     ),
     experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
     parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
+    verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
     from aim_platform import tracking
+    from aim_platform.cluster import connect
     from aim_platform.config import ProbeConfig, TrackingConfig
+    from aim_platform.console import captured_output, log_path, mlflow_ui_line
     from aim_platform.eval.probe import log_probe, report_metrics, run_probe
-    from aim_platform.train.launcher import ensure_ray
 
     cfg = _load_or_exit(config, set_, ProbeConfig)
-    ensure_ray(address)
-    report = run_probe(checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options)
-    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
-    run_id = log_probe(
-        uri,
-        report,
-        cfg,
-        experiment=experiment,
-        run_name="probe",
-        trunk_path=checkpoint,
-        dataset=dataset,
-        parent_run_id=parent_run_id,
-    )
-    for key, value in sorted(report_metrics(report).items()):
-        console.print(f"{key:40s} {value:.4f}")
-    console.print(f"MLflow run {run_id} at {uri}")
+    log = None if verbose else log_path(Path("runs").resolve(), "probe")
+    with captured_output(log) as term:
+        term.print(f"probing {checkpoint} on {dataset}" + (f"; log: {log}" if log else ""))
+        own_ray = connect(address, token_file)
+        with term.status("features of the frozen trunk, then the probes"):
+            try:
+                report = run_probe(
+                    checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options
+                )
+            except PlatformError:
+                raise
+            except Exception as exc:  # one line here, the traceback in the log
+                traceback.print_exc()
+                _failed(term, "the probe", exc, log)
+        uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+        run_id = log_probe(
+            uri,
+            report,
+            cfg,
+            experiment=experiment,
+            run_name="probe",
+            trunk_path=checkpoint,
+            dataset=dataset,
+            parent_run_id=parent_run_id,
+        )
+        for key, value in sorted(report_metrics(report).items()):
+            term.print(f"{key:40s} {value:.4f}", markup=False, highlight=False)
+        term.print(f"MLflow run {run_id}: {mlflow_ui_line(uri)}", markup=False, highlight=False)
+        if log:
+            term.print(f"log: {log}", markup=False, highlight=False)
+        if own_ray:
+            import ray
+
+            ray.shutdown()
 
 
 @app.command()
@@ -469,38 +584,71 @@ def study(
     spec: Path = typer.Argument(..., help="study spec (jobs/studies/*.yaml)"),
     scale: str = typer.Option("tiny", help="budget preset: tiny, small or paper"),
     set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
-    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
     storage: str = typer.Option("./runs/studies", help="study folder root"),
     tracking_uri: str = typer.Option(None, help="MLflow URI (a server for concurrent trials)"),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
+    verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    from aim_platform.cluster import connect
     from aim_platform.config import ConfigError
+    from aim_platform.console import StudyDisplay, captured_output, log_path, mlflow_ui_line
+    from aim_platform.train.launcher import storage_url
     from aim_platform.tune.studies import load_study, run_study
 
     if scale not in ("tiny", "small", "paper"):
-        console.print(f"[red]--scale: {scale!r} is not one of tiny, small, paper[/red]")
-        raise typer.Exit(2)
-    try:
-        parsed = load_study(spec)
-        parsed.job(next(iter(parsed.variants)), scale, set_)  # validate the overrides
-    except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(2) from None
-    result = run_study(
-        parsed,
-        scale,
-        storage=storage,
-        tracking_uri=tracking_uri,
-        address=address,
-        resume=resume,
-        extra=set_,
-    )
-    console.print(result.markdown())
-    for t in result.trials:
-        if t.error:
-            console.print(f"[red]trial {t.variant} failed:[/red] {t.error.splitlines()[0]}")
-    console.print(f"MLflow parent run {result.parent_run_id} at {result.tracking_uri}")
+        raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
+    parsed = load_study(spec)
+    first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
+    folder = Path(storage_url(storage)) / f"{parsed.name}-{scale}"
+    log = None if verbose else log_path(folder, "study")
+    with captured_output(log) as term:
+        term.print(
+            f"study {parsed.name} (Table {parsed.table}), scale {scale}: "
+            f"{len(parsed.variants)} trials of {first.train.steps} steps"
+            + (f"; log: {log}" if log else ""),
+            markup=False,
+            highlight=False,
+        )
+        own_ray = connect(address, token_file)
+        display = StudyDisplay(term, parsed.name, list(parsed.variants), first.train.steps)
+        try:
+            result = run_study(
+                parsed,
+                scale,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                address=address,
+                resume=resume,
+                extra=set_,
+                on_trial=display.trial,
+            )
+        except PlatformError:
+            raise
+        except Exception as exc:  # one line here, the traceback in the log
+            display.close()
+            traceback.print_exc()
+            _failed(term, "the study", exc, log)
+        display.close()
+        term.print(result.markdown(), markup=False, highlight=False)
+        for t in result.trials:
+            if t.error:
+                first_line = t.error.strip().splitlines()[0]
+                term.print(f"trial {t.variant} failed: {first_line}", markup=False)
+        term.print(f"table: {folder / 'table.md'} (and table.csv)", markup=False)
+        term.print(
+            f"MLflow parent run {result.parent_run_id}: {mlflow_ui_line(result.tracking_uri)}",
+            markup=False,
+            highlight=False,
+        )
+        if log:
+            term.print(f"log: {log}", markup=False, highlight=False)
+        if own_ray:
+            import ray
+
+            ray.shutdown()
 
 
 @app.command("tokenizer-fit")
@@ -515,13 +663,14 @@ def tokenizer_fit(
     iters: int = typer.Option(20, help="maximum Lloyd iterations"),
     seed: int = typer.Option(0, help="seed of crops, subsample and k-means++"),
     storage_options: str = typer.Option("", help='fsspec options JSON, e.g. {"endpoint_url": ...}'),
-    address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
 ) -> None:
     """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
     from aim_platform.data.storage import parse_storage_options
     from aim_platform.models.tokenizer import Tokenizer, fit_tokenizer
-    from aim_platform.train.launcher import ensure_ray
 
     sizes = {"img_size": image_size, "patch_size": patch_size}
     try:
@@ -531,7 +680,7 @@ def tokenizer_fit(
         )
         source = {"sources": [{"url": dataset_url}], "storage_options": opts}
         data = build_config(DataConfig, source)
-        ensure_ray(address)
+        connect(address, token_file)
         fit_tokenizer(data, model, out, num_tokens, max_patches, seed, iters, opts)
     except (ConfigError, ValueError) as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -279,7 +279,6 @@ def execution_options(data: DataConfig) -> Any:
     ctx = DataContext.get_current()
     return ExecutionOptions(
         resource_limits=ctx.execution_options.resource_limits,
-        exclude_resources=ctx.execution_options.exclude_resources,
         preserve_order=data.preserve_order,
     )
 

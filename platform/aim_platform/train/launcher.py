@@ -6,16 +6,20 @@ then log the artifacts and print a summary. The per-worker loop is :mod:`.loop`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-from collections.abc import Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from aim_platform import tracking
+from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
 from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
+from aim_platform.train.progress import Snapshot, create_board, read_board
 
 RUN_ID_FILE = "mlflow_run_id.json"
 
@@ -43,20 +47,6 @@ def run_root(job: JobConfig) -> str:
 def storage_url(path: str) -> str:
     """Local paths become absolute (Ray needs that); URLs stay as they are."""
     return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
-
-
-def ensure_ray(address: str | None) -> None:
-    """Connect to ``address``, or start an embedded local Ray if none is running."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if address:
-        ray.init(address=address)
-    else:
-        # The dashboard serves the state API that Ray Train's placement-group cleaner polls;
-        # without it the cleaner warns every few seconds and cannot clean up.
-        ray.init()
 
 
 def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
@@ -118,12 +108,15 @@ def pretrain(
     parent_run_id: str | None = None,
     track: bool = True,
     callbacks: list[Any] | None = None,
+    on_progress: Callable[[Snapshot], None] | None = None,
 ) -> PretrainResult:
     """Run (or resume) a pre-training job and return where everything went.
 
     Args:
         job: The validated job config.
-        address: Ray cluster address; None starts an embedded Ray (or reuses a running one).
+        address: Ray cluster address (``auto``, ``HOST:6379``; the token as
+            :func:`aim_platform.cluster.connect` finds it); None starts an embedded Ray (or
+            reuses a running one).
         datasets: ``{"train": ..., "val": ...}`` Ray Datasets with columns ``patches``
             (uint8 (K, P)), ``valid`` (bool), ``epoch`` and ``label`` (int; other columns are
             ignored); None builds them from ``job.data``.
@@ -131,6 +124,8 @@ def pretrain(
         parent_run_id: Nest the MLflow run under this run.
         track: False disables MLflow.
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
+        on_progress: Called about twice a second, from a thread, with rank 0's latest
+            :class:`~aim_platform.train.progress.Snapshot` (a console display).
     """
     import ray
     import ray.train
@@ -139,7 +134,7 @@ def pretrain(
     from aim_platform.data.pipeline import execution_options
     from aim_platform.train.loop import train_loop_per_worker
 
-    ensure_ray(address)
+    connect(address)
     tc = job.train
     storage = storage_url(tc.storage_path)
     root = run_root(job)
@@ -176,6 +171,7 @@ def pretrain(
         )
     if datasets is None:
         datasets = default_datasets(job, start_epoch)
+    board = create_board(tc.steps) if on_progress is not None else None
     storage_fs, storage_path = None, storage
     if is_remote(storage):  # pyarrow's S3 client with the endpoint override (e.g. MinIO)
         storage_fs, storage_path = pyarrow_filesystem(storage, tc.storage_options)
@@ -187,6 +183,7 @@ def pretrain(
             "run_id": run_id,
             "final_dir": f"{root}/final",
             "run_root": root,
+            "progress": board,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers,
@@ -209,7 +206,8 @@ def pretrain(
     )
     result = PretrainResult(name=job.name, storage=root, run_id=run_id, tracking_uri=uri)
     try:
-        fit = trainer.fit()
+        with _polling(board, on_progress):
+            fit = trainer.fit()
     except Exception as exc:  # a failed fit still closes the MLflow run, then re-raises
         if track:
             tracking.finish_run(uri, run_id, "FAILED")
@@ -227,6 +225,32 @@ def pretrain(
             result.metrics.update(probe_checkpoints(job, result))
         tracking.finish_run(uri, run_id, "FAILED" if result.error else "FINISHED")
     return result
+
+
+@contextlib.contextmanager
+def _polling(board: Any, on_progress: Callable[[Snapshot], None] | None) -> Iterator[None]:
+    """Feed ``on_progress`` from ``board`` in a thread while the block runs."""
+    if board is None or on_progress is None:
+        yield
+        return
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.5):
+            snap = read_board(board)
+            if snap is not None:
+                on_progress(snap)
+
+    thread = threading.Thread(target=poll, name="aim-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=10)
+        snap = read_board(board)
+        if snap is not None:
+            on_progress(snap)
 
 
 def probe_checkpoints(job: JobConfig, result: PretrainResult) -> dict[str, float]:
@@ -316,12 +340,9 @@ def summary(result: PretrainResult) -> list[str]:
     if result.final_trunk:
         lines.append(f"final trunk: {result.final_trunk}")
     if result.tracking_uri:
-        ui = (
-            f"mlflow ui --backend-store-uri {result.tracking_uri}"
-            if result.tracking_uri.startswith("sqlite")
-            else result.tracking_uri
-        )
-        lines.append(f"MLflow run {result.run_id}: {ui}")
+        from aim_platform.console import mlflow_ui_line
+
+        lines.append(f"MLflow run {result.run_id}: {mlflow_ui_line(result.tracking_uri)}")
     if result.error:
         lines.append(f"error: {result.error}")
     return lines

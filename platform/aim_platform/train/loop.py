@@ -80,7 +80,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Entry point given to ``TorchTrainer``; ``loop_config`` comes from the launcher.
 
     Keys: ``job`` (the JobConfig as a JSON-able dict), ``tracking_uri`` and ``run_id`` (the
-    MLflow run rank 0 writes to; None disables tracking).
+    MLflow run rank 0 writes to; None disables tracking), ``final_dir`` (where the final
+    trunk goes), ``run_root`` (``<storage>/<name>``: ``latest.json``, exported trunks) and
+    ``progress`` (a :class:`~aim_platform.train.progress.ProgressBoard` actor or None).
     """
     import ray.train
     import ray.train.torch
@@ -126,6 +128,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with restored.as_directory() as folder:
             state = ckpt.load(Path(folder), app)
 
+    board = loop_config.get("progress") if rank == 0 else None  # the driver's display
+    if board is not None:
+        board.started.remote(state.step)
     logger = None
     if rank == 0 and loop_config.get("run_id"):
         from aim_platform.tracking import RunLogger
@@ -202,6 +207,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 model, job, f"{loop_config['run_root']}/trunks/step_{state.step:08d}", rank
             )
         if not (do_log or do_val or do_ckpt):
+            if board is not None:
+                board.step.remote(state.step)
             ready = time.perf_counter()
             continue
         window = time.perf_counter() - window_start
@@ -222,6 +229,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             metrics.update(last_val)
         if logger is not None:
             logger.log_metrics(metrics, step=state.step)
+        if board is not None:
+            board.step.remote(state.step, metrics)
         # Every report carries the latest validation figures (a scheduler such as ASHA on
         # val/loss needs the metric in each result); MLflow gets them only when measured.
         report = {**last_val, **metrics, "step": state.step}

@@ -14,11 +14,13 @@ import csv
 import io
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ray import tune
 
 from aim_platform import tracking
 from aim_platform.config import ConfigError, Scale, StudySpec, TrackingConfig
@@ -169,6 +171,7 @@ def run_study(
     address: str | None = None,
     resume: bool = False,
     extra: list[str] | None = None,
+    on_trial: Callable[[str, str, dict[str, Any]], None] | None = None,
 ) -> StudyResult:
     """Run (or resume) a study; every trial's failure is reported, not fatal.
 
@@ -180,13 +183,15 @@ def run_study(
         address: Ray cluster; None: embedded.
         resume: Continue an interrupted study of the same name and scale.
         extra: Overrides applied to every trial (e.g. ``data.sources=...``).
+        on_trial: Called as ``on_trial(variant, state, metrics)`` on each trial's start,
+            result, end or error (a console display); states are ``running``, ``done``,
+            ``failed``.
     """
-    from ray import tune
-
+    from aim_platform.cluster import connect
     from aim_platform.data.pipeline import resolve_url
-    from aim_platform.train.launcher import ensure_ray, storage_url
+    from aim_platform.train.launcher import storage_url
 
-    ensure_ray(address)
+    connect(address)
     root = Path(storage_url(storage)) / f"{spec.name}-{scale}"
     root.mkdir(parents=True, exist_ok=True)
     extra = [*(extra or []), f"train.storage_path={root / 'trials'}"]
@@ -240,7 +245,11 @@ def run_study(
                 metric=spec.metric if spec.asha else None,
                 mode="min" if spec.asha else None,
             ),
-            run_config=tune.RunConfig(name="tune", storage_path=str(root)),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(root),
+                callbacks=[_trial_events(on_trial)] if on_trial else None,
+            ),
         )
     grid = tuner.fit()
     trials = []
@@ -254,8 +263,48 @@ def run_study(
         run_id = (r.metrics or {}).get("run_id") or None
         trials.append(TrialOutcome(variant, run_id, metrics, str(r.error) if r.error else None))
     result = StudyResult(spec, scale, parent, uri, trials)
+    (root / "table.md").write_text(result.markdown())
+    (root / "table.csv").write_text(result.csv())
     _log_study(result)
     return result
+
+
+# Trial-event listeners by id: Tune pickles its callbacks with the experiment state, and a
+# listener (a console display) cannot be pickled; the callback keeps only the id.
+_LISTENERS: dict[int, Callable[[str, str, dict[str, Any]], None]] = {}
+
+
+class _TrialEvents(tune.Callback):
+    """Tune's trial events as ``listener(variant, state, metrics)`` calls; the listener is
+    looked up in :data:`_LISTENERS` by ``key`` (this callback is pickled, the listener not)."""
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+
+    def _call(self, trial: Any, state: str, result: dict[str, Any] | None = None) -> None:
+        listener = _LISTENERS.get(self.key)
+        if listener is not None:
+            listener(trial.config.get("variant", trial.trial_id), state, result or {})
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._call(trial, "running")
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        self._call(trial, "running", result)  # the last result (``done``) follows the probes
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._call(trial, "done", trial.last_result)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._call(trial, "failed")
+
+
+def _trial_events(on_trial: Callable[[str, str, dict[str, Any]], None]) -> _TrialEvents:
+    key = id(on_trial)
+    _LISTENERS[key] = on_trial
+    return _TrialEvents(key)
 
 
 def _log_study(result: StudyResult) -> None:

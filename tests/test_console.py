@@ -1,0 +1,86 @@
+"""What a person reads: progress lines, study rows, and everything else in a log file."""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from aim_platform.console import StudyDisplay, TrainDisplay, captured_output, mlflow_ui_line
+from aim_platform.train.progress import Snapshot
+
+
+def _plain(width: int = 40) -> tuple[Console, io.StringIO]:
+    out = io.StringIO()
+    return Console(file=out, width=width, soft_wrap=True, force_terminal=False), out
+
+
+def test_train_display_prints_a_line_per_logged_step_and_no_wrapping() -> None:
+    console, out = _plain(width=40)
+    display = TrainDisplay(console, "demo", total=60)
+    display.update(Snapshot(total=60))  # still starting: nothing printed
+    snap = Snapshot(step=10, total=60, phase="training")
+    snap.metrics = {"train/loss": 0.5785, "perf/images_per_s": 128.0, "perf/mfu": 0.502}
+    display.update(snap)
+    snap2 = Snapshot(step=11, total=60, phase="training", metrics=dict(snap.metrics))
+    display.update(snap2)  # a step without new metrics: no new line
+    snap3 = Snapshot(step=20, total=60, phase="training")
+    snap3.metrics = {**snap.metrics, "train/loss": 0.47, "perf/data_wait_fraction": 0.25}
+    display.update(snap3)
+    display.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("demo: step 10/60 | loss 0.5785 | 128 img/s | MFU 50.2%")
+    assert "step 20/60 | loss 0.4700" in lines[1] and "data wait 25%" in lines[1]
+
+
+def test_study_display_one_line_per_state_change() -> None:
+    console, out = _plain(width=60)
+    display = StudyDisplay(console, "head", ["none", "mlp"], total_steps=10)
+    display.trial("none", "running")
+    display.trial("none", "running", {"step": 5, "train/loss": 1.2})
+    display.trial("none", "done", {"step": 10, "probe/linear/top1": 0.5, "done": True})
+    display.trial("mlp", "failed")
+    display.close()
+    lines = out.getvalue().splitlines()
+    assert lines == [
+        "trial none: running",
+        "trial none: done (step 10/10, train/loss 1.2000, linear 50.0%)",
+        "trial mlp: failed",
+    ]
+    rendered = io.StringIO()
+    Console(file=rendered, width=120).print(display.table())
+    assert "50.0%" in rendered.getvalue() and "failed" in rendered.getvalue()
+
+
+def test_captured_output_sends_everything_else_to_the_log(tmp_path: Path) -> None:
+    log = tmp_path / "run" / "logs" / "x.log"
+    terminal = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = terminal  # an in-memory terminal (as under a test runner)
+    try:
+        with captured_output(log) as term:
+            term.print("shown to the person")
+            print("a library's print")
+            sys.stderr.write("a warning line\n")
+            os.write(2, b"a C++ core line on fd 2\n")
+            os.write(1, b"a raw fd 1 line\n")
+    finally:
+        sys.stdout = saved
+    assert terminal.getvalue() == "shown to the person\n"
+    text = log.read_text()
+    for expected in ("a library's print", "a warning line", "C++ core line", "raw fd 1"):
+        assert expected in text
+    assert "shown to the person" not in text
+    assert os.write(2, b"") == 0  # descriptors restored and usable
+
+
+def test_mlflow_ui_line_is_one_copyable_command_at_any_width() -> None:
+    uri = "sqlite:////very/long/path/" + "x" * 80 + "/runs/mlflow.db"
+    console, out = _plain(width=30)
+    console.print(f"MLflow run abc: {mlflow_ui_line(uri)}", markup=False)
+    assert out.getvalue() == f"MLflow run abc: mlflow ui --backend-store-uri {uri}\n"
+    assert mlflow_ui_line("http://mlflow:5000") == "http://mlflow:5000"
