@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint doctor clean
+.PHONY: setup demo test test-fast lint doctor clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The fast lane: no Ray, no servers, no slow tests (a few minutes); `make test` runs all.
+test-fast: setup
+	AIM_TEST_FAST=1 $(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check platform tests jobs

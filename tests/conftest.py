@@ -52,9 +52,34 @@ def wait_for_http(url: str, timeout: float = 60.0) -> None:
     raise TimeoutError(f"{url} did not come up in {timeout}s: {last}")
 
 
+# Fixtures that start a Ray, a server or an S3 endpoint: their tests are `cluster` tests,
+# left out of the fast lane (`make test-fast`: -m "not slow and not cluster").
+CLUSTER_FIXTURES = {"ray_session", "ray_head", "mlflow_server", "s3_endpoint"}
+FAST_LANE = os.environ.get("AIM_TEST_FAST") == "1"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.cluster)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_in_the_fast_lane(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In the fast lane a test that starts Ray fails, naming itself: mark it `cluster`."""
+    if not FAST_LANE:
+        return
+    import ray
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("this test starts Ray: mark it @pytest.mark.cluster (fast lane)")
+
+    monkeypatch.setattr(ray, "init", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -76,13 +76,6 @@ def test_pattern_study_tiny_runs(ray_session, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_head_study_tiny_runs(ray_session, tmp_path) -> None:
-    spec = load_study(STUDIES_DIR / "head.yaml")
-    result = run_study(spec, "tiny", storage=str(tmp_path))
-    _check_study(result, ["none", "mlp", "transformer"])
-
-
-@pytest.mark.slow
 def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
     spec_path = tmp_path / "fails.yaml"
     spec_path.write_text(

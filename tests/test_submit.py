@@ -416,7 +416,7 @@ def test_probe_of_a_trunk_on_shared_storage_submitted(
     if not (trunk / "trunk.safetensors").is_file():
         pytest.skip("needs the trunk of test_demo_submitted_stopped_and_resubmitted_resumes")
     command = (
-        f"aimctl probe {trunk} builtin:digits --set labels_per_class=10 --set steps=60 "
+        f"aimctl probe {trunk} builtin:digits --set labels_per_class=20 --set steps=100 "
         f"--set sweep=false --set kind=both --experiment journey-probe --address auto"
     )
     result = CliRunner().invoke(
@@ -429,7 +429,8 @@ def test_probe_of_a_trunk_on_shared_storage_submitted(
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     metrics = runs[0].data.metrics
-    assert metrics["probe/attentive/top1"] > 0.2 and metrics["probe/linear/top1"] > 0.2  # 10%
+    # Ten classes: chance is 10%; a 60-step trunk with 20 labels a class is well above it.
+    assert metrics["probe/attentive/top1"] > 0.15 and metrics["probe/linear/top1"] > 0.15
 
 
 @pytest.mark.slow
@@ -438,7 +439,7 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
 
     args = [
         "submit", "jobs/studies/head.yaml", "--scale", "tiny", "--address", ray_head["address"],
-        "--set", "train.steps=4", "--set", "probe.steps=10",
+        "--set", "train.steps=2", "--set", "probe.steps=5",
         "--set", "tracking.experiment=journey-study", "--wait",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args)
@@ -455,11 +456,17 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
-    assert {"table.md", "table.csv"} <= artifacts
+    assert {"table.md", "table.csv", "loss_per_chunk.png", "correlation_across_runs.md"} <= (
+        artifacts
+    )
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
     )
     assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none", "transformer"]
+    for child in children:  # each trial pre-trained and probed its trunk
+        assert {"probe/attentive/top1", "probe/linear/top1", "train/loss"} <= set(
+            child.data.metrics
+        )
 
 
 @pytest.mark.slow

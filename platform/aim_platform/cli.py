@@ -223,6 +223,13 @@ def pretrain(
         raise typer.Exit(1)
 
 
+def _metric_text(key: str, value: float) -> str:
+    """Counts and indices as integers (``best_block 3``), the rest with 4 decimals."""
+    if isinstance(value, int) or key.endswith(("best_block", "_params", "_count")):
+        return str(int(value))
+    return f"{value:.4f}"
+
+
 def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> NoReturn:
     first = (str(exc).strip().splitlines() or [""])[0]
     term.print(f"{what} failed: {type(exc).__name__}: {first}", markup=False, highlight=False)
@@ -548,7 +555,7 @@ def probe(
             parent_run_id=parent_run_id,
         )
         for key, value in sorted(report_metrics(report).items()):
-            term.print(f"{key:40s} {value:.4f}", markup=False, highlight=False)
+            term.print(f"{key:40s} {_metric_text(key, value)}", markup=False, highlight=False)
         term.print(f"MLflow run {run_id}: {mlflow_ui_line(uri)}", markup=False, highlight=False)
         if log:
             term.print(f"log: {log}", markup=False, highlight=False)

@@ -82,6 +82,19 @@ def auth_error(address: str, token: str | None, exc: Exception | None = None) ->
     )
 
 
+def _use_token(token: str) -> None:
+    """Make this process (and the workers it starts) authenticate with ``token``."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = token
+    if "ray._raylet" in sys.modules:
+        # Ray read its configuration and cached the token when it was imported: refresh both
+        # (what Ray's own token set-up does when it turns token mode on for a process).
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+
+
 @contextlib.contextmanager
 def _stderr_captured() -> Iterator[Path]:
     """Send this process's file descriptor 2 (Ray's C++ core writes there) to a temp file."""
@@ -122,9 +135,8 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
             f"driver joins a cluster by its GCS address (HOST:6379) or `auto` on a node"
         )
     token = resolve_token(token_file)
-    if token is not None:  # before Ray reads its configuration from the environment
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ["RAY_AUTH_TOKEN"] = token
+    if token is not None:
+        _use_token(token)
     import ray
 
     if ray.is_initialized():
