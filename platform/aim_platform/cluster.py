@@ -82,6 +82,14 @@ def auth_error(address: str, token: str | None, exc: Exception | None = None) ->
     )
 
 
+def _quiet_ray_data() -> None:
+    """No Ray Data progress bars: the command line draws its own display, and Ray's bars
+    would only fill the log (and warn that tqdm is missing)."""
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
 def _use_token(token: str) -> None:
     """Make this process (and the workers it starts) authenticate with ``token``."""
     os.environ["RAY_AUTH_MODE"] = "token"
@@ -128,6 +136,7 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
         if ray.is_initialized():
             return False
         ray.init()
+        _quiet_ray_data()
         return True
     if address.startswith(("http://", "https://")):
         raise ClusterError(
@@ -149,6 +158,7 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
             failure = exc
         said = log.read_text(errors="replace")
     if failure is None:
+        _quiet_ray_data()
         return True
     if "InvalidAuthToken" in said or "Unauthenticated" in said:
         raise auth_error(address, token)

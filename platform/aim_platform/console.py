@@ -134,7 +134,13 @@ class TrainDisplay:
         self.live: Live | None = None
         self.snap: Any = None
         if console.is_terminal:
-            self.live = Live(self._render(), console=console, refresh_per_second=4)
+            self.live = Live(
+                self._render(),
+                console=console,
+                refresh_per_second=4,
+                redirect_stdout=False,  # other output goes to the log, not above the bar
+                redirect_stderr=False,
+            )
             self.live.start()
 
     def line(self) -> str:
@@ -203,7 +209,13 @@ class StudyDisplay:
         self.rows: dict[str, dict[str, Any]] = {v: {"state": "pending"} for v in variants}
         self.live: Live | None = None
         if console.is_terminal:
-            self.live = Live(self.table(), console=console, refresh_per_second=2)
+            self.live = Live(
+                self.table(),
+                console=console,
+                refresh_per_second=2,
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
             self.live.start()
 
     def table(self) -> Table:
