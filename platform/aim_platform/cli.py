@@ -413,52 +413,53 @@ def probe(
     config: Path = typer.Option(None, help="ProbeConfig YAML"),
     address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
     tracking_uri: str = typer.Option(
-        None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./runs/mlflow.db"
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
     ),
     experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
     parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
     from aim_platform import tracking
-    from aim_platform.config import ProbeConfig, TrackingConfig
+    from aim_platform.config import ProbeConfig
     from aim_platform.eval.probe import log_probe, report_metrics, run_probe
     from aim_platform.train.launcher import ensure_ray
 
     cfg = _load_or_exit(config, set_, ProbeConfig)
     ensure_ray(address)
     report = run_probe(checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options)
-    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+    uri = tracking.resolve_tracking_uri(tracking_uri)
     run_id = log_probe(
-        uri,
+        tracking.Tracker(uri),
         report,
         cfg,
         experiment=experiment,
-        run_name="probe",
+        run_name=tracking.probe_run_name(checkpoint, dataset),
         trunk_path=checkpoint,
         dataset=dataset,
         parent_run_id=parent_run_id,
     )
     for key, value in sorted(report_metrics(report).items()):
-        console.print(f"{key:40s} {value:.4f}")
+        console.print(f"{key:40s} {tracking.format_metric(value)}")
     console.print(f"MLflow run {run_id} at {uri}")
 
 
 @app.command()
 def correlate(
     run_ids: list[str] = typer.Argument(..., help="one pre-training run, or several runs"),
-    tracking_uri: str = typer.Option(None, help="MLflow URI (default as for pretrain)"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
+    ),
     log_to: str = typer.Option(None, help="across runs: log the result into this run"),
 ) -> None:
     """Pre-training loss vs probe accuracy: per checkpoint of one run, or across runs."""
     from aim_platform import tracking
-    from aim_platform.config import TrackingConfig
     from aim_platform.eval.correlation import correlate_run, correlate_runs
 
-    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+    tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
     if len(run_ids) == 1:
-        corr = correlate_run(uri, run_ids[0])
+        corr = correlate_run(tracker, run_ids[0])
     else:
-        corr = correlate_runs(uri, run_ids, log_to=log_to)
+        corr = correlate_runs(tracker, run_ids, log_to=log_to)
     console.print(corr.table())
     if len(corr.losses) < 2:
         console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
@@ -471,7 +472,9 @@ def study(
     set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
     address: str = typer.Option(None, help="Ray cluster address; default: embedded Ray"),
     storage: str = typer.Option("./runs/studies", help="study folder root"),
-    tracking_uri: str = typer.Option(None, help="MLflow URI (a server for concurrent trials)"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else mlflow.db above --storage"
+    ),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
