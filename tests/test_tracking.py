@@ -140,3 +140,29 @@ def test_four_concurrent_writers_lose_nothing(store: str) -> None:
     for r in runs:
         assert tracker.metric_history(r, "a") == [(s, float(s)) for s in range(n)]
         assert len(tracker.metric_history(r, "b")) == n
+
+
+def test_figures_titled_labelled_and_points_inside() -> None:
+    from aim_platform import plots
+
+    figs = [
+        plots.chunk_loss_figure({0: [(10, 0.5), (20, 0.4)], 1: [(10, 0.6), (20, 0.45)]}),
+        plots.loss_vs_probe_figure([(20, 0.4)], [(20, 0.3)], {"block_1": [(20, 0.25)]}),
+        plots.scatter_figure(["a", "b"], [0.4, 0.5], [0.3, 0.2]),
+        plots.accuracy_per_block_figure({"attentive": {0: 0.2, 1: 0.3}}),
+        plots.chunk_curves_figure({"mlp": [0.5, 0.4, 0.45]}),
+    ]
+    for fig in figs:
+        ax = fig.axes[0]
+        assert ax.get_title() and ax.get_xlabel() and ax.get_ylabel()
+        for line in ax.lines:  # every point strictly inside the frame
+            (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+            for x, y in line.get_xydata():
+                assert x0 < x < x1 and y0 < y < y1, (ax.get_title(), x, y)
+    # a single step: a padded axis with one tick, the value written beside the point
+    single = figs[1].axes[0]
+    assert single.get_xlim() == (19, 21) and list(single.get_xticks()) == [20]
+    assert any(t.get_text() == "0.400" for t in single.texts)
+    scatter = figs[2].axes[0]
+    (x0, x1), (y0, y1) = scatter.get_xlim(), scatter.get_ylim()
+    assert x0 < 0.4 and 0.5 < x1 and y0 < 0.2 and 0.3 < y1

@@ -313,6 +313,23 @@ class Tracker:
         exp = self._client.get_experiment_by_name(name)
         return dict(exp.tags) if exp else {}
 
+    def find_experiment(self, name: str) -> str | None:
+        """Id of experiment ``name``, or None (nothing is created)."""
+        exp = self._client.get_experiment_by_name(name)
+        return exp.experiment_id if exp else None
+
+    def latest_run(self, experiment_id: str, *, parent: bool = False) -> str | None:
+        """The newest top-level run of an experiment (``parent``: the newest run that has
+        nested runs, e.g. a study's), or None."""
+        runs = self._client.search_runs([experiment_id], order_by=["attributes.start_time DESC"])
+        parents = {r.data.tags.get("mlflow.parentRunId") for r in runs}
+        for r in runs:
+            if "mlflow.parentRunId" in r.data.tags:
+                continue
+            if not parent or r.info.run_id in parents:
+                return r.info.run_id
+        return None
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Mark a run FINISHED or FAILED."""
         self._client.set_terminated(run_id, status=status)

@@ -122,9 +122,10 @@ def correlate_runs(
     if log_to:
         _log_coefficients(tracker, log_to, corr)
         tracker.log_text(log_to, corr.table(), "correlation_across_runs.md")
-        tracker.log_figure(
-            log_to,
-            scatter_figure(corr.labels, corr.losses, corr.accuracies),
-            "loss_vs_probe_across_runs.png",
-        )
+        if len(corr.losses) >= 2:  # one point says nothing about a correlation
+            tracker.log_figure(
+                log_to,
+                scatter_figure(corr.labels, corr.losses, corr.accuracies),
+                "loss_vs_probe_across_runs.png",
+            )
     return corr
