@@ -166,3 +166,16 @@ def test_figures_titled_labelled_and_points_inside() -> None:
     scatter = figs[2].axes[0]
     (x0, x1), (y0, y1) = scatter.get_xlim(), scatter.get_ylim()
     assert x0 < 0.4 and 0.5 < x1 and y0 < 0.2 and 0.3 < y1
+
+
+def test_ui_url_opens_the_run_in_the_training_view(store: str) -> None:
+    tracker = Tracker(store)
+    run = tracker.start_run("exp", "r")
+    exp = tracker.find_experiment("exp")
+    url = tracking.ui_url(tracker, run)
+    assert url == (
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{run}?workflowType=machine_learning"
+    )
+    assert tracker.latest_run(exp) == run and tracker.latest_run(exp, parent=True) is None
+    child = tracker.start_run("exp", "child", parent_run_id=run)
+    assert tracker.latest_run(exp) == run != child and tracker.latest_run(exp, parent=True) == run

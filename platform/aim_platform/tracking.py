@@ -80,6 +80,15 @@ def ui_command(tracking_uri: str) -> str:
     return tracking_uri
 
 
+def ui_url(tracker: Tracker, run_id: str, base: str = "http://127.0.0.1:5000") -> str:
+    """The run's page in MLflow's "Model training" view (``base``: where ``mlflow ui`` serves;
+    a server URI is its own base)."""
+    if tracker.uri.startswith(("http://", "https://")):
+        base = tracker.uri.rstrip("/")
+    exp = tracker.experiment_of(run_id)
+    return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
     """HEAD of the repository the code runs from, if it is a git checkout."""
     try:
@@ -303,6 +312,10 @@ class Tracker:
     def run_name(self, run_id: str) -> str:
         """The run's display name (its id when it has none)."""
         return self._client.get_run(run_id).info.run_name or run_id
+
+    def experiment_of(self, run_id: str) -> str:
+        """Id of the run's experiment."""
+        return self._client.get_run(run_id).info.experiment_id
 
     def tags(self, run_id: str) -> dict[str, str]:
         """The run's tags."""

@@ -300,8 +300,10 @@ def _log_outputs(tracker: tracking.Tracker, run_id: str, result: PretrainResult)
 def summary(result: PretrainResult) -> list[str]:
     """A one-screen summary of a finished run: steps, loss start -> end, throughput, where."""
     lines = [f"run {result.name}: {result.steps} steps, storage {result.storage}"]
+    tracker = None
     if result.tracking_uri and result.run_id:
-        losses = tracking.Tracker(result.tracking_uri).metric_history(result.run_id, "train/loss")
+        tracker = tracking.Tracker(result.tracking_uri)
+        losses = tracker.metric_history(result.run_id, "train/loss")
         if losses:
             (s0, v0), (s1, v1) = losses[0], losses[-1]
             lines.append(f"train/loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
@@ -315,6 +317,8 @@ def summary(result: PretrainResult) -> list[str]:
         lines.append(f"final trunk: {result.final_trunk}")
     if result.tracking_uri:
         lines.append(f"MLflow run {result.run_id}: {tracking.ui_command(result.tracking_uri)}")
+        if tracker and result.run_id:
+            lines.append(f"then open {tracking.ui_url(tracker, result.run_id)}")
     if result.error:
         lines.append(f"error: {result.error}")
     return lines
