@@ -21,6 +21,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
 from aim_platform.services import free_port
 from aim_platform.tracking import Tracker
@@ -100,16 +101,21 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     base = f"http://{HOST}:{port}/#/experiments"
+    # the runs list answers INTERNAL_ERROR under HOST (seen with 3.17.2): lists on 127.0.0.1
+    lists = f"http://127.0.0.1:{port}/#/experiments"
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(args.store, port, Path(tmp))
         try:
-            pages = {"runs_list.png": f"{base}/{exp}/runs{VIEW}"}
+            pages = {"runs_list.png": f"{lists}/{exp}/runs{VIEW}"}
             if run:
                 pages["run_overview.png"] = f"{base}/{exp}/runs/{run}{VIEW}"
                 pages["run_charts.png"] = f"{base}/{exp}/runs/{run}/model-metrics{VIEW}"
                 pages["run_system_metrics.png"] = f"{base}/{exp}/runs/{run}/system-metrics{VIEW}"
             if study_exp and parent:
-                pages["study_trials.png"] = f"{base}/{study_exp}/runs{VIEW}"
+                pages["study_runs.png"] = f"{lists}/{study_exp}/runs{VIEW}"
+                nested = quote(f"tags.mlflow.parentRunId = '{parent}'")
+                trials = f"{lists}/{study_exp}/runs{VIEW}&searchFilter={nested}"
+                pages["study_trials.png"] = trials
                 pages["study_parent.png"] = f"{base}/{study_exp}/runs/{parent}{VIEW}"
                 pages["study_artifacts.png"] = f"{base}/{study_exp}/runs/{parent}/artifacts{VIEW}"
             for name, url in pages.items():
