@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
+from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, load_config
 from aim_platform.data.ingest import ingest
 from aim_platform.eval.correlation import run_points
 from aim_platform.eval.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk
+from aim_platform.tracking import Tracker
 from aim_platform.train.export import write_trunk
-from aim_platform.cluster import connect
 from aim_platform.train.launcher import pretrain, summary
 
 CONFIG = Path(__file__).parent / "configs" / "digits_probe_check.yaml"
@@ -45,8 +46,9 @@ def main(argv: list[str]) -> int:
     random_dir = f"{result.storage}/random-trunk"
     write_trunk(build_trunk(job.model).state_dict(), job, random_dir)
     random = run_probe(random_dir, job.probe, dataset=dataset)
+    tracker = Tracker(result.tracking_uri)
     log_probe(
-        result.tracking_uri,
+        tracker,
         random,
         job.probe,
         experiment=job.tracking.experiment,
@@ -56,9 +58,6 @@ def main(argv: list[str]) -> int:
         parent_run_id=result.run_id,
     )
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=result.tracking_uri)
     blocks = sorted(random.per_block["attentive"])
     print(
         f"\nlabels: {job.probe.labels_per_class} per class "
@@ -74,11 +73,11 @@ def main(argv: list[str]) -> int:
     for step in [*job.probe.at_steps, result.steps]:
         accs = []
         for b in blocks:
-            hist = client.get_metric_history(result.run_id, f"probe/attentive/block_{b}/top1")
-            accs.append(next((m.value for m in hist if m.step == step), float("nan")))
+            hist = dict(tracker.metric_history(result.run_id, f"probe/attentive/block_{b}/top1"))
+            accs.append(hist.get(step, float("nan")))
         best_trained = max(best_trained, max(accs))
         print(f"| step {step} | " + " | ".join(f"{x:.3f}" for x in accs) + f" | {max(accs):.3f} |")
-    corr = run_points(result.tracking_uri, result.run_id, "probe/attentive/best_block_top1")
+    corr = run_points(tracker, result.run_id, "probe/attentive/best_block_top1")
     print(
         f"\nbest pre-trained block {best_trained:.3f} vs best random block {max(rnd):.3f}: "
         f"{100 * (best_trained - max(rnd)):+.1f} points"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from aim_platform.console import StudyDisplay, TrainDisplay, captured_output, mlflow_ui_line
+from aim_platform.console import StudyDisplay, TrainDisplay, captured_output
+from aim_platform.tracking import ui_command
 from aim_platform.train.progress import Snapshot
 
 
@@ -81,6 +82,6 @@ def test_captured_output_sends_everything_else_to_the_log(tmp_path: Path) -> Non
 def test_mlflow_ui_line_is_one_copyable_command_at_any_width() -> None:
     uri = "sqlite:////very/long/path/" + "x" * 80 + "/runs/mlflow.db"
     console, out = _plain(width=30)
-    console.print(f"MLflow run abc: {mlflow_ui_line(uri)}", markup=False)
+    console.print(f"MLflow run abc: {ui_command(uri)}", markup=False)
     assert out.getvalue() == f"MLflow run abc: mlflow ui --backend-store-uri {uri}\n"
-    assert mlflow_ui_line("http://mlflow:5000") == "http://mlflow:5000"
+    assert ui_command("http://mlflow:5000") == "http://mlflow:5000"

@@ -156,7 +156,8 @@ def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_serve
     from aim_platform import tracking
     from aim_platform.eval.correlation import correlate_run
 
-    parent = tracking.start_run(mlflow_server, "probe-tests", "pretrain", {}, {})
+    tracker = tracking.Tracker(mlflow_server)
+    parent = tracker.start_run("probe-tests", "pretrain")
     logger = tracking.RunLogger(mlflow_server, parent)
     for step, (loss, acc) in {10: (0.9, 0.5), 20: (0.7, 0.6), 30: (0.6, 0.65)}.items():
         logger.log_metrics({"val/loss": loss}, step=step)
@@ -168,7 +169,7 @@ def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_serve
             val_images=50,
         )
         child = log_probe(
-            mlflow_server,
+            tracker,
             report,
             ProbeConfig(),
             experiment="probe-tests",
@@ -184,7 +185,7 @@ def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_serve
     assert run.data.metrics["probe/attentive/top1"] == pytest.approx(0.65)
     assert run.data.metrics["probe/attentive/best_block"] == 1
     assert "accuracy_per_block.png" in {a.path for a in client.list_artifacts(child)}
-    corr = correlate_run(mlflow_server, parent)
+    corr = correlate_run(tracker, parent)
     assert corr.losses == [0.9, 0.7, 0.6] and corr.spearman == pytest.approx(-1.0)
     parent_run = client.get_run(parent)
     assert parent_run.data.metrics["corr/spearman"] == pytest.approx(-1.0)

@@ -49,12 +49,17 @@ def _check_study(result, variants: list[str]) -> MlflowClient:
     client = MlflowClient(tracking_uri=result.tracking_uri)
     parent = client.get_run(result.parent_run_id)
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags["git_commit"] and parent.data.tags["kind"] == "study"
+    kind = client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"]
+    assert kind == "custom_model_development"  # the UI opens on runs, not GenAI traces
     assert [t.variant for t in result.trials] == variants
     assert all(t.error is None and t.run_id for t in result.trials)
     for t in result.trials:  # a child run per trial, nested under the study's run
         child = client.get_run(t.run_id)
         assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
         assert child.data.tags["variant"] == t.variant
+        assert t.variant in child.info.run_name and child.data.tags["git_commit"]
+        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["digits"]
         assert "probe/attentive/top1" in child.data.metrics
         assert "probe/linear/top1" in child.data.metrics
     rows = result.table()

@@ -43,6 +43,9 @@ def test_pretrain_two_workers_logs_to_mlflow_server(ray_session, mlflow_server, 
     assert run.data.params["model.embed_dim"] == "64"
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.tags["git_commit"] and run.data.tags["final_trunk"] == result.final_trunk
+    (data,) = run.inputs.dataset_inputs  # the Dataset column: name, digest, counts
+    assert data.dataset.name == "digits" and data.dataset.digest
+    assert json.loads(data.dataset.profile)["train"] > 0
     losses = history(client, result.run_id, "train/loss")
     assert [s for s, _ in losses] == [1, 2, 3, 4, 5, 6]
     assert losses[-1][1] < losses[0][1]  # it learns

@@ -223,13 +223,6 @@ def pretrain(
         raise typer.Exit(1)
 
 
-def _metric_text(key: str, value: float) -> str:
-    """Counts and indices as integers (``best_block 3``), the rest with 4 decimals."""
-    if isinstance(value, int) or key.endswith(("best_block", "_params", "_count")):
-        return str(int(value))
-    return f"{value:.4f}"
-
-
 def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> NoReturn:
     first = (str(exc).strip().splitlines() or [""])[0]
     term.print(f"{what} failed: {type(exc).__name__}: {first}", markup=False, highlight=False)
@@ -515,7 +508,7 @@ def probe(
     address: str = _CLUSTER_OPT,
     token_file: Path | None = _TOKEN_OPT,
     tracking_uri: str = typer.Option(
-        None, help="MLflow URI; default $MLFLOW_TRACKING_URI or ./runs/mlflow.db"
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
     ),
     experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
     parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
@@ -524,8 +517,8 @@ def probe(
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
     from aim_platform import tracking
     from aim_platform.cluster import connect
-    from aim_platform.config import ProbeConfig, TrackingConfig
-    from aim_platform.console import captured_output, log_path, mlflow_ui_line
+    from aim_platform.config import ProbeConfig
+    from aim_platform.console import captured_output, log_path
     from aim_platform.eval.probe import log_probe, report_metrics, run_probe
 
     cfg = _load_or_exit(config, set_, ProbeConfig)
@@ -543,20 +536,20 @@ def probe(
             except Exception as exc:  # one line here, the traceback in the log
                 traceback.print_exc()
                 _failed(term, "the probe", exc, log)
-        uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+        uri = tracking.resolve_tracking_uri(tracking_uri)
         run_id = log_probe(
-            uri,
+            tracking.Tracker(uri),
             report,
             cfg,
             experiment=experiment,
-            run_name="probe",
+            run_name=tracking.probe_run_name(checkpoint, dataset),
             trunk_path=checkpoint,
             dataset=dataset,
             parent_run_id=parent_run_id,
         )
         for key, value in sorted(report_metrics(report).items()):
-            term.print(f"{key:40s} {_metric_text(key, value)}", markup=False, highlight=False)
-        term.print(f"MLflow run {run_id}: {mlflow_ui_line(uri)}", markup=False, highlight=False)
+            term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
+        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False, highlight=False)
         if log:
             term.print(f"log: {log}", markup=False, highlight=False)
         if own_ray:
@@ -568,19 +561,20 @@ def probe(
 @app.command()
 def correlate(
     run_ids: list[str] = typer.Argument(..., help="one pre-training run, or several runs"),
-    tracking_uri: str = typer.Option(None, help="MLflow URI (default as for pretrain)"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
+    ),
     log_to: str = typer.Option(None, help="across runs: log the result into this run"),
 ) -> None:
     """Pre-training loss vs probe accuracy: per checkpoint of one run, or across runs."""
     from aim_platform import tracking
-    from aim_platform.config import TrackingConfig
     from aim_platform.eval.correlation import correlate_run, correlate_runs
 
-    uri = tracking.resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri), "./runs")
+    tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
     if len(run_ids) == 1:
-        corr = correlate_run(uri, run_ids[0])
+        corr = correlate_run(tracker, run_ids[0])
     else:
-        corr = correlate_runs(uri, run_ids, log_to=log_to)
+        corr = correlate_runs(tracker, run_ids, log_to=log_to)
     console.print(corr.table())
     if len(corr.losses) < 2:
         console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
@@ -594,14 +588,17 @@ def study(
     address: str = _CLUSTER_OPT,
     token_file: Path | None = _TOKEN_OPT,
     storage: str = typer.Option("./runs/studies", help="study folder root"),
-    tracking_uri: str = typer.Option(None, help="MLflow URI (a server for concurrent trials)"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else mlflow.db above --storage"
+    ),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    from aim_platform import tracking
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError
-    from aim_platform.console import StudyDisplay, captured_output, log_path, mlflow_ui_line
+    from aim_platform.console import StudyDisplay, captured_output, log_path
     from aim_platform.train.launcher import storage_url
     from aim_platform.tune.studies import load_study, run_study
 
@@ -646,7 +643,7 @@ def study(
                 term.print(f"trial {t.variant} failed: {first_line}", markup=False)
         term.print(f"table: {folder / 'table.md'} (and table.csv)", markup=False)
         term.print(
-            f"MLflow parent run {result.parent_run_id}: {mlflow_ui_line(result.tracking_uri)}",
+            f"MLflow study run {result.parent_run_id}: {tracking.ui_command(result.tracking_uri)}",
             markup=False,
             highlight=False,
         )

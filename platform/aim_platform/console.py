@@ -85,14 +85,6 @@ def log_path(folder: Path, kind: str) -> Path:
     return folder / "logs" / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}.log"
 
 
-def mlflow_ui_line(tracking_uri: str) -> str:
-    """How to open the runs: ``mlflow ui --backend-store-uri ...`` for a local store, else
-    the server's URL."""
-    if tracking_uri.startswith("sqlite"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return tracking_uri
-
-
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rest = divmod(seconds, 3600)

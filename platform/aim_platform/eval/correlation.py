@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from aim_platform.tracking import Tracker
+
 LOSS_KEY = "val/loss"
 ACC_KEY = "probe/attentive/top1"
 
@@ -70,71 +72,60 @@ class Correlation:
         return "\n".join(rows)
 
 
-def run_points(tracking_uri: str, run_id: str, acc_key: str = ACC_KEY) -> Correlation:
+def run_points(tracker: Tracker, run_id: str, acc_key: str = ACC_KEY) -> Correlation:
     """Pairs (val loss, probe accuracy) at every step where a run logged both."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    losses = {m.step: m.value for m in client.get_metric_history(run_id, LOSS_KEY)}
-    accs = {m.step: m.value for m in client.get_metric_history(run_id, acc_key)}
+    losses = dict(tracker.metric_history(run_id, LOSS_KEY))
+    accs = dict(tracker.metric_history(run_id, acc_key))
     steps = sorted(set(losses) & set(accs))
     return Correlation(
         [f"step {s}" for s in steps], [losses[s] for s in steps], [accs[s] for s in steps]
     )
 
 
-def correlate_run(tracking_uri: str, run_id: str) -> Correlation:
+def _log_coefficients(tracker: Tracker, run_id: str, corr: Correlation) -> None:
+    if len(corr.losses) >= 2:
+        tracker.log_metrics(
+            run_id, {"corr/pearson": corr.pearson, "corr/spearman": corr.spearman}, step=0
+        )
+
+
+def correlate_run(tracker: Tracker, run_id: str) -> Correlation:
     """Compute and log ``corr/pearson``, ``corr/spearman``, a table and the Fig. 4 analogue
     plot (validation loss and probe accuracy per block against the step) into the run."""
-    from mlflow.tracking import MlflowClient
-
     from aim_platform.plots import loss_vs_probe_figure
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    corr = run_points(tracking_uri, run_id)
-    if len(corr.losses) >= 2:
-        client.log_metric(run_id, "corr/pearson", corr.pearson)
-        client.log_metric(run_id, "corr/spearman", corr.spearman)
-    client.log_text(run_id, corr.table(), "correlation.md")
-    keys = [
-        m for m in client.get_run(run_id).data.metrics if m.startswith("probe/attentive/block_")
-    ]
-    blocks = {
-        key.split("/")[2]: [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
-        for key in sorted(keys)
-    }
-    loss = [(m.step, m.value) for m in client.get_metric_history(run_id, LOSS_KEY)]
-    main = [(m.step, m.value) for m in client.get_metric_history(run_id, ACC_KEY)]
-    fig = loss_vs_probe_figure(loss, main, blocks)
-    client.log_figure(run_id, fig, "loss_vs_probe.png")
+    corr = run_points(tracker, run_id)
+    _log_coefficients(tracker, run_id, corr)
+    tracker.log_text(run_id, corr.table(), "correlation.md")
+    keys = [k for k in tracker.metric_keys(run_id) if k.startswith("probe/attentive/block_")]
+    blocks = {key.split("/")[2]: tracker.metric_history(run_id, key) for key in keys}
+    loss = tracker.metric_history(run_id, LOSS_KEY)
+    main = tracker.metric_history(run_id, ACC_KEY)
+    tracker.log_figure(run_id, loss_vs_probe_figure(loss, main, blocks), "loss_vs_probe.png")
     return corr
 
 
 def correlate_runs(
-    tracking_uri: str, run_ids: Sequence[str], log_to: str | None = None
+    tracker: Tracker, run_ids: Sequence[str], log_to: str | None = None
 ) -> Correlation:
     """Across runs (e.g. a study's trials): each run's last probed step is one point."""
-    from mlflow.tracking import MlflowClient
-
     from aim_platform.plots import scatter_figure
 
-    client = MlflowClient(tracking_uri=tracking_uri)
     labels, losses, accs = [], [], []
     for rid in run_ids:
-        points = run_points(tracking_uri, rid)
+        points = run_points(tracker, rid)
         if points.losses:
-            labels.append(client.get_run(rid).info.run_name or rid)
+            labels.append(tracker.run_name(rid))
             losses.append(points.losses[-1])
             accs.append(points.accuracies[-1])
     corr = Correlation(labels, losses, accs)
     if log_to:
-        if len(losses) >= 2:
-            client.log_metric(log_to, "corr/pearson", corr.pearson)
-            client.log_metric(log_to, "corr/spearman", corr.spearman)
-        client.log_text(log_to, corr.table(), "correlation_across_runs.md")
-        client.log_figure(
-            log_to,
-            scatter_figure(corr.labels, corr.losses, corr.accuracies),
-            "loss_vs_probe_across_runs.png",
-        )
+        _log_coefficients(tracker, log_to, corr)
+        tracker.log_text(log_to, corr.table(), "correlation_across_runs.md")
+        if len(corr.losses) >= 2:  # one point says nothing about a correlation
+            tracker.log_figure(
+                log_to,
+                scatter_figure(corr.labels, corr.losses, corr.accuracies),
+                "loss_vs_probe_across_runs.png",
+            )
     return corr

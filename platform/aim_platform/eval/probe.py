@@ -20,6 +20,7 @@ from torch import nn
 
 from aim_platform.config import DataConfig, DataSource, ProbeConfig
 from aim_platform.models.heads import AttentiveProbe, LinearProbe
+from aim_platform.tracking import Tracker
 
 
 @dataclass
@@ -274,7 +275,7 @@ def report_metrics(report: ProbeReport) -> dict[str, float]:
             out[f"probe/{kind}/block_{b}/top1"] = score.top1
         best = report.best_block(kind)
         if best is not None:
-            out[f"probe/{kind}/best_block"] = float(best[0])
+            out[f"probe/{kind}/best_block"] = best[0]  # an int: printed as one
             out[f"probe/{kind}/best_block_top1"] = best[1].top1
     if report.lora:
         for key, value in report.lora.items():
@@ -283,7 +284,7 @@ def report_metrics(report: ProbeReport) -> dict[str, float]:
 
 
 def log_probe(
-    tracking_uri: str,
+    tracker: Tracker,
     report: ProbeReport,
     cfg: ProbeConfig,
     *,
@@ -296,12 +297,10 @@ def log_probe(
 ) -> str:
     """Log a probe as its own MLflow run (nested under ``parent_run_id``), and its metrics
     into the parent at ``step`` so that the parent can correlate loss and accuracy."""
-    from mlflow.tracking import MlflowClient
-
-    from aim_platform import tracking
     from aim_platform.config import flatten
     from aim_platform.plots import accuracy_per_block_figure
     from aim_platform.security import redact
+    from aim_platform.tracking import log_datasets
 
     params = flatten(redact({"probe": cfg.model_dump(mode="json")}))
     params.update(
@@ -313,22 +312,20 @@ def log_probe(
             "val_images": report.val_images,
         }
     )
-    run_id = tracking.start_run(
-        tracking_uri,
+    run_id = tracker.start_run(
         experiment,
         run_name,
         params,
         {"kind": "probe", "pretrain_step": str(step)},
         parent_run_id,
     )
+    log_datasets(tracker, run_id, [dataset], cfg.storage_options, context="probe")
     metrics = report_metrics(report)
-    logger = tracking.RunLogger(tracking_uri, run_id)
-    logger.log_metrics(metrics, step=step or 0)
-    client = MlflowClient(tracking_uri=tracking_uri)
+    tracker.log_metrics(run_id, metrics, step=step or 0)
     if report.per_block:
         per_block = {k: {b: s.top1 for b, s in v.items()} for k, v in report.per_block.items()}
-        client.log_figure(run_id, accuracy_per_block_figure(per_block), "accuracy_per_block.png")
-    tracking.finish_run(tracking_uri, run_id)
+        tracker.log_figure(run_id, accuracy_per_block_figure(per_block), "accuracy_per_block.png")
+    tracker.finish(run_id)
     if parent_run_id and step is not None:
-        tracking.RunLogger(tracking_uri, parent_run_id).log_metrics(metrics, step=step)
+        tracker.log_metrics(parent_run_id, metrics, step=step)
     return run_id

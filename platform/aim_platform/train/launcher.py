@@ -61,9 +61,14 @@ def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
 
 
 def _reuse_or_start_run(
-    job: JobConfig, uri: str, tags: Mapping[str, str | None], parent_run_id: str | None
+    job: JobConfig,
+    tracker: tracking.Tracker,
+    tags: Mapping[str, str | None],
+    parent_run_id: str | None,
 ) -> str:
-    """One MLflow run per job: a job restarted by name continues its run."""
+    """One MLflow run per job: a job restarted by name continues its run. A new run gets the
+    job as params, its datasets as inputs and its config as ``config.yaml``."""
+    uri = tracker.uri
     fs, root = filesystem(run_root(job), job.train.storage_options)
     marker = f"{root}/{RUN_ID_FILE}"
     if fs.exists(marker):
@@ -74,7 +79,10 @@ def _reuse_or_start_run(
     from aim_platform.security import redact
 
     params = flatten(redact(job.model_dump(mode="json")))
-    run_id = tracking.start_run(uri, job.tracking.experiment, job.name, params, tags, parent_run_id)
+    run_id = tracker.start_run(job.tracking.experiment, job.name, params, tags, parent_run_id)
+    urls = [s.url for s in job.data.sources]
+    tracking.log_datasets(tracker, run_id, urls, job.data.storage_options)
+    tracker.log_text(run_id, dump_config(_redacted(job)), "config.yaml")
     fs.makedirs(root, exist_ok=True)
     with fs.open(marker, "w") as f:
         f.write(json.dumps({"run_id": run_id, "tracking_uri": uri}))
@@ -141,18 +149,17 @@ def pretrain(
     previous = latest_train_state(job)
     start_epoch = previous["epoch"] if previous else 0
 
-    uri = run_id = None
+    uri = run_id = tracker = None
     if track:
-        uri = tracking.resolve_tracking_uri(job.tracking, storage)
+        uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, storage)
+        tracker = tracking.Tracker(uri)
         run_tags = {
-            "git_commit": tracking.git_commit(),
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             "storage": root,
             "data": ",".join(s.url for s in job.data.sources),
             **(tags or {}),
         }
-        run_id = _reuse_or_start_run(job, uri, run_tags, parent_run_id)
-        tracking.log_artifact_text(uri, run_id, dump_config(_redacted(job)), "config.yaml")
+        run_id = _reuse_or_start_run(job, tracker, run_tags, parent_run_id)
 
     if job.model.target == "tokens" and job.model.tokenizer == "auto":
         from aim_platform.models.tokenizer import resolve_tokenizer
@@ -209,8 +216,8 @@ def pretrain(
         with _polling(board, on_progress):
             fit = trainer.fit()
     except Exception as exc:  # a failed fit still closes the MLflow run, then re-raises
-        if track:
-            tracking.finish_run(uri, run_id, "FAILED")
+        if tracker and run_id:
+            tracker.finish(run_id, "FAILED")
         raise exc
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
@@ -219,11 +226,11 @@ def pretrain(
     final = f"{root}/final/trunk.safetensors"
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
-    if track:
-        _log_outputs(uri, run_id, result)
+    if tracker and run_id:
+        _log_outputs(tracker, run_id, result)
         if job.probe and result.final_trunk and not result.error:
-            result.metrics.update(probe_checkpoints(job, result))
-        tracking.finish_run(uri, run_id, "FAILED" if result.error else "FINISHED")
+            result.metrics.update(probe_checkpoints(job, result, tracker))
+        tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
     return result
 
 
@@ -253,7 +260,9 @@ def _polling(board: Any, on_progress: Callable[[Snapshot], None] | None) -> Iter
             on_progress(snap)
 
 
-def probe_checkpoints(job: JobConfig, result: PretrainResult) -> dict[str, float]:
+def probe_checkpoints(
+    job: JobConfig, result: PretrainResult, tracker: tracking.Tracker
+) -> dict[str, float]:
     """Probe every exported trunk (``probe.at_steps`` and the final one), log each probe as
     a nested run and into the pre-training run at its step, then correlate loss and accuracy.
 
@@ -263,7 +272,7 @@ def probe_checkpoints(job: JobConfig, result: PretrainResult) -> dict[str, float
     from aim_platform.eval.correlation import correlate_run
     from aim_platform.eval.probe import log_probe, report_metrics, run_probe
 
-    assert job.probe is not None and result.tracking_uri and result.run_id
+    assert job.probe is not None and result.run_id
     dataset = job.probe.dataset or job.data.sources[0].url
     trunks = {
         s: f"{result.storage}/trunks/step_{s:08d}" for s in job.probe.at_steps if s < result.steps
@@ -274,17 +283,17 @@ def probe_checkpoints(job: JobConfig, result: PretrainResult) -> dict[str, float
             path, job.probe, dataset=dataset, storage_options=job.train.storage_options
         )
         log_probe(
-            result.tracking_uri,
+            tracker,
             report,
             job.probe,
             experiment=job.tracking.experiment,
-            run_name=f"{job.name}-probe-step{step}",
+            run_name=tracking.probe_run_name(path, dataset),
             trunk_path=path,
             dataset=dataset,
             parent_run_id=result.run_id,
             step=step,
         )
-    correlate_run(result.tracking_uri, result.run_id)
+    correlate_run(tracker, result.run_id)
     return report_metrics(report)
 
 
@@ -294,43 +303,34 @@ def _redacted(job: JobConfig) -> JobConfig:
     return JobConfig.model_validate(redact(job.model_dump(mode="json")))
 
 
-def _log_outputs(uri: str, run_id: str, result: PretrainResult) -> None:
+def _log_outputs(tracker: tracking.Tracker, run_id: str, result: PretrainResult) -> None:
     """Final trunk location, per-chunk validation loss plot."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    if result.final_trunk:
-        client.set_tag(run_id, "final_trunk", result.final_trunk)
-        tracking.log_artifact_text(uri, run_id, result.final_trunk + "\n", "final_trunk.txt")
-    if result.checkpoint:
-        client.set_tag(run_id, "last_checkpoint", result.checkpoint)
     from aim_platform.plots import chunk_loss_figure
 
+    tracker.set_tags(
+        run_id, {"final_trunk": result.final_trunk, "last_checkpoint": result.checkpoint}
+    )
+    if result.final_trunk:
+        tracker.log_text(run_id, result.final_trunk + "\n", "final_trunk.txt")
     history = {}
     for i in range(8):
-        points = client.get_metric_history(run_id, f"val/loss_chunk_{i}")
+        points = tracker.metric_history(run_id, f"val/loss_chunk_{i}")
         if points:
             history[i] = points
     if history:
-        fig = chunk_loss_figure(history)
-        client.log_figure(run_id, fig, "val_loss_per_chunk.png")
+        tracker.log_figure(run_id, chunk_loss_figure(history), "val_loss_per_chunk.png")
 
 
 def summary(result: PretrainResult) -> list[str]:
     """A one-screen summary of a finished run: steps, loss start -> end, throughput, where."""
     lines = [f"run {result.name}: {result.steps} steps, storage {result.storage}"]
+    tracker = None
     if result.tracking_uri and result.run_id:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=result.tracking_uri)
-        losses = sorted(
-            client.get_metric_history(result.run_id, "train/loss"), key=lambda m: m.step
-        )
+        tracker = tracking.Tracker(result.tracking_uri)
+        losses = tracker.metric_history(result.run_id, "train/loss")
         if losses:
-            lines.append(
-                f"train/loss {losses[0].value:.4f} (step {losses[0].step}) -> "
-                f"{losses[-1].value:.4f} (step {losses[-1].step})"
-            )
+            (s0, v0), (s1, v1) = losses[0], losses[-1]
+            lines.append(f"train/loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
     m = result.metrics
     if "val/loss" in m:
         lines.append(f"val/loss {m['val/loss']:.4f}")
@@ -340,9 +340,9 @@ def summary(result: PretrainResult) -> list[str]:
     if result.final_trunk:
         lines.append(f"final trunk: {result.final_trunk}")
     if result.tracking_uri:
-        from aim_platform.console import mlflow_ui_line
-
-        lines.append(f"MLflow run {result.run_id}: {mlflow_ui_line(result.tracking_uri)}")
+        lines.append(f"MLflow run {result.run_id}: {tracking.ui_command(result.tracking_uri)}")
+        if tracker and result.run_id:
+            lines.append(f"then open {tracking.ui_url(tracker, result.run_id)}")
     if result.error:
         lines.append(f"error: {result.error}")
     return lines

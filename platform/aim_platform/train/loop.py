@@ -135,7 +135,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0 and loop_config.get("run_id"):
         from aim_platform.tracking import RunLogger
 
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"])
+        # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end
+        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], system_metrics=True)
         if restored is not None:  # a restart (worker failure or job restarted by name)
             logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
 
@@ -252,6 +253,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if state.step < tc.steps and rank == 0:
         print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
     _export_trunk(model, job, loop_config.get("final_dir"), rank)
+    if logger is not None:
+        logger.close()
 
 
 def _commit_latest(

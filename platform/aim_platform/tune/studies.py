@@ -23,7 +23,7 @@ import yaml
 from ray import tune
 
 from aim_platform import tracking
-from aim_platform.config import ConfigError, Scale, StudySpec, TrackingConfig
+from aim_platform.config import ConfigError, Scale, StudySpec
 
 STUDIES_DIR = Path(__file__).resolve().parents[3] / "jobs" / "studies"
 ROWS = ("linear", "attentive")
@@ -178,8 +178,10 @@ def run_study(
     Args:
         spec: The validated study.
         scale: Budget preset.
-        storage: Study folder root (local); trials' runs go under ``<storage>/<study>``.
-        tracking_uri: MLflow; None: the default rules (several trials at once need a server).
+        storage: Study folder root (local, ``<runs>/studies``); trials' runs go under
+            ``<storage>/<study>``.
+        tracking_uri: MLflow; None: the default rules, with the runs folder above ``storage``
+            (``runs/studies`` -> ``runs/mlflow.db``, the store of the pre-training runs).
         address: Ray cluster; None: embedded.
         resume: Continue an interrupted study of the same name and scale.
         extra: Overrides applied to every trial (e.g. ``data.sources=...``).
@@ -198,9 +200,9 @@ def run_study(
     first = spec.job(next(iter(spec.variants)), scale, extra)
     for source in first.data.sources:  # ingest built-ins once, before trials race on it
         resolve_url(source.url, first.data.storage_options)
-    uri = tracking.resolve_tracking_uri(
-        TrackingConfig(tracking_uri=tracking_uri or first.tracking.tracking_uri), str(root)
-    )
+    runs_dir = str(Path(storage_url(storage)).parent)
+    uri = tracking.resolve_tracking_uri(tracking_uri or first.tracking.tracking_uri, runs_dir)
+    tracker = tracking.Tracker(uri)  # creates the store and the experiment before any trial
     extra.append(f"tracking.tracking_uri={uri}")
     marker = root / "parent_run.json"
     if resume and marker.exists():
@@ -212,8 +214,7 @@ def run_study(
             "scale": scale,
             "variants": ",".join(spec.variants),
         }
-        parent = tracking.start_run(
-            uri,
+        parent = tracker.start_run(
             first.tracking.experiment,
             f"study-{spec.name}-{scale}",
             params,
@@ -265,7 +266,7 @@ def run_study(
     result = StudyResult(spec, scale, parent, uri, trials)
     (root / "table.md").write_text(result.markdown())
     (root / "table.csv").write_text(result.csv())
-    _log_study(result)
+    _log_study(result, tracker)
     return result
 
 
@@ -307,28 +308,26 @@ def _trial_events(on_trial: Callable[[str, str, dict[str, Any]], None]) -> _Tria
     return _TrialEvents(key)
 
 
-def _log_study(result: StudyResult) -> None:
+def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
     """Table (Markdown, CSV), chunk-loss curves of all trials, correlation across trials."""
-    from mlflow.tracking import MlflowClient
-
     from aim_platform.eval.correlation import correlate_runs
     from aim_platform.plots import chunk_curves_figure
 
-    uri, parent = result.tracking_uri, result.parent_run_id
-    client = MlflowClient(tracking_uri=uri)
-    client.log_text(parent, result.markdown(), "table.md")
-    client.log_text(parent, result.csv(), "table.csv")
+    parent = result.parent_run_id
+    assert parent is not None
+    tracker.log_text(parent, result.markdown(), "table.md")
+    tracker.log_text(parent, result.csv(), "table.csv")
     curves = {}
     for t in result.trials:
         chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(8)]
         if all(c is not None for c in chunks):
             curves[t.variant] = chunks
         if t.error:
-            client.set_tag(parent, f"failed.{t.variant}", t.error[:500])
+            tracker.set_tags(parent, {f"failed.{t.variant}": t.error[:500]})
     if curves:
-        client.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
+        tracker.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
     run_ids = [t.run_id for t in result.trials if t.run_id and not t.error]
     if len(run_ids) >= 2:
-        correlate_runs(uri, run_ids, log_to=parent)
+        correlate_runs(tracker, run_ids, log_to=parent)
     failed = any(t.error for t in result.trials)
-    tracking.finish_run(uri, parent, "FAILED" if failed and not run_ids else "FINISHED")
+    tracker.finish(parent, "FAILED" if failed and not run_ids else "FINISHED")
