@@ -9,7 +9,7 @@ localStorage is seeded so that it stays closed. From a clean checkout (Debian/Ub
 
     apt-get install -y chromium
     pip install -e '.[screenshots]'
-    aimctl pretrain jobs/configs/demo.yaml --set train.steps=30 \\
+    aimctl pretrain jobs/configs/demo.yaml --set train.steps=30 --set train.val_every=10 \\
         --set train.storage_path=/tmp/shots/runs
     aimctl study jobs/studies/head.yaml --scale tiny --storage /tmp/shots/runs/studies \\
         --set train.steps=4 --set probe.steps=10
