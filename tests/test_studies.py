@@ -45,41 +45,6 @@ def test_bad_specs_fail_clearly(tmp_path) -> None:
         load_study(tmp_path / "missing.yaml")
 
 
-def _check_study(result, variants: list[str]) -> MlflowClient:
-    client = MlflowClient(tracking_uri=result.tracking_uri)
-    parent = client.get_run(result.parent_run_id)
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags["git_commit"] and parent.data.tags["kind"] == "study"
-    kind = client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"]
-    assert kind == "custom_model_development"  # the UI opens on runs, not GenAI traces
-    assert [t.variant for t in result.trials] == variants
-    assert all(t.error is None and t.run_id for t in result.trials)
-    for t in result.trials:  # a child run per trial, nested under the study's run
-        child = client.get_run(t.run_id)
-        assert child.data.tags["mlflow.parentRunId"] == result.parent_run_id
-        assert child.data.tags["variant"] == t.variant
-        assert t.variant in child.info.run_name and child.data.tags["git_commit"]
-        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["digits"]
-        assert "probe/attentive/top1" in child.data.metrics
-        assert "probe/linear/top1" in child.data.metrics
-    rows = result.table()
-    assert rows[0] == ["probe", *variants] and [r[0] for r in rows[1:]] == ["linear", "attentive"]
-    for row in rows[1:]:
-        assert sum(cell.endswith("*") for cell in row[1:]) >= 1  # best marked
-    artifacts = {a.path for a in client.list_artifacts(result.parent_run_id)}
-    assert {"table.md", "table.csv", "loss_per_chunk.png"} <= artifacts
-    assert "correlation_across_runs.md" in artifacts
-    return client
-
-
-@pytest.mark.slow
-def test_pattern_study_tiny_runs(ray_session, tmp_path) -> None:
-    spec = load_study(STUDIES_DIR / "pattern.yaml")
-    result = run_study(spec, "tiny", storage=str(tmp_path))
-    _check_study(result, ["raster", "spiral", "checkerboard", "random"])
-    assert "Table 3b" in result.markdown()
-
-
 @pytest.mark.slow
 def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
     spec_path = tmp_path / "fails.yaml"

@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 import aim_platform
 from aim_platform import submit as sub
 from aim_platform.cli import app
+from aim_platform.tracking import git_commit
 
 
 def _head_processes(pgid: int, temp_dir: str) -> list[int]:
@@ -399,6 +400,7 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     client = MlflowClient(tracking_uri=journey_env)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
+    assert run.data.tags["git_commit"] == git_commit(REPO)  # the commit it was sent from
     resumed = client.get_metric_history(run_id, "train/resumed_from_step")
     assert [int(m.value) for m in resumed] == [saved["step"]]
     losses = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
@@ -453,17 +455,29 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
 
     client = MlflowClient(tracking_uri=journey_env)
     exp = client.get_experiment_by_name("journey-study")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # runs, not GenAI
     parents = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
+    parent = parents[0]
+    assert parent.data.tags["git_commit"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"table.md", "table.csv", "loss_per_chunk.png", "correlation_across_runs.md"} <= (
         artifacts
     )
+    table = client.download_artifacts(parent.info.run_id, "table.md")
+    lines = Path(table).read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
+    assert rows[0] == "| probe | none | mlp | transformer |"
+    assert [r.split("|")[1].strip() for r in rows[1:3]] == ["linear", "attentive"]
+    assert all("**" in r for r in rows[1:3])  # the best of each row is marked
     children = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'"
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
     assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none", "transformer"]
-    for child in children:  # each trial pre-trained and probed its trunk
+    for child in children:  # each trial pre-trained on digits and probed its trunk
+        variant = child.data.tags["variant"]
+        assert variant in child.info.run_name and child.data.tags["git_commit"]
+        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["digits"]
         assert {"probe/attentive/top1", "probe/linear/top1", "train/loss"} <= set(
             child.data.metrics
         )

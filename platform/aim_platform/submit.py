@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from aim_platform.cluster import ClusterError, auth_error, resolve_token
 from aim_platform.security import check_relative, is_secret_key, redact_text
-from aim_platform.tracking import git_commit
+from aim_platform.tracking import GIT_COMMIT_ENV, git_commit
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -298,9 +298,11 @@ def submit(
     elif overrides:
         raise SubmitError("--set applies to the default entrypoint; put them in --entrypoint")
     commit = git_commit(repo)
+    extra_env = dict(env or {})
     if commit:
         metadata["aim.git_commit"] = commit
-    renv = runtime_env(repo, job_env(env))
+        extra_env[GIT_COMMIT_ENV] = commit  # runs of the job record the submitted commit
+    renv = runtime_env(repo, job_env(extra_env))
     kwargs: dict[str, Any] = {}
     if entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus

@@ -89,8 +89,19 @@ def ui_url(tracker: Tracker, run_id: str, base: str = "http://127.0.0.1:5000") -
     return f"{base}/#/experiments/{exp}/runs/{run_id}?workflowType=machine_learning"
 
 
+#: Set by ``aimctl submit`` for the job: the commit of the checkout the code was sent from
+#: (the copy on the cluster has no ``.git``).
+GIT_COMMIT_ENV = "AIM_GIT_COMMIT"
+
+
 def git_commit(cwd: str | Path | None = None) -> str | None:
-    """HEAD of the repository the code runs from, if it is a git checkout."""
+    """HEAD of the repository the code runs from, if it is a git checkout; else the commit
+    a submitted job was sent from (``$AIM_GIT_COMMIT``)."""
+    found = _git_head(cwd)
+    return found if found is not None else (os.environ.get(GIT_COMMIT_ENV) or None)
+
+
+def _git_head(cwd: str | Path | None) -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
