@@ -20,11 +20,11 @@ from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, load_config
 from aim_platform.data.ingest import ingest
 from aim_platform.eval.correlation import run_points
-from aim_platform.eval.probe import log_probe, run_probe
+from aim_platform.jobs.pretrain import pretrain, summary
+from aim_platform.jobs.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk
 from aim_platform.tracking import Tracker
 from aim_platform.train.export import write_trunk
-from aim_platform.train.launcher import pretrain, summary
 
 CONFIG = Path(__file__).parent / "configs" / "digits_probe_check.yaml"
 

@@ -17,10 +17,10 @@ from aim_platform.eval.probe import (
     ProbeScore,
     accuracy,
     fit_probe,
-    log_probe,
     make_probe,
     report_metrics,
 )
+from aim_platform.jobs.probe import log_probe
 from aim_platform.models.aim import build_trunk
 from aim_platform.train.export import write_trunk
 

@@ -16,11 +16,11 @@ from aim_platform.config import (
     JobConfig,
     build_config,
 )
+from aim_platform.jobs.tokenizer import fit_tokenizer, resolve_tokenizer
 from aim_platform.models import (
     AIMForPretraining,
     Tokenizer,
     assign_tokens,
-    fit_tokenizer,
     fit_tokenizer_from_arrays,
     kmeans,
     masked_patch_loss,
@@ -34,7 +34,6 @@ from aim_platform.models.tokenizer import (
     nearest_centroid,
     patch_vectors,
     read_metadata,
-    resolve_tokenizer,
 )
 
 V = 16  # codebook size of the token tests

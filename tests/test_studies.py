@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from aim_platform.config import ConfigError
-from aim_platform.tune.studies import STUDIES_DIR, load_study, run_study
+from aim_platform.jobs.study import STUDIES_DIR, load_study, run_study
 
 SPECS = sorted(p for p in STUDIES_DIR.glob("*.yaml") if p.name != "base.yaml")
 

@@ -12,9 +12,9 @@ from mlflow.tracking import MlflowClient
 from train_helpers import digits_datasets, tiny_job
 
 from aim_platform.config import ConfigError, JobConfig, OptimConfig, build_config
+from aim_platform.jobs.pretrain import latest_train_state, pretrain, summary
 from aim_platform.models.aim import AIMForPretraining
 from aim_platform.train.export import read_trunk
-from aim_platform.train.launcher import latest_train_state, pretrain, summary
 from aim_platform.train.optim import build_optimizer, lr_at
 
 
@@ -288,7 +288,7 @@ cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 from train_helpers import digits_datasets, tiny_job
-from aim_platform.train.launcher import pretrain
+from aim_platform.jobs.pretrain import pretrain
 job = tiny_job({storage!r}, "two-nodes", "train.steps=2", "train.cpus_per_worker=1",
                "train.placement_strategy=STRICT_SPREAD", "train.val_every=2")
 nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]

@@ -165,7 +165,7 @@ def services_status(state_dir: Path | None = _STATE_OPT) -> None:
 
 def _log_folder(job: Any) -> Path:
     """Local folder for a run's console log: the run folder, or ./runs/NAME for s3:// runs."""
-    from aim_platform.train.launcher import run_root
+    from aim_platform.jobs.pretrain import run_root
 
     root = run_root(job)
     return Path(root) if "://" not in root else Path("runs").resolve() / job.name
@@ -183,8 +183,8 @@ def pretrain(
     from aim_platform.cluster import connect
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, captured_output, log_path
-    from aim_platform.train.launcher import latest_train_state, summary
-    from aim_platform.train.launcher import pretrain as run_pretrain
+    from aim_platform.jobs.pretrain import latest_train_state, summary
+    from aim_platform.jobs.pretrain import pretrain as run_pretrain
 
     job = _load_or_exit(config, set_, JobConfig)
     log = None if verbose else log_path(_log_folder(job), "pretrain")
@@ -519,7 +519,8 @@ def probe(
     from aim_platform.cluster import connect
     from aim_platform.config import ProbeConfig
     from aim_platform.console import captured_output, log_path
-    from aim_platform.eval.probe import log_probe, report_metrics, run_probe
+    from aim_platform.eval.probe import report_metrics
+    from aim_platform.jobs.probe import log_probe, run_probe
 
     cfg = _load_or_exit(config, set_, ProbeConfig)
     log = None if verbose else log_path(Path("runs").resolve(), "probe")
@@ -599,8 +600,8 @@ def study(
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, captured_output, log_path
-    from aim_platform.train.launcher import storage_url
-    from aim_platform.tune.studies import load_study, run_study
+    from aim_platform.jobs.pretrain import storage_url
+    from aim_platform.jobs.study import load_study, run_study
 
     if scale not in ("tiny", "small", "paper"):
         raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
@@ -674,7 +675,8 @@ def tokenizer_fit(
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
     from aim_platform.data.storage import parse_storage_options
-    from aim_platform.models.tokenizer import Tokenizer, fit_tokenizer
+    from aim_platform.jobs.tokenizer import fit_tokenizer
+    from aim_platform.models.tokenizer import Tokenizer
 
     sizes = {"img_size": image_size, "patch_size": patch_size}
     try:

@@ -50,7 +50,7 @@ class ModelConfig(StrictModel):
     """An AIM model: trunk shapes, attention, autoregression pattern, head, target, objective.
 
     ``target: tokens`` needs ``tokenizer`` (a codebook from ``aimctl tokenizer-fit``, or
-    ``auto``: the launcher fits one); ``objective: masked`` needs ``attention: bidirectional``.
+    ``auto``: the pre-training job fits one); ``objective: masked`` needs ``attention: bidirectional``.
 
     ``size`` names a registered variant (``aim-600M``, ``aim-tiny``, ...) whose shapes fill
     every field that is not given explicitly.
@@ -78,7 +78,7 @@ class ModelConfig(StrictModel):
     tokenizer: str | None = Field(
         None,
         description="k-means codebook (aimctl tokenizer-fit) path or URL, for target=tokens; "
-        "auto: the launcher fits one into the run's storage",
+        "auto: the pre-training job fits one into the run's storage",
     )
     num_tokens: int = Field(512, ge=2, description="codebook size (target=tokens)")
     objective: ObjectiveKind = Field(

@@ -242,7 +242,7 @@ def _validate(config_path: Path, overrides: Sequence[str], scale: str) -> str | 
     data = yaml.safe_load(config_path.read_text()) or {}
     try:
         if isinstance(data, dict) and "variants" in data:
-            from aim_platform.tune.studies import load_study
+            from aim_platform.jobs.study import load_study
 
             spec = load_study(config_path)
             spec.job(next(iter(spec.variants)), scale, list(overrides))

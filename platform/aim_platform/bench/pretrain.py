@@ -42,7 +42,7 @@ class PretrainBench:
 
 def run(config: Path = DEMO, steps: int = 30, overrides: list[str] | None = None) -> PretrainBench:
     """Pre-train ``steps`` steps of ``config`` (plus overrides) and measure it."""
-    from aim_platform.train.launcher import pretrain
+    from aim_platform.jobs.pretrain import pretrain
 
     with tempfile.TemporaryDirectory() as tmp:
         job = load_config(

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from aim_platform.config import ModelConfig
-from aim_platform.models.aim import AIMTrunk, pixels_to_input
-from aim_platform.models.layers import AttentionKind, attention_mask, patchify
+from aim_platform.models.aim import AIMTrunk
+from aim_platform.models.layers import AttentionKind, attention_mask, patchify, pixels_to_input
 
 
 def load_trunk(
@@ -122,7 +122,7 @@ def embed(
         cfg: Its model config.
         images: PIL images (centre-cropped and resized), (N, H, W, 3) uint8 arrays at the
             model's size, or (N, K, P) uint8 patch sequences. For a Ray Dataset use
-            :func:`dataset_features`.
+            :func:`aim_platform.jobs.probe.dataset_features`.
         layers: Blocks to average (negative counts from the end).
         pool: Mean over patches -> (N, D); False keeps tokens -> (N, K, D).
     """
@@ -135,86 +135,3 @@ def embed(
             feats = block_outputs(trunk, patches[start : start + batch_size], idx).mean(1)
             outs.append(feats.mean(1) if pool else feats)  # (B, D) or (B, K, D)
     return torch.cat(outs)
-
-
-class FeatureActor:
-    """Ray Data callable class: holds one frozen trunk, maps ``patches`` to block outputs.
-
-    Rows whose image failed to decode (``valid`` False) and, when ``keep_ids`` is given,
-    rows whose ``id`` is not in it are dropped here rather than by a separate ``filter``
-    (a filter is its own 1-CPU task that may never be scheduled beside the actor on a small
-    machine). Output columns: ``features`` float16 (L, K, D) per row, ``label`` and ``id``.
-    """
-
-    def __init__(
-        self,
-        trunk_path: str,
-        layers: Sequence[int],
-        attention: str,
-        storage_options: dict[str, Any] | None = None,
-        threads: int = 1,
-        keep_ids: set[str] | None = None,
-    ) -> None:
-        torch.set_num_threads(threads)
-        self.trunk, _ = load_trunk(trunk_path, storage_options)
-        self.layers = list(layers)
-        self.attention = attention
-        self.keep_ids = keep_ids
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        keep = np.asarray(batch["valid"], dtype=bool)  # (B,)
-        if self.keep_ids is not None:
-            keep &= np.array([str(i) in self.keep_ids for i in batch["id"]], dtype=bool)
-        pixels = torch.from_numpy(np.stack(batch["patches"])[keep])  # (B', K, P) uint8
-        with torch.no_grad():
-            feats = block_outputs(self.trunk, pixels, self.layers, self.attention)
-        return {
-            "features": feats.to(torch.float16).numpy(),  # (B', L, K, D)
-            "label": np.asarray(batch["label"])[keep],
-            "id": np.asarray(batch["id"])[keep],
-        }
-
-
-def dataset_features(
-    ds: Any,
-    trunk_path: str,
-    layers: Sequence[int],
-    attention: str = "bidirectional",
-    storage_options: dict[str, Any] | None = None,
-    batch_size: int = 64,
-    actors: int = 1,
-    cpus_per_actor: float = 0.5,
-    keep_ids: set[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block outputs of every valid row (with an id in ``keep_ids``, if given) of a Ray
-    Dataset with columns ``patches``, ``valid``, ``label`` and ``id``, computed by an actor
-    pool holding the trunk.
-
-    Returns:
-        ``(features (N, L, K, D) float16, labels (N,) int64, ids (N,))`` in the dataset's order.
-    """
-    from ray.data import ActorPoolStrategy
-
-    out = ds.map_batches(
-        FeatureActor,
-        fn_constructor_kwargs={
-            "trunk_path": trunk_path,
-            "layers": list(layers),
-            "attention": attention,
-            "storage_options": storage_options,
-            "threads": max(1, int(cpus_per_actor)),
-            "keep_ids": keep_ids,
-        },
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
-    )
-    feats, labels, ids = [], [], []
-    for batch in out.iter_batches(batch_size=1024, batch_format="numpy"):
-        feats.append(batch["features"])
-        labels.append(batch["label"])
-        ids.append(batch["id"])
-    if not feats or not sum(len(f) for f in feats):
-        raise ValueError("the dataset has no valid rows to compute features for")
-    return np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(ids)

@@ -4,9 +4,7 @@ together with the attentive probe while every original trunk weight stays frozen
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -75,18 +73,6 @@ def trained_fraction(trunk: AIMTrunk) -> float:
     return lora / base
 
 
-def _materialize(ds: Any, keep_ids: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, K, P) uint8 patches and (N,) labels of the valid (and kept) rows."""
-    pixels, labels = [], []
-    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        keep = np.asarray(batch["valid"], dtype=bool)
-        if keep_ids is not None:
-            keep &= np.array([str(i) in keep_ids for i in batch["id"]], dtype=bool)
-        pixels.append(np.stack(batch["patches"])[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels))
-
-
 def fit_lora_probe(
     trunk: AIMTrunk,
     layers: list[int],
@@ -124,21 +110,3 @@ def fit_lora_probe(
         eval_batch=256,
     )
     return {"top1": score.top1, "top5": score.top5, "trained_fraction": trained_fraction(trunk)}
-
-
-def run_lora_probe(
-    trunk_path: str,
-    cfg: ProbeConfig,
-    train_ds: Any,
-    val_ds: Any,
-    layers: list[int],
-    num_classes: int,
-    storage_options: dict[str, Any] | None = None,
-    keep_ids: set[str] | None = None,
-) -> dict[str, float]:
-    """LoRA + attentive probe on the probe job's datasets (materialized: small label sets)."""
-    from aim_platform.eval.features import load_trunk
-
-    trunk, _ = load_trunk(trunk_path, storage_options)
-    train, val = _materialize(train_ds, keep_ids), _materialize(val_ds, None)
-    return fit_lora_probe(trunk, layers, train, val, num_classes, cfg)

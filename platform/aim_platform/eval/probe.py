@@ -1,9 +1,8 @@
 """Probes on a frozen trunk: attentive (paper eq. 4) and linear, per block and on the mean
 of the chosen blocks (Table 7), trained on features an actor pool computed.
 
-``run_probe`` is the job: pick the labelled rows, build the augmented training views and the
-fixed validation view with the data pipeline, compute block outputs with Ray, train the probe
-heads here (they are small), and log a (nested) MLflow run.
+The job that feeds them (labelled rows, augmented views, block outputs by Ray, one MLflow
+run per probe) is :mod:`aim_platform.jobs.probe`.
 """
 
 from __future__ import annotations
@@ -18,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aim_platform.config import DataConfig, DataSource, ProbeConfig
+from aim_platform.config import ProbeConfig
 from aim_platform.models.heads import AttentiveProbe, LinearProbe
-from aim_platform.tracking import Tracker
 
 
 @dataclass
@@ -192,78 +190,6 @@ def probe_features(
     return report
 
 
-def select_labelled(
-    url: str, n_per_class: int | None, seed: int, storage_options: dict[str, Any] | None = None
-) -> set[str] | None:
-    """Ids of ``n_per_class`` training rows per label, chosen by a seeded hash (None: all).
-
-    Reads only the ``id`` and ``label`` columns of the train shards.
-    """
-    if n_per_class is None:
-        return None
-    import pyarrow.parquet as pq
-
-    from aim_platform.data.pipeline import source_shards
-    from aim_platform.data.transforms import id_hash
-
-    shards = source_shards(DataSource(url=url), "train", storage_options)
-    by_label: dict[int, list[tuple[int, str]]] = {}
-    for path in shards.paths:
-        table = pq.read_table(path, columns=["id", "label"], filesystem=shards.filesystem)
-        for sid, label in zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True):
-            if label is not None and label >= 0:
-                by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
-    if not by_label:
-        raise ValueError(f"dataset: {url} has no labelled training rows")
-    return {sid for rows in by_label.values() for _, sid in sorted(rows)[:n_per_class]}
-
-
-def probe_datasets(cfg: ProbeConfig, model_cfg: Any, dataset: str) -> tuple[Any, Any]:
-    """Ray datasets for a probe: ``views`` augmented passes over the labelled training rows,
-    and the fixed centre-crop view of the validation split."""
-    from aim_platform.data.pipeline import build_train_dataset, build_val_dataset
-
-    data = DataConfig(sources=[DataSource(url=dataset)], storage_options=cfg.storage_options)
-    train = build_train_dataset(data, model_cfg, seed=cfg.seed, epochs=cfg.views)
-    return train, build_val_dataset(data, model_cfg)
-
-
-def run_probe(
-    trunk_path: str,
-    cfg: ProbeConfig,
-    *,
-    dataset: str,
-    storage_options: dict[str, Any] | None = None,
-) -> ProbeReport:
-    """The whole probe job on one trunk (features by Ray, probes here). Needs Ray running."""
-    from aim_platform.eval.features import dataset_features, load_trunk
-
-    trunk, model_cfg = load_trunk(trunk_path, storage_options)
-    n_blocks = len(trunk.blocks)
-    layers = cfg.resolved_layers(n_blocks)
-    blocks = sorted(set(layers) | (set(range(n_blocks)) if cfg.sweep else set()))
-    train_ds, val_ds = probe_datasets(cfg, model_cfg, dataset)
-    chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
-    tx, ty, tids = dataset_features(
-        train_ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=chosen
-    )
-    vx, vy, _ = dataset_features(val_ds, trunk_path, blocks, cfg.attention, storage_options)
-    if (vy < 0).any() or (ty < 0).any():
-        raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
-    num_classes = int(max(ty.max(), vy.max())) + 1
-    report = probe_features(
-        tx, ty, vx, vy, blocks, cfg, layers, num_classes, trunk.blocks[0].attn.num_heads
-    )
-    report.train_images = len(set(tids.tolist()))
-    if cfg.lora_rank:
-        from aim_platform.eval.lora import run_lora_probe
-
-        report.lora = run_lora_probe(
-            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options, chosen
-        )
-    return report
-
-
 def report_metrics(report: ProbeReport) -> dict[str, float]:
     """Flat metric names: ``probe/{kind}/top1``, ``probe/{kind}/block_{b}/top1``, ..."""
     out: dict[str, float] = {}
@@ -281,51 +207,3 @@ def report_metrics(report: ProbeReport) -> dict[str, float]:
         for key, value in report.lora.items():
             out[f"probe/lora/{key}"] = value
     return out
-
-
-def log_probe(
-    tracker: Tracker,
-    report: ProbeReport,
-    cfg: ProbeConfig,
-    *,
-    experiment: str,
-    run_name: str,
-    trunk_path: str,
-    dataset: str,
-    parent_run_id: str | None = None,
-    step: int | None = None,
-) -> str:
-    """Log a probe as its own MLflow run (nested under ``parent_run_id``), and its metrics
-    into the parent at ``step`` so that the parent can correlate loss and accuracy."""
-    from aim_platform.config import flatten
-    from aim_platform.plots import accuracy_per_block_figure
-    from aim_platform.security import redact
-    from aim_platform.tracking import log_datasets
-
-    params = flatten(redact({"probe": cfg.model_dump(mode="json")}))
-    params.update(
-        {
-            "trunk": trunk_path,
-            "dataset": dataset,
-            "probe.layers_used": report.layers,
-            "train_images": report.train_images,
-            "val_images": report.val_images,
-        }
-    )
-    run_id = tracker.start_run(
-        experiment,
-        run_name,
-        params,
-        {"kind": "probe", "pretrain_step": str(step)},
-        parent_run_id,
-    )
-    log_datasets(tracker, run_id, [dataset], cfg.storage_options, context="probe")
-    metrics = report_metrics(report)
-    tracker.log_metrics(run_id, metrics, step=step or 0)
-    if report.per_block:
-        per_block = {k: {b: s.top1 for b, s in v.items()} for k, v in report.per_block.items()}
-        tracker.log_figure(run_id, accuracy_per_block_figure(per_block), "accuracy_per_block.png")
-    tracker.finish(run_id)
-    if parent_run_id and step is not None:
-        tracker.log_metrics(parent_run_id, metrics, step=step)
-    return run_id

@@ -6,7 +6,6 @@ Control flow lives in ``forward``; the pieces are in :mod:`.layers`, :mod:`.head
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -23,6 +22,7 @@ from aim_platform.models.layers import (
     attention_mask,
     flex_block_mask,
     patchify,
+    pixels_to_input,
     sincos_pos_embed_2d,
 )
 from aim_platform.models.losses import (
@@ -38,39 +38,6 @@ from aim_platform.models.tokenizer import assign_tokens, load_codebook
 
 if TYPE_CHECKING:  # config imports the size registry from this package
     from aim_platform.config import ModelConfig
-
-# Input normalization of the official AIM v1 code (ImageNet statistics).
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-@functools.cache
-def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and std, (3,) float32 on ``device``, made once per device.
-
-    ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy (it synchronizes the
-    stream); built per step it would stall the host behind the GPU twice every step.
-    """
-    with torch.inference_mode(False):
-        mean = torch.tensor(IMAGENET_MEAN, device=device)  # (3,)
-        std = torch.tensor(IMAGENET_STD, device=device)  # (3,)
-    return mean, std
-
-
-def pixels_to_input(patches: torch.Tensor) -> torch.Tensor:
-    """uint8 patch sequences -> normalized float model input.
-
-    Args:
-        patches: (B, K, p*p*3) uint8 (or float in [0, 255]), channel last within a patch.
-
-    Returns:
-        (B, K, p*p*3) float32: ``(x / 255 - mean_c) / std_c`` per colour channel.
-    """
-    b, k, pdim = patches.shape
-    x = patches.float().reshape(b, k, pdim // 3, 3) / 255.0  # (B, K, p*p, 3)
-    mean, std = _imagenet_stats(x.device)  # (3,) each
-    return ((x - mean) / std).reshape(b, k, pdim)  # (B, K, P)
-
 
 def sample_prefix_lengths(
     batch: int, low: int, high: int, generator: torch.Generator | None = None

@@ -6,6 +6,7 @@ patch, D width, H heads, Dh = D / H.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Literal
 
@@ -272,3 +273,36 @@ class ResidualMLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.mlp(self.norm(x))  # (B, K, W)
+
+
+# Input normalization of the official AIM v1 code (ImageNet statistics).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@functools.cache
+def _imagenet_stats(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std, (3,) float32 on ``device``, made once per device.
+
+    ``torch.tensor(..., device="cuda")`` is a blocking host-to-device copy (it synchronizes the
+    stream); built per step it would stall the host behind the GPU twice every step.
+    """
+    with torch.inference_mode(False):
+        mean = torch.tensor(IMAGENET_MEAN, device=device)  # (3,)
+        std = torch.tensor(IMAGENET_STD, device=device)  # (3,)
+    return mean, std
+
+
+def pixels_to_input(patches: torch.Tensor) -> torch.Tensor:
+    """uint8 patch sequences -> normalized float model input.
+
+    Args:
+        patches: (B, K, p*p*3) uint8 (or float in [0, 255]), channel last within a patch.
+
+    Returns:
+        (B, K, p*p*3) float32: ``(x / 255 - mean_c) / std_c`` per colour channel.
+    """
+    b, k, pdim = patches.shape
+    x = patches.float().reshape(b, k, pdim // 3, 3) / 255.0  # (B, K, p*p, 3)
+    mean, std = _imagenet_stats(x.device)  # (3,) each
+    return ((x - mean) / std).reshape(b, k, pdim)  # (B, K, P)

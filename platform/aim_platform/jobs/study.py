@@ -1,6 +1,6 @@
 """Study spec -> Ray Tune run -> one table in the paper's layout.
 
-Each trial is a pre-training (a ``TorchTrainer`` built by the launcher inside the Tune trial:
+Each trial is a pre-training (a ``TorchTrainer`` built by :mod:`.pretrain` inside the Tune trial:
 Ray's current Tune-drives-Train pattern, metrics forwarded by ``TuneReportCallback``)
 followed by its probes. MLflow: a parent run per study, a child run per trial (the
 pre-training run, with its probe runs nested under it); at the end the parent holds the
@@ -148,7 +148,7 @@ def _trial(config: dict[str, Any]) -> None:
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from aim_platform.train.launcher import pretrain
+    from aim_platform.jobs.pretrain import pretrain
 
     spec = StudySpec.model_validate(config["spec"])
     job = spec.job(config["variant"], config["scale"], config["extra"])
@@ -191,7 +191,7 @@ def run_study(
     """
     from aim_platform.cluster import connect
     from aim_platform.data.pipeline import resolve_url
-    from aim_platform.train.launcher import storage_url
+    from aim_platform.jobs.pretrain import storage_url
 
     connect(address)
     root = Path(storage_url(storage)) / f"{spec.name}-{scale}"

@@ -1,4 +1,5 @@
-"""The only place that builds a ``TorchTrainer``: ``aimctl pretrain`` and the studies call it.
+"""The pre-training job, the only place that builds a ``TorchTrainer``: ``aimctl pretrain`` and
+the studies call it.
 
 Driver side: connect to (or start) Ray, create the MLflow run, build the datasets, fit,
 then log the artifacts and print a summary. The per-worker loop is :mod:`.loop`.
@@ -162,7 +163,7 @@ def pretrain(
         run_id = _reuse_or_start_run(job, tracker, run_tags, parent_run_id)
 
     if job.model.target == "tokens" and job.model.tokenizer == "auto":
-        from aim_platform.models.tokenizer import resolve_tokenizer
+        from aim_platform.jobs.tokenizer import resolve_tokenizer
 
         # Fit the k-means codebook once into the run's storage (reused when resuming).
         job = job.model_copy(
@@ -270,7 +271,8 @@ def probe_checkpoints(
         The final trunk's probe metrics (``probe/attentive/top1``, ...).
     """
     from aim_platform.eval.correlation import correlate_run
-    from aim_platform.eval.probe import log_probe, report_metrics, run_probe
+    from aim_platform.eval.probe import report_metrics
+    from aim_platform.jobs.probe import log_probe, run_probe
 
     assert job.probe is not None and result.run_id
     dataset = job.probe.dataset or job.data.sources[0].url

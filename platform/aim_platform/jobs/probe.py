@@ -1,0 +1,245 @@
+"""The probe job: features of a frozen trunk computed by a Ray Data actor pool, attentive and
+linear probes (and LoRA) trained on them (:mod:`aim_platform.eval`), one MLflow run per probe."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from aim_platform.config import DataConfig, DataSource, ProbeConfig
+from aim_platform.eval.features import block_outputs, load_trunk
+from aim_platform.eval.lora import fit_lora_probe
+from aim_platform.eval.probe import ProbeReport, probe_features, report_metrics
+from aim_platform.tracking import Tracker
+
+
+class FeatureActor:
+    """Ray Data callable class: holds one frozen trunk, maps ``patches`` to block outputs.
+
+    Rows whose image failed to decode (``valid`` False) and, when ``keep_ids`` is given,
+    rows whose ``id`` is not in it are dropped here rather than by a separate ``filter``
+    (a filter is its own 1-CPU task that may never be scheduled beside the actor on a small
+    machine). Output columns: ``features`` float16 (L, K, D) per row, ``label`` and ``id``.
+    """
+
+    def __init__(
+        self,
+        trunk_path: str,
+        layers: Sequence[int],
+        attention: str,
+        storage_options: dict[str, Any] | None = None,
+        threads: int = 1,
+        keep_ids: set[str] | None = None,
+    ) -> None:
+        torch.set_num_threads(threads)
+        self.trunk, _ = load_trunk(trunk_path, storage_options)
+        self.layers = list(layers)
+        self.attention = attention
+        self.keep_ids = keep_ids
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        keep = np.asarray(batch["valid"], dtype=bool)  # (B,)
+        if self.keep_ids is not None:
+            keep &= np.array([str(i) in self.keep_ids for i in batch["id"]], dtype=bool)
+        pixels = torch.from_numpy(np.stack(batch["patches"])[keep])  # (B', K, P) uint8
+        with torch.no_grad():
+            feats = block_outputs(self.trunk, pixels, self.layers, self.attention)
+        return {
+            "features": feats.to(torch.float16).numpy(),  # (B', L, K, D)
+            "label": np.asarray(batch["label"])[keep],
+            "id": np.asarray(batch["id"])[keep],
+        }
+
+
+def dataset_features(
+    ds: Any,
+    trunk_path: str,
+    layers: Sequence[int],
+    attention: str = "bidirectional",
+    storage_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    actors: int = 1,
+    cpus_per_actor: float = 0.5,
+    keep_ids: set[str] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Block outputs of every valid row (with an id in ``keep_ids``, if given) of a Ray
+    Dataset with columns ``patches``, ``valid``, ``label`` and ``id``, computed by an actor
+    pool holding the trunk.
+
+    Returns:
+        ``(features (N, L, K, D) float16, labels (N,) int64, ids (N,))`` in the dataset's order.
+    """
+    from ray.data import ActorPoolStrategy
+
+    out = ds.map_batches(
+        FeatureActor,
+        fn_constructor_kwargs={
+            "trunk_path": trunk_path,
+            "layers": list(layers),
+            "attention": attention,
+            "storage_options": storage_options,
+            "threads": max(1, int(cpus_per_actor)),
+            "keep_ids": keep_ids,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=cpus_per_actor,
+    )
+    feats, labels, ids = [], [], []
+    for batch in out.iter_batches(batch_size=1024, batch_format="numpy"):
+        feats.append(batch["features"])
+        labels.append(batch["label"])
+        ids.append(batch["id"])
+    if not feats or not sum(len(f) for f in feats):
+        raise ValueError("the dataset has no valid rows to compute features for")
+    return np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(ids)
+
+
+def _materialize(ds: Any, keep_ids: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K, P) uint8 patches and (N,) labels of the valid (and kept) rows."""
+    pixels, labels = [], []
+    for batch in ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        keep = np.asarray(batch["valid"], dtype=bool)
+        if keep_ids is not None:
+            keep &= np.array([str(i) in keep_ids for i in batch["id"]], dtype=bool)
+        pixels.append(np.stack(batch["patches"])[keep])
+        labels.append(np.asarray(batch["label"])[keep])
+    return torch.from_numpy(np.concatenate(pixels)), torch.from_numpy(np.concatenate(labels))
+
+
+def run_lora_probe(
+    trunk_path: str,
+    cfg: ProbeConfig,
+    train_ds: Any,
+    val_ds: Any,
+    layers: list[int],
+    num_classes: int,
+    storage_options: dict[str, Any] | None = None,
+    keep_ids: set[str] | None = None,
+) -> dict[str, float]:
+    """LoRA + attentive probe on the probe job's datasets (materialized: small label sets)."""
+
+    trunk, _ = load_trunk(trunk_path, storage_options)
+    train, val = _materialize(train_ds, keep_ids), _materialize(val_ds, None)
+    return fit_lora_probe(trunk, layers, train, val, num_classes, cfg)
+
+
+def select_labelled(
+    url: str, n_per_class: int | None, seed: int, storage_options: dict[str, Any] | None = None
+) -> set[str] | None:
+    """Ids of ``n_per_class`` training rows per label, chosen by a seeded hash (None: all).
+
+    Reads only the ``id`` and ``label`` columns of the train shards.
+    """
+    if n_per_class is None:
+        return None
+    import pyarrow.parquet as pq
+
+    from aim_platform.data.pipeline import source_shards
+    from aim_platform.data.transforms import id_hash
+
+    shards = source_shards(DataSource(url=url), "train", storage_options)
+    by_label: dict[int, list[tuple[int, str]]] = {}
+    for path in shards.paths:
+        table = pq.read_table(path, columns=["id", "label"], filesystem=shards.filesystem)
+        for sid, label in zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True):
+            if label is not None and label >= 0:
+                by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
+    if not by_label:
+        raise ValueError(f"dataset: {url} has no labelled training rows")
+    return {sid for rows in by_label.values() for _, sid in sorted(rows)[:n_per_class]}
+
+
+def probe_datasets(cfg: ProbeConfig, model_cfg: Any, dataset: str) -> tuple[Any, Any]:
+    """Ray datasets for a probe: ``views`` augmented passes over the labelled training rows,
+    and the fixed centre-crop view of the validation split."""
+    from aim_platform.data.pipeline import build_train_dataset, build_val_dataset
+
+    data = DataConfig(sources=[DataSource(url=dataset)], storage_options=cfg.storage_options)
+    train = build_train_dataset(data, model_cfg, seed=cfg.seed, epochs=cfg.views)
+    return train, build_val_dataset(data, model_cfg)
+
+
+def run_probe(
+    trunk_path: str,
+    cfg: ProbeConfig,
+    *,
+    dataset: str,
+    storage_options: dict[str, Any] | None = None,
+) -> ProbeReport:
+    """The whole probe job on one trunk (features by Ray, probes here). Needs Ray running."""
+
+    trunk, model_cfg = load_trunk(trunk_path, storage_options)
+    n_blocks = len(trunk.blocks)
+    layers = cfg.resolved_layers(n_blocks)
+    blocks = sorted(set(layers) | (set(range(n_blocks)) if cfg.sweep else set()))
+    train_ds, val_ds = probe_datasets(cfg, model_cfg, dataset)
+    chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
+    tx, ty, tids = dataset_features(
+        train_ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=chosen
+    )
+    vx, vy, _ = dataset_features(val_ds, trunk_path, blocks, cfg.attention, storage_options)
+    if (vy < 0).any() or (ty < 0).any():
+        raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
+    num_classes = int(max(ty.max(), vy.max())) + 1
+    report = probe_features(
+        tx, ty, vx, vy, blocks, cfg, layers, num_classes, trunk.blocks[0].attn.num_heads
+    )
+    report.train_images = len(set(tids.tolist()))
+    if cfg.lora_rank:
+        report.lora = run_lora_probe(
+            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options, chosen
+        )
+    return report
+
+
+def log_probe(
+    tracker: Tracker,
+    report: ProbeReport,
+    cfg: ProbeConfig,
+    *,
+    experiment: str,
+    run_name: str,
+    trunk_path: str,
+    dataset: str,
+    parent_run_id: str | None = None,
+    step: int | None = None,
+) -> str:
+    """Log a probe as its own MLflow run (nested under ``parent_run_id``), and its metrics
+    into the parent at ``step`` so that the parent can correlate loss and accuracy."""
+    from aim_platform.config import flatten
+    from aim_platform.plots import accuracy_per_block_figure
+    from aim_platform.security import redact
+    from aim_platform.tracking import log_datasets
+
+    params = flatten(redact({"probe": cfg.model_dump(mode="json")}))
+    params.update(
+        {
+            "trunk": trunk_path,
+            "dataset": dataset,
+            "probe.layers_used": report.layers,
+            "train_images": report.train_images,
+            "val_images": report.val_images,
+        }
+    )
+    run_id = tracker.start_run(
+        experiment,
+        run_name,
+        params,
+        {"kind": "probe", "pretrain_step": str(step)},
+        parent_run_id,
+    )
+    log_datasets(tracker, run_id, [dataset], cfg.storage_options, context="probe")
+    metrics = report_metrics(report)
+    tracker.log_metrics(run_id, metrics, step=step or 0)
+    if report.per_block:
+        per_block = {k: {b: s.top1 for b, s in v.items()} for k, v in report.per_block.items()}
+        tracker.log_figure(run_id, accuracy_per_block_figure(per_block), "accuracy_per_block.png")
+    tracker.finish(run_id)
+    if parent_run_id and step is not None:
+        tracker.log_metrics(parent_run_id, metrics, step=step)
+    return run_id

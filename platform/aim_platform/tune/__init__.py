@@ -1,1 +1,0 @@
-"""Ray Tune ablation studies (the paper's Tables 3-5)."""
