@@ -8,12 +8,9 @@ run it in a subprocess, so that the session's Ray stays up.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,32 +22,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_http(url: str, timeout: float = 60.0) -> None:
-    """Poll ``url`` until it answers 200 or raise after ``timeout`` seconds."""
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception as exc:  # noqa: BLE001 - any failure means "not up yet"
-            last = exc
-        time.sleep(0.25)
-    raise TimeoutError(f"{url} did not come up in {timeout}s: {last}")
-
+from net_helpers import free_port, wait_for_http  # noqa: E402
 
 # Fixtures that start a Ray, a server or an S3 endpoint: their tests are `cluster` tests,
 # left out of the fast lane (`make test-fast`: -m "not slow and not cluster").

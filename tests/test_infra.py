@@ -15,7 +15,7 @@ from urllib.parse import urlparse
 import pytest
 import tomllib
 import yaml
-from conftest import REPO
+from net_helpers import REPO
 
 from aim_platform import services, submit
 from aim_platform.security import is_secret_key, redact_text

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from aim_platform import services as svc
 from aim_platform.cli import app
 from aim_platform.config import flatten
-from aim_platform.security import REDACTED, redact, redact_params
+from aim_platform.security import REDACTED, redact
 
 PLANTED = "planted-Secret-9f8e7d6c5b4a"
 PLANTED_KEY_ID = "AKIAPLANTED000000000"
@@ -120,7 +120,7 @@ def test_services_up_log_run_down(tmp_path: Path) -> None:
         client = MlflowClient(tracking_uri=mlflow_rec.url)
         exp = client.create_experiment("services-test")
         run = client.create_run(exp, tags=redact({"env.AWS_SESSION_TOKEN": PLANTED, "who": "me"}))
-        for k, v in redact_params(flatten(config)).items():
+        for k, v in flatten(redact(config)).items():
             client.log_param(run.info.run_id, k, v)
         client.log_metric(run.info.run_id, "train/loss", 1.5, step=3)
         cfg_file = tmp_path / "config.yaml"

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, free_port
+from net_helpers import REPO, free_port
 from typer.testing import CliRunner
 
 import aim_platform
@@ -65,8 +65,10 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> list[int]:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    time.sleep(1)
-    proc.poll()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
     return _head_processes(proc.pid, temp_dir)
 
 

@@ -9,14 +9,13 @@ spaces and camelCase) is a secret word (``secret``, ``password``, ``token``, ``k
 redacted, while ``num_tokens`` or ``tokenizer`` are not. Passwords embedded in URLs
 (``postgresql://user:pw@host/db``) are redacted wherever they appear.
 
-Path safety: :func:`safe_join` joins a relative path from a config or manifest onto a storage
-root (local folder or ``s3://``-style URL) and refuses ``..`` escapes, absolute paths and
-URLs where a relative path is expected, and (for local roots) symlinks leading outside.
+Path safety: :func:`check_relative` validates a relative path read from a config or a
+manifest (a submitted config's place in the repository, a shard path of an ingest manifest)
+and refuses ``..`` escapes, absolute paths and URLs where a relative path is expected.
 """
 
 from __future__ import annotations
 
-import logging
 import posixpath
 import re
 from collections.abc import Iterable, Mapping
@@ -117,48 +116,6 @@ def redact(obj: Any) -> Any:
     return obj
 
 
-def redact_params(params: Mapping[str, Any]) -> dict[str, Any]:
-    """Redact flattened params (``{"a.b.secret": "x"}``) before ``mlflow.log_params``.
-
-    Args:
-        params: flat mapping of dotted names to values.
-
-    Returns:
-        A new dict with secret values replaced by :data:`REDACTED`.
-    """
-    return redact(dict(params))
-
-
-def secret_values(obj: Any, *, min_length: int = 4) -> set[str]:
-    """Every secret value held in ``obj`` (for scrubbing free text with :func:`redact_text`).
-
-    Args:
-        obj: a nested config, storage options or an environment mapping (``os.environ``).
-        min_length: shorter values are ignored (they would match too much text).
-
-    Returns:
-        The set of string values found under secret keys, at any depth.
-    """
-    found: set[str] = set()
-
-    def walk(node: Any, secret: bool) -> None:
-        if hasattr(node, "model_dump") and callable(node.model_dump):
-            node = node.model_dump(mode="json")
-        if isinstance(node, Mapping):
-            for k, v in node.items():
-                walk(v, secret or is_secret_key(str(k)))
-        elif isinstance(node, list | tuple | set):
-            for v in node:
-                walk(v, secret)
-        elif secret and node is not None and not isinstance(node, bool):
-            text = str(node)
-            if len(text) >= min_length:
-                found.add(text)
-
-    walk(obj, False)
-    return found
-
-
 def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
     """Scrub secrets from free text (a log line, a YAML dump, a command line).
 
@@ -185,42 +142,6 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 
     return _ASSIGNMENT.sub(assignment, text)
 
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that scrubs each record's message with :func:`redact_text`."""
-
-    def __init__(self, secrets: Iterable[str] = ()) -> None:
-        super().__init__()
-        self.secrets = set(secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite the record's message in place; never drops a record."""
-        message = record.getMessage()
-        record.msg = redact_text(message, self.secrets)
-        record.args = None
-        return True
-
-
-def install_log_redaction(
-    logger: logging.Logger | None = None, secrets: Iterable[str] = ()
-) -> RedactingFilter:
-    """Attach a :class:`RedactingFilter` to every handler of ``logger`` (default: root).
-
-    Args:
-        logger: the logger whose handlers get the filter.
-        secrets: known secret values to scrub in addition to the generic patterns.
-
-    Returns:
-        The installed filter (remove it with ``handler.removeFilter``).
-    """
-    target = logger or logging.getLogger()
-    filt = RedactingFilter(secrets)
-    for handler in target.handlers:
-        handler.addFilter(filt)
-    return filt
-
-
-# --------------------------------------------------------------------------- path safety
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
@@ -258,38 +179,3 @@ def check_relative(path: str | Path, *, field: str = "path") -> str:
     if norm == ".." or norm.startswith("../"):
         raise UnsafePathError(f"{field}: {text!r} escapes its root with '..'")
     return norm
-
-
-def safe_join(root: str | Path, relative: str | Path, *, field: str = "path") -> str:
-    """Join a relative path onto a storage root, refusing anything that would leave the root.
-
-    Args:
-        root: a local folder or an fsspec URL (``s3://bucket/prefix``, ``file:///x``).
-        relative: the relative path from a config or manifest.
-        field: the config field ``relative`` came from, named in errors.
-
-    Returns:
-        The joined location as a string (a URL when ``root`` is one).
-
-    Raises:
-        UnsafePathError: see :func:`check_relative`; also when, under a local root, an existing
-            symlink along the way leads outside the root.
-    """
-    rel = check_relative(relative, field=field)
-    root_text = str(root)
-    if not root_text:
-        raise UnsafePathError(f"{field}: empty storage root")
-    if _SCHEME.match(root_text) and not root_text.startswith("file://"):
-        joined = root_text.rstrip("/") + ("" if rel == "." else "/" + rel)
-        return joined
-    local_root = Path(root_text.removeprefix("file://"))
-    joined_path = local_root / rel if rel != "." else local_root
-    resolved_root = local_root.resolve()
-    resolved = joined_path.resolve()
-    if resolved != resolved_root and resolved_root not in resolved.parents:
-        raise UnsafePathError(
-            f"{field}: {str(relative)!r} resolves to {str(resolved)!r}, outside the root "
-            f"{str(resolved_root)!r} (through a symlink)"
-        )
-    prefix = "file://" if root_text.startswith("file://") else ""
-    return prefix + str(joined_path)

@@ -73,6 +73,7 @@ from aim_platform.config import DataConfig, DataSource, ModelConfig
 from aim_platform.data import storage
 from aim_platform.data.ingest import read_manifest
 from aim_platform.data.tasks import read_and_decode
+from aim_platform.security import check_relative
 
 if TYPE_CHECKING:
     import ray.data
@@ -133,7 +134,8 @@ def source_shards(
     return Shards(
         name=source.source_name,
         weight=source.weight,
-        paths=[storage.join(root, s["path"]) for s in shards],
+        # A manifest is input too: its shard paths must stay under the dataset's root.
+        paths=[storage.join(root, check_relative(s["path"], field="manifest shard")) for s in shards],
         rows=sum(int(s["rows"]) for s in shards),
         filesystem=fs,
     )

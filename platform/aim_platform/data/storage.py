@@ -17,8 +17,6 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
-_SECRET_KEYS = ("key", "secret", "token", "password", "aws_secret_access_key")
-
 
 def is_remote(url: str) -> bool:
     """True for URLs with a non-local protocol (``s3://``, ``gs://``, ...)."""
@@ -138,16 +136,3 @@ def public_url(url: str) -> str:
         return url
     netloc = parsed.netloc.rsplit("@", 1)[-1]
     return f"{parsed.scheme}://{netloc}{parsed.path}"
-
-
-def redact(options: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``options`` with secret values replaced by ``***`` (for logs)."""
-    out: dict[str, Any] = {}
-    for k, v in options.items():
-        if isinstance(v, dict):
-            out[k] = redact(v)
-        elif any(s in k.lower() for s in _SECRET_KEYS):
-            out[k] = "***"
-        else:
-            out[k] = v
-    return out

@@ -20,13 +20,28 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
+
+
+# What a broken or hostile file makes Pillow raise: these mean "reject or drop this image";
+# anything else (a TypeError, a NameError) is a bug and must not pass as a dropped image.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # truncated data, decoder errors ("image file is truncated", "broken data stream")
+    ValueError,  # bad modes, sizes, tiles; our ImageRejected
+    SyntaxError,  # Pillow's parsers signal malformed headers this way
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+)
 
 
 class ImageRejected(ValueError):
@@ -112,7 +127,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:
         raise ImageRejected("not an image: format not recognised") from None
-    except Exception as exc:  # noqa: BLE001 - any header failure is a corrupt image
+    except DECODE_ERRORS as exc:  # any other header failure: a corrupt image
         raise ImageRejected(f"corrupt image header: {exc}") from None
     w, h = img.size
     if w * h > max_pixels:
@@ -216,7 +231,7 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[in
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))  # still reads it all
         img.load()
         to_rgb(img)
-    except Exception as exc:  # noqa: BLE001 - every decoder failure is a reason
+    except DECODE_ERRORS as exc:  # every decoder failure is a reason
         raise ImageRejected(f"corrupt or truncated image: {exc}") from None
     return width, height
 
@@ -259,7 +274,7 @@ def decode_batch(
                 )
             else:
                 img = val_image(data or b"", img_size, max_pixels=max_pixels)
-        except Exception:  # noqa: BLE001 - a bad image is dropped and counted, never fatal
+        except DECODE_ERRORS:  # a bad image is dropped and counted, never fatal
             continue
         patches[i] = patchify_hwc(img, patch_size)  # (K, P)
         valid[i] = True
