@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
+from aim_platform.config import MAX_PIXELS
 from aim_platform.errors import PlatformError
 
 console = Console(soft_wrap=True)
@@ -165,10 +166,10 @@ def services_status(state_dir: Path | None = _STATE_OPT) -> None:
 
 def _log_folder(job: Any) -> Path:
     """Local folder for a run's console log: the run folder, or ./runs/NAME for s3:// runs."""
-    from aim_platform.jobs.pretrain import run_root
+    from aim_platform.jobs.pretrain import run_paths
 
-    root = run_root(job)
-    return Path(root) if "://" not in root else Path("runs").resolve() / job.name
+    paths = run_paths(job)
+    return Path(paths.root) if paths.is_local else Path("runs").resolve() / job.name
 
 
 @app.command()
@@ -240,7 +241,7 @@ def ingest(
     storage_options: str = typer.Option("", help='fsspec options JSON, e.g. {"endpoint_url": ...}'),
     image_size: int = typer.Option(64, help="side of builtin:digits images"),
     num_photos: int = typer.Option(1000, help="number of builtin:photos crops"),
-    max_pixels: int = typer.Option(89_478_485, help="larger images are rejected as bombs"),
+    max_pixels: int = typer.Option(MAX_PIXELS, help="larger images are rejected as bombs"),
     source: str = typer.Option("", help="value of the `source` column (default: SRC's name)"),
     force: bool = typer.Option(False, help="re-ingest even if DEST is up to date"),
 ) -> None:
@@ -600,8 +601,8 @@ def study(
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, captured_output, log_path
-    from aim_platform.jobs.pretrain import storage_url
     from aim_platform.jobs.study import load_study, run_study
+    from aim_platform.train.paths import storage_url
 
     if scale not in ("tiny", "small", "paper"):
         raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")

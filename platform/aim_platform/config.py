@@ -19,6 +19,10 @@ from aim_platform.models.sizes import SIZES
 # Pre-training attention; downstream runs the trunk bidirectionally (or causally for Table 3d
 # probes), which the autoregressive objective cannot: every position would see its target.
 # ``bidirectional`` is valid only with the masked objective (Table 5), and required there.
+# Images above this many pixels are decompression bombs (Pillow's default MAX_IMAGE_PIXELS):
+# the default of ingest (`--max-pixels`), of `data.max_pixels` and of every decode.
+MAX_PIXELS = 89_478_485
+
 PretrainAttention = Literal["prefix_causal", "causal", "bidirectional"]
 PatternKind = Literal["raster", "spiral", "checkerboard", "random"]
 HeadKind = Literal["none", "mlp", "transformer"]
@@ -304,7 +308,7 @@ class DataConfig(StrictModel):
     crop_scale: tuple[float, float] = (0.4, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_prob: float = Field(0.5, ge=0, le=1)
-    max_pixels: int = Field(89_478_485, ge=1, description="larger images count as corrupt")
+    max_pixels: int = Field(MAX_PIXELS, ge=1, description="larger images count as corrupt")
     decode_batch_size: int = Field(32, ge=1, description="rows per decode task call")
     decode_concurrency: int | None = Field(None, ge=1, description="max decode tasks at once")
     cpus_per_task: float = Field(0.5, ge=0, description="logical CPUs per read/decode task")

@@ -28,7 +28,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default MAX_IMAGE_PIXELS
+from aim_platform.config import MAX_PIXELS
+
+DEFAULT_MAX_PIXELS = MAX_PIXELS  # one home: aim_platform.config
 
 
 # What a broken or hostile file makes Pillow raise: these mean "reject or drop this image";

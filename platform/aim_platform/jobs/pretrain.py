@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,9 +19,10 @@ from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
 from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
+from aim_platform.models.losses import VAL_CHUNKS
+from aim_platform.train.loop import LoopArgs
+from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board
-
-RUN_ID_FILE = "mlflow_run_id.json"
 
 
 @dataclass
@@ -40,24 +40,17 @@ class PretrainResult:
     error: str | None = None
 
 
-def run_root(job: JobConfig) -> str:
-    """``<storage>/<name>``: checkpoints, the final trunk and run bookkeeping live here."""
-    return f"{storage_url(job.train.storage_path).rstrip('/')}/{job.name}"
-
-
-def storage_url(path: str) -> str:
-    """Local paths become absolute (Ray needs that); URLs stay as they are."""
-    return os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
+def run_paths(job: JobConfig) -> RunPaths:
+    """The run's folder, ``<storage>/<name>``: checkpoints, trunks and bookkeeping."""
+    return RunPaths.of(job.train.storage_path, job.name)
 
 
 def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
     """The newest complete checkpoint's train state (``latest.json``), or None."""
-    from aim_platform.train.checkpoint import LATEST
-
-    fs, root = filesystem(run_root(job), job.train.storage_options)
-    if not fs.exists(f"{root}/{LATEST}"):
+    fs, latest = filesystem(run_paths(job).latest, job.train.storage_options)
+    if not fs.exists(latest):
         return None
-    with fs.open(f"{root}/{LATEST}", "r") as f:
+    with fs.open(latest, "r") as f:
         return json.loads(f.read())
 
 
@@ -70,8 +63,9 @@ def _reuse_or_start_run(
     """One MLflow run per job: a job restarted by name continues its run. A new run gets the
     job as params, its datasets as inputs and its config as ``config.yaml``."""
     uri = tracker.uri
-    fs, root = filesystem(run_root(job), job.train.storage_options)
-    marker = f"{root}/{RUN_ID_FILE}"
+    paths = run_paths(job)
+    fs, root = filesystem(paths.root, job.train.storage_options)
+    marker = filesystem(paths.run_id_file, job.train.storage_options)[1]
     if fs.exists(marker):
         with fs.open(marker, "r") as f:
             saved = json.loads(f.read())
@@ -146,7 +140,8 @@ def pretrain(
     connect(address)
     tc = job.train
     storage = storage_url(tc.storage_path)
-    root = run_root(job)
+    paths = run_paths(job)
+    root = paths.root
     previous = latest_train_state(job)
     start_epoch = previous["epoch"] if previous else 0
 
@@ -171,7 +166,7 @@ def pretrain(
                 "model": resolve_tokenizer(
                     job.model,
                     job.data,
-                    f"{root}/tokenizer.safetensors",
+                    paths.tokenizer,
                     seed=job.seed,
                     storage_options=tc.storage_options,
                 )
@@ -185,14 +180,13 @@ def pretrain(
         storage_fs, storage_path = pyarrow_filesystem(storage, tc.storage_options)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "job": job.model_dump(mode="json"),
-            "tracking_uri": uri,
-            "run_id": run_id,
-            "final_dir": f"{root}/final",
-            "run_root": root,
-            "progress": board,
-        },
+        train_loop_config=LoopArgs(
+            job=job.model_dump(mode="json"),
+            paths=paths,
+            tracking_uri=uri,
+            run_id=run_id,
+            progress=board,
+        ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers,
             use_gpu=tc.use_gpu,
@@ -224,7 +218,7 @@ def pretrain(
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
     result.error = str(fit.error) if fit.error else None
-    final = f"{root}/final/trunk.safetensors"
+    final = paths.final_trunk
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
     if tracker and run_id:
@@ -277,9 +271,9 @@ def probe_checkpoints(
     assert job.probe is not None and result.run_id
     dataset = job.probe.dataset or job.data.sources[0].url
     trunks = {
-        s: f"{result.storage}/trunks/step_{s:08d}" for s in job.probe.at_steps if s < result.steps
+        s: run_paths(job).trunk_at(s) for s in job.probe.at_steps if s < result.steps
     }
-    trunks[result.steps] = f"{result.storage}/final"
+    trunks[result.steps] = run_paths(job).final
     for step, path in sorted(trunks.items()):
         report = run_probe(
             path, job.probe, dataset=dataset, storage_options=job.train.storage_options
@@ -315,7 +309,7 @@ def _log_outputs(tracker: tracking.Tracker, run_id: str, result: PretrainResult)
     if result.final_trunk:
         tracker.log_text(run_id, result.final_trunk + "\n", "final_trunk.txt")
     history = {}
-    for i in range(8):
+    for i in range(VAL_CHUNKS):
         points = tracker.metric_history(run_id, f"val/loss_chunk_{i}")
         if points:
             history[i] = points

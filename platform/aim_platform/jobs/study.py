@@ -24,6 +24,7 @@ from ray import tune
 
 from aim_platform import tracking
 from aim_platform.config import ConfigError, Scale, StudySpec
+from aim_platform.models.losses import VAL_CHUNKS
 
 STUDIES_DIR = Path(__file__).resolve().parents[3] / "jobs" / "studies"
 ROWS = ("linear", "attentive")
@@ -191,7 +192,7 @@ def run_study(
     """
     from aim_platform.cluster import connect
     from aim_platform.data.pipeline import resolve_url
-    from aim_platform.jobs.pretrain import storage_url
+    from aim_platform.train.paths import storage_url
 
     connect(address)
     root = Path(storage_url(storage)) / f"{spec.name}-{scale}"
@@ -319,7 +320,7 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
     tracker.log_text(parent, result.csv(), "table.csv")
     curves = {}
     for t in result.trials:
-        chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(8)]
+        chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(VAL_CHUNKS)]
         if all(c is not None for c in chunks):
             curves[t.variant] = chunks
         if t.error:

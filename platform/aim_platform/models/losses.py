@@ -136,7 +136,14 @@ def masked_token_loss(
     return _reduce(err, masked, shift=0)
 
 
-def chunk_losses(per_position: torch.Tensor, counts: torch.Tensor, chunks: int = 8) -> list[float]:
+# The validation loss is also reported per chunk of the patch sequence (paper Fig. 7): this many
+# equal chunks, ``val/loss_chunk_0`` ... ``val/loss_chunk_{VAL_CHUNKS - 1}``.
+VAL_CHUNKS = 8
+
+
+def chunk_losses(
+    per_position: torch.Tensor, counts: torch.Tensor, chunks: int = VAL_CHUNKS
+) -> list[float]:
     """Mean loss over each of ``chunks`` equal slices of the sequence (paper Fig. 7).
 
     Chunks with no counted target (e.g. inside every prefix) come out as NaN.

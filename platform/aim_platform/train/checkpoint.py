@@ -29,7 +29,6 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
-LATEST = "latest.json"  # in the run root: the newest complete checkpoint
 
 
 @dataclass

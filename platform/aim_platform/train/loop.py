@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,13 @@ import torch.distributed as dist
 from aim_platform.config import DataConfig, JobConfig, dump_config
 from aim_platform.data.pipeline import train_batches
 from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
-from aim_platform.models.losses import chunk_losses
+from aim_platform.models.losses import VAL_CHUNKS, chunk_losses
 from aim_platform.train import checkpoint as ckpt
 from aim_platform.train.optim import build_optimizer, build_scheduler
+from aim_platform.train.paths import RunPaths
 from aim_platform.train.sharding import resolve_precision, shard_model
 
 VAL_PREFIX_SEED = 1234  # fixed prefix lengths: validation losses comparable across steps/runs
-CHUNKS = 8  # loss per chunk of the patch sequence (paper Fig. 7)
 
 
 def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
@@ -71,19 +72,33 @@ def validate(
     loss_sum = torch.tensor(totals[:k])
     counts = torch.tensor(totals[k:])
     metrics = {"val/loss": float(loss_sum.sum() / counts.sum().clamp_min(1))}
-    for i, value in enumerate(chunk_losses(loss_sum, counts, CHUNKS)):
+    for i, value in enumerate(chunk_losses(loss_sum, counts, VAL_CHUNKS)):
         metrics[f"val/loss_chunk_{i}"] = value
     return metrics
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Entry point given to ``TorchTrainer``; ``loop_config`` comes from the launcher.
+@dataclass(frozen=True)
+class LoopArgs:
+    """What the pre-training job hands every worker (``TorchTrainer(train_loop_config=...)``).
 
-    Keys: ``job`` (the JobConfig as a JSON-able dict), ``tracking_uri`` and ``run_id`` (the
-    MLflow run rank 0 writes to; None disables tracking), ``final_dir`` (where the final
-    trunk goes), ``run_root`` (``<storage>/<name>``: ``latest.json``, exported trunks) and
-    ``progress`` (a :class:`~aim_platform.train.progress.ProgressBoard` actor or None).
+    Attributes:
+        job: The :class:`JobConfig` as a JSON-able dict (validated again on the worker).
+        paths: The run's folder: ``latest.json``, exported and final trunks.
+        tracking_uri: Where rank 0 logs metrics (None: no tracking).
+        run_id: The MLflow run rank 0 writes to (None: no tracking).
+        progress: A :class:`~aim_platform.train.progress.ProgressBoard` actor for the driver's
+            display, or None.
     """
+
+    job: dict[str, Any]
+    paths: RunPaths
+    tracking_uri: str | None = None
+    run_id: str | None = None
+    progress: Any = None
+
+
+def train_loop_per_worker(args: LoopArgs) -> None:
+    """Entry point given to ``TorchTrainer`` with the job's :class:`LoopArgs`."""
     import ray.train
     import ray.train.torch
 
@@ -99,7 +114,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # FSDP2 warns that the root returns a view (a Linear's 3-D output); nothing modifies it
     # in place, so the warning is noise on every step.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
-    job = JobConfig.model_validate(loop_config["job"])
+    job = JobConfig.model_validate(args.job)
     tc = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -128,15 +143,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with restored.as_directory() as folder:
             state = ckpt.load(Path(folder), app)
 
-    board = loop_config.get("progress") if rank == 0 else None  # the driver's display
+    board = args.progress if rank == 0 else None  # the driver's display
     if board is not None:
         board.started.remote(state.step)
     logger = None
-    if rank == 0 and loop_config.get("run_id"):
+    if rank == 0 and args.run_id and args.tracking_uri:
         from aim_platform.tracking import RunLogger
 
         # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end
-        logger = RunLogger(loop_config["tracking_uri"], loop_config["run_id"], system_metrics=True)
+        logger = RunLogger(args.tracking_uri, args.run_id, system_metrics=True)
         if restored is not None:  # a restart (worker failure or job restarted by name)
             logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
 
@@ -205,7 +220,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         do_ckpt = state.step % tc.checkpoint_every == 0 or state.step == tc.steps
         if probe_now:
             _export_trunk(
-                model, job, f"{loop_config['run_root']}/trunks/step_{state.step:08d}", rank
+                model, job, args.paths.trunk_at(state.step), rank
             )
         if not (do_log or do_val or do_ckpt):
             if board is not None:
@@ -241,9 +256,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 ray.train.report(
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+                    checkpoint_dir_name=RunPaths.checkpoint_name(state.step),
                 )
-            _commit_latest(loop_config.get("run_root"), tc.storage_options, state, rank)
+            _commit_latest(args.paths, tc.storage_options, state, rank)
         else:
             ray.train.report(report)
         # logging, validation and saving count neither as step time nor as data waiting
@@ -252,13 +267,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     if state.step < tc.steps and rank == 0:
         print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
-    _export_trunk(model, job, loop_config.get("final_dir"), rank)
+    _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
         logger.close()
 
 
 def _commit_latest(
-    run_root: str | None, storage_options: dict[str, Any], state: ckpt.TrainState, rank: int
+    paths: RunPaths, storage_options: dict[str, Any], state: ckpt.TrainState, rank: int
 ) -> None:
     """After every rank's upload returned, rank 0 records the checkpoint as the latest.
 
@@ -267,18 +282,18 @@ def _commit_latest(
     """
     if dist.is_initialized():
         dist.barrier()
-    if rank != 0 or not run_root:
+    if rank != 0:
         return
     import json
 
     from aim_platform.data.storage import filesystem
 
-    fs, root = filesystem(run_root, storage_options)
-    body = json.dumps({"checkpoint": f"checkpoint_{state.step:08d}", **vars(state)})
-    tmp = f"{root}/{ckpt.LATEST}.tmp"
+    fs, latest = filesystem(paths.latest, storage_options)
+    body = json.dumps({"checkpoint": RunPaths.checkpoint_name(state.step), **vars(state)})
+    tmp = f"{latest}.tmp"
     with fs.open(tmp, "w") as f:
         f.write(body)
-    fs.mv(tmp, f"{root}/{ckpt.LATEST}")
+    fs.mv(tmp, latest)
 
 
 def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None, rank: int) -> None:
