@@ -13,10 +13,11 @@ from importlib import resources
 
 import torch
 
-from aim_platform.config import ModelConfig
+from aim_platform.config import ModelConfig, OptimConfig
 from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
 from aim_platform.models.interop import load_ml_aim_v1
 from aim_platform.models.layers import patchify
+from aim_platform.train.trainer import Trainer
 
 
 @dataclass
@@ -65,12 +66,14 @@ def pretrain_steps(
     seed: int = 0,
     log: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """Single-process pre-training on digits; returns the loss of every step."""
+    """Single-process pre-training on digits with the platform's :class:`Trainer` step;
+    returns the loss of every step."""
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = digits_patches(cfg.img_size, cfg.patch_size)  # (N, K, P) uint8
     model = AIMForPretraining(cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.05)
+    # the platform's step (fused AdamW, clipping, warm-up + cosine), as the workers run it
+    trainer = Trainer(model, OptimConfig(lr=lr, warmup_steps=max(1, steps // 20)), steps)
     lo, hi = cfg.prefix_range
     losses = []
     for step in range(steps):
@@ -81,11 +84,7 @@ def pretrain_steps(
             imgs = batch.reshape(batch_size, g, g, p, p, 3).flip(2, 4)
             batch = imgs.reshape(batch_size, g * g, -1)
         prefix = sample_prefix_lengths(batch_size, lo, hi, gen)
-        out = model.loss(batch, prefix)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        losses.append(out.loss.item())
+        losses.append(trainer.train_step(batch, prefix).loss)
         if log is not None:
             log(step, losses[-1])
     return losses

@@ -28,6 +28,7 @@ from aim_platform.train.metrics import (
     peak_flops,
     synchronize,
 )
+from aim_platform.train.trainer import OPTIMIZER_REGION, Trainer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -227,7 +228,8 @@ def run_step_bench(
     if compile:
         model.compile_blocks()
     optim_cfg = OptimConfig(lr=1e-4, warmup_steps=0)
-    opt = build_optimizer(model, optimizer, optim_cfg)
+    # The platform's step; only the optimizer kind may differ (``--optimizer``).
+    trainer = Trainer(model, optim_cfg, 10**9, optimizer=build_optimizer(model, optimizer, optim_cfg))
     pixels = torch.randint(
         0, 256, (batch, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8, device=dev
     )  # (B, K, P) uint8, in memory on the device
@@ -242,20 +244,15 @@ def run_step_bench(
     def step() -> float:
         """One training step; returns the host seconds of clipping + optimizer (0 on CUDA,
         where events in ``events`` time them without synchronizing the step)."""
-        opt.zero_grad(set_to_none=True)
         prefix = sample_prefix_lengths(batch, *cfg.prefix_range, generator=gen)  # (B,) on CPU
         with autocast:
-            out = model.loss(pixels, prefix)
-        out.loss.backward()
+            trainer.backward(pixels, prefix)
         if dev.type == "cuda":
             pair = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events.append(pair)
             events[-1][0].record()
         start = time.perf_counter()
-        with record_function("bench::optimizer"):
-            if optim_cfg.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), optim_cfg.grad_clip)
-            opt.step()
+        trainer.step()  # clipping + optimizer + schedule, profiled as OPTIMIZER_REGION
         if dev.type == "cuda":
             events[-1][1].record()
             return 0.0
@@ -332,7 +329,7 @@ def profile_step(step: Callable[[], float]) -> dict[str, float]:
     """Shares of one step's wall time on the CPU: matmuls, attention, optimizer, the rest.
 
     Operators are classified by their self CPU time (time not spent in a child operator);
-    ``optimizer`` is gradient clipping plus the optimizer step (the ``bench::optimizer``
+    ``optimizer`` is gradient clipping plus the optimizer step (the ``aim::optimizer``
     region of the step), whatever they call.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -345,7 +342,7 @@ def profile_step(step: Callable[[], float]) -> dict[str, float]:
         traced()
     events = prof.key_averages()
     total = next(e.cpu_time_total for e in events if e.key == "bench::step")
-    opt = next(e.cpu_time_total for e in events if e.key == "bench::optimizer")
+    opt = next(e.cpu_time_total for e in events if e.key == OPTIMIZER_REGION)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in _MATMUL_OPS)
     attention = sum(
         e.self_cpu_time_total

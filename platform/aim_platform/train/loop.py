@@ -22,9 +22,9 @@ from aim_platform.data.pipeline import train_batches
 from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
 from aim_platform.models.losses import VAL_CHUNKS, chunk_losses
 from aim_platform.train import checkpoint as ckpt
-from aim_platform.train.optim import build_optimizer, build_scheduler
 from aim_platform.train.paths import RunPaths
 from aim_platform.train.sharding import resolve_precision, shard_model
+from aim_platform.train.trainer import Trainer
 
 VAL_PREFIX_SEED = 1234  # fixed prefix lengths: validation losses comparable across steps/runs
 
@@ -34,15 +34,6 @@ def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if dist.is_initialized():
         dist.all_reduce(t)
     return t.tolist()
-
-
-def _grad_norm(model: torch.nn.Module, max_norm: float | None) -> float:
-    """Clip to ``max_norm`` (if set) and return the true global norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(
-        model.parameters(), max_norm if max_norm is not None else float("inf")
-    )
-    full = getattr(norm, "full_tensor", None)  # DTensor under FSDP2
-    return float(full() if full is not None else norm)
 
 
 def validate(
@@ -134,14 +125,12 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         for block in [*model.trunk.blocks, *model.head.blocks]:
             block.compile()
     shard_model(model, precision)
-    optimizer = build_optimizer(model, job.optim)
-    scheduler = build_scheduler(optimizer, job.optim, tc.steps)
-    app = ckpt.AppState(model, optimizer, scheduler)
+    trainer = Trainer(model, job.optim, tc.steps, accum=tc.grad_accum_steps)
     state = ckpt.TrainState(data_seed=job.seed)
     restored = ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as folder:
-            state = ckpt.load(Path(folder), app)
+            state = trainer.restore(Path(folder))
 
     board = args.progress if rank == 0 else None  # the driver's display
     if board is not None:
@@ -169,11 +158,10 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     )
     probe_steps = set(job.probe.at_steps) if job.probe else set()
     lo, hi = job.model.prefix_range
-    accum = tc.grad_accum_steps
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
 
-    micro, loss_acc, dropped = 0, 0.0, 0
+    dropped = 0
     last_val: dict[str, float] = {}
     step_start = window_start = ready = time.perf_counter()
     data_wait = 0.0  # seconds spent waiting for batches since the last report
@@ -189,30 +177,20 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         state.epoch = max(state.epoch, int(batch["epoch"].max()))
         pixels = batch["patches"][valid]  # (B', K, P) uint8, corrupt images dropped
         # Prefix lengths from (seed, step, rank, micro): reproducible, different per rank.
-        gen = torch.Generator().manual_seed(hash((job.seed, state.step, rank, micro)) % 2**63)
+        seed = hash((job.seed, state.step, rank, trainer.micro)) % 2**63
+        gen = torch.Generator().manual_seed(seed)
         prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
-        last = micro == accum - 1
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(last)
-        out = model.loss(pixels, prefix, generator=gen)  # gen also draws masked-MIM masks
-        (out.loss / accum).backward()
-        loss_acc += float(out.loss.detach()) / accum
-        micro += 1
-        if not last:
+        if not trainer.backward(pixels, prefix, gen):  # gen also draws masked-MIM masks
             ready = time.perf_counter()
             continue
 
-        grad_norm = _grad_norm(model, job.optim.grad_clip)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        done = trainer.step()
+        step_loss, grad_norm, lr = done.loss, done.grad_norm, done.lr
         state.step += 1
         synchronize(device)
         now = time.perf_counter()
         meter.update(tc.global_batch_size, now - step_start)
         step_start = now
-        step_loss, micro, loss_acc = loss_acc, 0, 0.0
 
         do_log = state.step % tc.log_every == 0 or state.step == tc.steps
         probe_now = state.step in probe_steps  # a trunk to probe: export it, validate here
@@ -252,7 +230,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         report = {**last_val, **metrics, "step": state.step}
         if do_ckpt:
             with tempfile.TemporaryDirectory() as tmp:
-                ckpt.save(Path(tmp), app, state, config_yaml, rank)
+                trainer.save(Path(tmp), state, config_yaml, rank)
                 ray.train.report(
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
