@@ -119,13 +119,19 @@ def test_embed_accepts_pil_arrays_and_patches(tmp_path) -> None:
     from aim_platform.data.transforms import patchify_hwc
 
     patches = np.stack([patchify_hwc(im, cfg.patch_size) for im in images])
-    pil = [Image.fromarray(im) for im in images]
     a = embed(trunk, cfg, images)
     b = embed(trunk, cfg, patches)
-    c = embed(trunk, cfg, pil)
     assert a.shape == (3, cfg.embed_dim)
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, c)  # same-size PIL images: crop and resize are identities
+    # PIL images of any size get the evaluation view (the validation pipeline's): resize
+    # the shorter side to 37 (32 * 256 / 224) then centre crop 32
+    from aim_platform.data.transforms import eval_view
+
+    shapes = [(40, 50, 3), (49, 50, 3), (58, 50, 3)]
+    pil = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in shapes]
+    views = np.stack([eval_view(im, cfg.img_size) for im in pil])
+    torch.testing.assert_close(embed(trunk, cfg, pil), embed(trunk, cfg, views))
+    assert not torch.allclose(embed(trunk, cfg, pil[:1]), embed(trunk, cfg, views[1:2]))
     tokens = embed(trunk, cfg, patches, layers=[0, 1], pool=False)
     assert tokens.shape == (3, cfg.num_patches, cfg.embed_dim)
     with pytest.raises(ValueError, match="images must be"):
