@@ -8,7 +8,7 @@ Ray Dataset with a ``patches`` column; features come out per block (bidirectiona
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,7 +119,7 @@ def embed(
             :func:`aim_platform.data.transforms.eval_view`, resize to 256/224 of the model's
             size then centre crop), (N, H, W, 3) uint8 arrays already at the
             model's size, or (N, K, P) uint8 patch sequences. For a Ray Dataset use
-            :func:`dataset_features`.
+            :func:`iter_features`.
         layers: Blocks to average (negative counts from the end).
         pool: Mean over patches -> (N, D); False keeps tokens -> (N, K, D).
     """
@@ -172,7 +172,7 @@ class FeatureActor:
         }
 
 
-def dataset_features(
+def iter_features(
     ds: Any,
     trunk_path: str,
     layers: Sequence[int],
@@ -182,13 +182,14 @@ def dataset_features(
     actors: int = 1,
     cpus_per_actor: float = 0.5,
     keep_ids: set[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Iterator[dict[str, np.ndarray]]:
     """Block outputs of every valid row (with an id in ``keep_ids``, if given) of a Ray
     Dataset with columns ``patches``, ``valid``, ``label`` and ``id``, computed by an actor
-    pool holding the trunk.
+    pool holding the trunk and streamed: one batch in memory at a time, whatever N is.
 
-    Returns:
-        ``(features (N, L, K, D) float16, labels (N,) int64, ids (N,))`` in the dataset's order.
+    Yields:
+        ``{"features": (B, L, K, D) float16, "label": (B,) int64, "id": (B,)}`` in the
+        dataset's order (empty batches skipped).
     """
     from ray.data import ActorPoolStrategy
 
@@ -207,11 +208,10 @@ def dataset_features(
         compute=ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
     )
-    feats, labels, ids = [], [], []
-    for batch in out.iter_batches(batch_size=1024, batch_format="numpy"):
-        feats.append(batch["features"])
-        labels.append(batch["label"])
-        ids.append(batch["id"])
-    if not feats or not sum(len(f) for f in feats):
-        raise ValueError("the dataset has no valid rows to compute features for")
-    return np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(ids)
+    for batch in out.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        if len(batch["label"]):
+            yield {
+                "features": batch["features"],
+                "label": np.asarray(batch["label"]).astype(np.int64),
+                "id": batch["id"],
+            }

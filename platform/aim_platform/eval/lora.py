@@ -159,7 +159,7 @@ def fit_lora_probe(
 ) -> dict[str, float]:
     """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction."""
     from aim_platform.eval.features import block_outputs
-    from aim_platform.eval.probe import train_classifier
+    from aim_platform.eval.probe import chunks, random_batches, train_classifier
 
     torch.manual_seed(cfg.seed)
     adapters = add_lora(trunk, cfg.lora_rank or 8, cfg.lora_placement, cfg.lora_alpha)
@@ -174,16 +174,11 @@ def fit_lora_probe(
         probe,
         logits_of,
         [*adapters, *probe.parameters()],
-        tx,
-        ty,
-        vx,
-        vy,
+        random_batches(tx, ty, cfg.batch_size, cfg.seed),
+        chunks(vx, vy, 256),
         steps=cfg.steps,
-        batch_size=cfg.batch_size,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-        eval_batch=256,
     )
     return {"top1": score.top1, "top5": score.top5, "trained_fraction": trained_fraction(trunk)}
 
