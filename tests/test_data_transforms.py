@@ -97,13 +97,50 @@ def test_flip_probability() -> None:
     assert np.array_equal(never[:, ::-1], always)
 
 
-def test_val_view_is_deterministic_centre_crop() -> None:
-    data = jpeg(60, 100, seed=5)
+def official_eval_reference(img: Image.Image, size: int) -> np.ndarray:
+    """apple/ml-aim's val transform written here with PIL alone: shorter side resized
+    bicubically to round(size * 256 / 224) (= ceil(size / 0.875) for 32 and 224), long side
+    truncated as torchvision does, then a centre crop of ``size``."""
+    short = round(size * 256 / 224)
+    w, h = img.size
+    nw, nh = (short, short * h // w) if w <= h else (short * w // h, short)
+    resized = img.convert("RGB").resize((nw, nh), Image.BICUBIC)
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
+    return np.asarray(resized.crop((left, top, left + size, top + size)))
+
+
+@pytest.mark.parametrize("size", [32, 224])
+@pytest.mark.parametrize("shape", [(300, 451), (451, 300), (260, 260), (37, 90)])
+def test_eval_view_equals_official_transform(size: int, shape: tuple[int, int]) -> None:
+    img = Image.fromarray(rgb_array(*shape, seed=shape[0]))
+    assert T.eval_resize_size(size) == round(size * 256 / 224)
+    ours = T.eval_view(img, size)
+    assert ours.shape == (size, size, 3) and ours.dtype == np.uint8
+    assert np.array_equal(ours, official_eval_reference(img, size))
+    # not the old view (whole shorter side resized to size): the ratio is really applied
+    side = min(img.size)
+    box = ((img.width - side) // 2, (img.height - side) // 2)
+    old = img.resize((size, size), Image.BICUBIC, box=(*box, box[0] + side, box[1] + side))
+    assert not np.array_equal(ours, np.asarray(old))
+
+
+def test_eval_resize_size_follows_the_official_ceil() -> None:
+    assert T.eval_resize_size(224) == 256 and T.eval_resize_size(64) == 74  # ceil(73.14)
+    assert T.eval_resize_size(32, crop_ratio=1.0) == 32
+    with pytest.raises(ValueError, match="crop_ratio"):
+        T.eval_resize_size(32, crop_ratio=0.0)
+
+
+def test_val_view_is_the_eval_view_of_the_decoded_image() -> None:
+    png = io.BytesIO()
+    Image.fromarray(rgb_array(60, 100, seed=5)).save(png, format="PNG")
+    img = Image.open(io.BytesIO(png.getvalue()))
+    assert np.array_equal(T.val_image(png.getvalue(), 32), T.eval_view(img, 32))
+    data = jpeg(600, 1000, seed=5)  # JPEG: decoded in draft mode, then the same view
     a, b = T.val_image(data, 32), T.val_image(data, 32)
     assert np.array_equal(a, b) and a.shape == (32, 32, 3)
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    ref = np.asarray(img.resize((32, 32), Image.BICUBIC, box=(20, 0, 80, 60)), float)
-    assert np.abs(a.astype(float) - ref).mean() < 1.0
+    ref = T.eval_view(Image.open(io.BytesIO(data)), 32).astype(float)
+    assert np.abs(a.astype(float) - ref).mean() < 3.0
 
 
 @pytest.mark.parametrize("name", sorted(mode_images()))

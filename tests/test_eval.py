@@ -103,13 +103,50 @@ def test_lora_trains_only_adapters_and_merges_exactly(tmp_path) -> None:
     torch.testing.assert_close(merged, unmerged, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_wraps_every_attention_projection() -> None:
+@pytest.mark.parametrize("placement", ["official", "qkv_proj"])
+def test_lora_parameter_count_per_placement(placement: str) -> None:
     trunk = build_trunk(CFG)
-    params = add_lora(trunk, 2)
-    assert len(params) == 2 * 2 * CFG.num_blocks  # A and B, qkv and proj, every block
-    d = CFG.embed_dim
-    expected = CFG.num_blocks * (2 * (d + 3 * d) + 2 * (d + d))
-    assert sum(p.numel() for p in params) == expected
+    r, d = 2, CFG.embed_dim
+    params = add_lora(trunk, r, placement)
+    # official: (A, B) = (r d, d r) for each of q, v and proj: 6 r d per block;
+    # qkv_proj: qkv (r d + 3 d r) and proj (r d + d r): also 6 r d, spread differently
+    assert sum(p.numel() for p in params) == CFG.num_blocks * 6 * r * d
+
+
+def test_lora_official_placement_adapts_q_and_v_not_k_with_scale_one_over_r() -> None:
+    """apple/ml-aim's LoraAttention: loralib MergedLinear(enable_lora=[True, False, True]) on
+    qkv and loralib Linear on proj, loralib's default alpha 1 (scale 1/r)."""
+    torch.manual_seed(0)
+    trunk = build_trunk(CFG)
+    d, r = CFG.embed_dim, 4
+    add_lora(trunk, r)  # the default placement is the official one
+    qkv, proj = trunk.blocks[0].attn.qkv, trunk.blocks[0].attn.proj
+    assert qkv.scale == pytest.approx(1 / r) and proj.scale == pytest.approx(1 / r)
+    with torch.no_grad():
+        for layer in (qkv, proj):
+            layer.lora_b.normal_()
+    x = torch.randn(5, d)
+    with torch.no_grad():
+        dq, dk, dv = (qkv(x) - qkv.base(x)).split(d, dim=-1)  # (5, d) each
+        a, b = qkv.lora_a, qkv.lora_b  # (2, r, d), (2, d, r): q and v
+        torch.testing.assert_close(dq, x @ a[0].T @ b[0].T / r)
+        torch.testing.assert_close(dv, x @ a[1].T @ b[1].T / r)
+        assert torch.equal(dk, torch.zeros_like(dk))  # k carries no adapter
+        dp = proj(x) - proj.base(x)
+        torch.testing.assert_close(dp, x @ proj.lora_a[0].T @ proj.lora_b[0].T / r)
+        merged = qkv.merged()
+        torch.testing.assert_close(merged(x), qkv(x), rtol=1e-5, atol=1e-5)
+    ours = build_trunk(CFG)
+    add_lora(ours, r, "qkv_proj")
+    assert ours.blocks[0].attn.qkv.scale == 1.0
+
+
+def test_lora_official_placement_trains_a_tenth_of_a_percent_of_aim_7b() -> None:
+    """The paper (Section 5.5): rank 8 on AIM-7B fine-tunes ~0.1% of the trunk parameters."""
+    with torch.device("meta"):
+        trunk = build_trunk(ModelConfig(size="aim-7B"))
+        add_lora(trunk, 8)
+    assert trained_fraction(trunk) == pytest.approx(0.001, rel=0.05)
 
 
 def test_embed_accepts_pil_arrays_and_patches(tmp_path) -> None:
@@ -119,13 +156,19 @@ def test_embed_accepts_pil_arrays_and_patches(tmp_path) -> None:
     from aim_platform.data.transforms import patchify_hwc
 
     patches = np.stack([patchify_hwc(im, cfg.patch_size) for im in images])
-    pil = [Image.fromarray(im) for im in images]
     a = embed(trunk, cfg, images)
     b = embed(trunk, cfg, patches)
-    c = embed(trunk, cfg, pil)
     assert a.shape == (3, cfg.embed_dim)
     torch.testing.assert_close(a, b)
-    torch.testing.assert_close(a, c)  # same-size PIL images: crop and resize are identities
+    # PIL images of any size get the evaluation view (the validation pipeline's): resize
+    # the shorter side to 37 (32 * 256 / 224) then centre crop 32
+    from aim_platform.data.transforms import eval_view
+
+    shapes = [(40, 50, 3), (49, 50, 3), (58, 50, 3)]
+    pil = [Image.fromarray(rng.integers(0, 256, s, dtype=np.uint8)) for s in shapes]
+    views = np.stack([eval_view(im, cfg.img_size) for im in pil])
+    torch.testing.assert_close(embed(trunk, cfg, pil), embed(trunk, cfg, views))
+    assert not torch.allclose(embed(trunk, cfg, pil[:1]), embed(trunk, cfg, views[1:2]))
     tokens = embed(trunk, cfg, patches, layers=[0, 1], pool=False)
     assert tokens.shape == (3, cfg.num_patches, cfg.embed_dim)
     with pytest.raises(ValueError, match="images must be"):

@@ -346,9 +346,18 @@ class ProbeConfig(StrictModel):
     storage_options: dict[str, Any] = Field(default_factory=dict)
     kind: Literal["attentive", "linear", "both"] = "attentive"
     layers: list[int] | None = Field(
-        None, description="blocks whose outputs are averaged; None: the last quarter (>= 1)"
+        None,
+        description="blocks whose outputs are averaged; None: the last `window` blocks "
+        "(the official probes average the last 6)",
     )
-    sweep: bool = Field(True, description="also probe every block on its own (Table 7)")
+    window: int = Field(
+        6, ge=1, description="blocks per averaged window: the default main probe and the sweep"
+    )
+    sweep: bool = Field(
+        True,
+        description="also probe every block on its own and every window of `window` "
+        "consecutive blocks (Table 7's best layer)",
+    )
     labels_per_class: int | None = Field(None, ge=1, description="None: every train label")
     views: int = Field(4, ge=1, description="augmented crops per training image")
     steps: int = Field(300, ge=1)
@@ -357,6 +366,19 @@ class ProbeConfig(StrictModel):
     weight_decay: float = Field(0.05, ge=0)
     attention: Literal["bidirectional", "causal"] = "bidirectional"
     lora_rank: int | None = Field(None, ge=1, description="train rank-r LoRA with the probe")
+    lora_placement: Literal["official", "qkv_proj"] = Field(
+        "official",
+        description="official: q and v of attn.qkv plus attn.proj (apple/ml-aim's "
+        "LoraAttention); qkv_proj: the whole qkv plus proj",
+    )
+    lora_alpha: float | None = Field(
+        None, gt=0, description="scale alpha/r; None: 1 for official (loralib), r for qkv_proj"
+    )
+    cache_dir: str | None = Field(
+        None,
+        description="where averaged features are cached in shards (fsspec URL, e.g. on the "
+        "run's storage); None: a temporary local folder removed afterwards",
+    )
     seed: int = 0
     at_steps: list[int] = Field(
         default_factory=list,
@@ -366,10 +388,15 @@ class ProbeConfig(StrictModel):
     def resolved_layers(self, num_blocks: int) -> list[int]:
         """Block indices (0-based, ascending) the main probe averages."""
         if self.layers is None:
-            n = max(1, num_blocks // 4)
+            n = min(self.window, num_blocks)
             return list(range(num_blocks - n, num_blocks))
         out = sorted({i % num_blocks for i in self.layers})
         return out
+
+    def windows(self, num_blocks: int) -> list[list[int]]:
+        """Every run of ``window`` consecutive blocks (one window of all blocks when fewer)."""
+        w = min(self.window, num_blocks)
+        return [list(range(a, a + w)) for a in range(num_blocks - w + 1)]
 
 
 class JobConfig(StrictModel):

@@ -2,8 +2,9 @@
 
 The training view of an image is RandomResizedCrop (torchvision's sampling: scale (0.4, 1)
 and ratio (3/4, 4/3) by default, as in the AIM paper), a horizontal flip with p=0.5 and a
-bicubic resize to the model's image size; the validation view is a resize of the shorter
-side plus a centre crop. Both are cut into raster-ordered patches, values within a patch
+bicubic resize to the model's image size; the evaluation view (validation, probes, ``embed``:
+:func:`eval_view`) is the official AIM code's: the shorter side resized bicubically to
+``ceil(size / 0.875)`` (256 for 224), then a centre crop of ``size``. Both are cut into raster-ordered patches, values within a patch
 ordered (row, col, channel) exactly as :func:`aim_platform.models.layers.patchify`, and kept
 in uint8: (K, p*p*3).
 
@@ -107,10 +108,36 @@ def random_resized_crop_box(
     return (width - w) // 2, (height - h) // 2, w, h
 
 
-def center_crop_box(width: int, height: int) -> tuple[int, int, int, int]:
-    """The centred square of side min(W, H): resize-shorter-side + centre crop in one box."""
-    side = min(width, height)
-    return (width - side) // 2, (height - side) // 2, side, side
+EVAL_CROP_RATIO = 0.875  # crop / resize: 224 from 256, as apple/ml-aim's ``val_transforms``
+
+
+def eval_resize_size(size: int, crop_ratio: float = EVAL_CROP_RATIO) -> int:
+    """Shorter side before the centre crop: ``ceil(size / crop_ratio)`` (224 -> 256)."""
+    if not 0 < crop_ratio <= 1:
+        raise ValueError(f"crop_ratio must be in (0, 1], got {crop_ratio}")
+    return math.ceil(size / crop_ratio)
+
+
+def eval_view(img: Image.Image, size: int, crop_ratio: float = EVAL_CROP_RATIO) -> np.ndarray:
+    """The evaluation view of a PIL image, as torchvision's ``Resize(r, BICUBIC)`` then
+    ``CenterCrop(size)`` with r = :func:`eval_resize_size` (the official AIM transform).
+
+    The one evaluation transform: validation (:func:`val_image`), probes and ``embed`` use it.
+
+    Returns:
+        (size, size, 3) uint8.
+    """
+    img = to_rgb(img)
+    width, height = img.size
+    short = eval_resize_size(size, crop_ratio)
+    if width <= height:  # torchvision: the long side truncated, int(short * long / short_in)
+        new_w, new_h = short, int(short * height / width)
+    else:
+        new_w, new_h = int(short * width / height), short
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
+    return np.asarray(img.crop((left, top, left + size, top + size)))  # (S, S, 3)
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -214,10 +241,18 @@ def train_image(
 
 
 def val_image(data: bytes, size: int, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Validation view: shorter side resized to ``size``, centre crop, (size, size, 3) uint8."""
+    """Evaluation view of encoded bytes: :func:`eval_view`, (size, size, 3) uint8.
+
+    A JPEG is decoded in draft mode at the smallest DCT scale whose shorter side still
+    reaches the resize target (so only the pixels' decoding is approximated, not the crop).
+    """
     img = open_image(data, max_pixels)
-    img, fbox = _decode_box(img, center_crop_box(*img.size), size)
-    return np.asarray(img.resize((size, size), Image.BICUBIC, box=fbox))  # (S, S, 3)
+    if img.format == "JPEG":
+        short = eval_resize_size(size)
+        width, height = img.size
+        scale = short / min(width, height)
+        img.draft("RGB", (max(1, math.ceil(width * scale)), max(1, math.ceil(height * scale))))
+    return eval_view(img, size)  # (S, S, 3)
 
 
 def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:

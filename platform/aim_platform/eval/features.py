@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from aim_platform.config import ModelConfig
-from aim_platform.models.aim import AIMTrunk
-from aim_platform.models.layers import AttentionKind, attention_mask, patchify, pixels_to_input
+from aim_platform.models.aim import AIMTrunk, pixels_to_input
+from aim_platform.models.layers import AttentionKind, attention_mask, patchify
 
 
 def load_trunk(
@@ -76,7 +76,7 @@ def _to_patches(images: Any, cfg: ModelConfig) -> torch.Tensor:
     """PIL images, (N, H, W, 3) uint8 images or (N, K, P) patches -> (N, K, P) uint8."""
     from PIL import Image
 
-    from aim_platform.data.transforms import patchify_hwc
+    from aim_platform.data.transforms import eval_view, patchify_hwc
 
     if isinstance(images, torch.Tensor):
         images = images.numpy()
@@ -97,13 +97,8 @@ def _to_patches(images: Any, cfg: ModelConfig) -> torch.Tensor:
     for img in images:
         if not isinstance(img, Image.Image):
             raise TypeError(f"expected PIL images, uint8 arrays or patches, got {type(img)}")
-        rgb = img.convert("RGB")
-        side = min(rgb.size)
-        left, top = (rgb.width - side) // 2, (rgb.height - side) // 2
-        rgb = rgb.crop((left, top, left + side, top + side)).resize(
-            (cfg.img_size, cfg.img_size), Image.BICUBIC
-        )
-        out.append(patchify_hwc(np.asarray(rgb), cfg.patch_size))
+        view = eval_view(img, cfg.img_size)  # (S, S, 3), the validation pipeline's view
+        out.append(patchify_hwc(view, cfg.patch_size))
     return torch.from_numpy(np.stack(out))
 
 
@@ -120,9 +115,11 @@ def embed(
     Args:
         trunk: From :func:`load_trunk`.
         cfg: Its model config.
-        images: PIL images (centre-cropped and resized), (N, H, W, 3) uint8 arrays at the
+        images: PIL images (any size: the evaluation view of
+            :func:`aim_platform.data.transforms.eval_view`, resize to 256/224 of the model's
+            size then centre crop), (N, H, W, 3) uint8 arrays already at the
             model's size, or (N, K, P) uint8 patch sequences. For a Ray Dataset use
-            :func:`aim_platform.jobs.probe.dataset_features`.
+            :func:`iter_features`.
         layers: Blocks to average (negative counts from the end).
         pool: Mean over patches -> (N, D); False keeps tokens -> (N, K, D).
     """

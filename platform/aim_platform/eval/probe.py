@@ -1,23 +1,25 @@
-"""Probes on a frozen trunk: attentive (paper eq. 4) and linear, per block and on the mean
-of the chosen blocks (Table 7), trained on features an actor pool computed.
+"""Probes on a frozen trunk: attentive (paper eq. 4) and linear, on the mean of the chosen
+blocks, on every block and on every window of ``window`` consecutive blocks (Table 7), trained
+on features an actor pool computed.
 
-The job that feeds them (labelled rows, augmented views, block outputs by Ray, one MLflow
-run per probe) is :mod:`aim_platform.jobs.probe`.
+The job that feeds them (labelled rows, augmented views, block outputs streamed from Ray into
+a sharded cache of the averaged inputs, one MLflow run per probe) is
+:mod:`aim_platform.jobs.probe`; memory is bounded whatever the number of images.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from aim_platform.config import ProbeConfig
+from aim_platform.eval.cache import FeatureCache
 from aim_platform.models.heads import AttentiveProbe, LinearProbe
 
 
@@ -37,6 +39,7 @@ class ProbeReport:
         layers: Blocks the main probe averaged.
         main: kind -> score of the probe on the mean of ``layers``.
         per_block: kind -> block -> score (empty without a sweep).
+        per_window: kind -> ``"a-b"`` (blocks a..b averaged) -> score (empty without a sweep).
         train_images: Labelled training images used (before augmentation).
         val_images: Validation images.
         lora: Score and trained fraction of the LoRA run, when asked for.
@@ -45,6 +48,7 @@ class ProbeReport:
     layers: list[int]
     main: dict[str, ProbeScore] = field(default_factory=dict)
     per_block: dict[str, dict[int, ProbeScore]] = field(default_factory=dict)
+    per_window: dict[str, dict[str, ProbeScore]] = field(default_factory=dict)
     train_images: int = 0
     val_images: int = 0
     lora: dict[str, float] | None = None
@@ -56,6 +60,14 @@ class ProbeReport:
             return None
         b = max(blocks, key=lambda i: blocks[i].top1)
         return b, blocks[b]
+
+    def best_window(self, kind: str = "attentive") -> tuple[str, ProbeScore] | None:
+        """The window of blocks with the highest top-1 (None without a sweep)."""
+        windows = self.per_window.get(kind) or {}
+        if not windows:
+            return None
+        w = max(windows, key=lambda i: windows[i].top1)
+        return w, windows[w]
 
 
 def make_probe(kind: str, dim: int, num_classes: int, num_heads: int) -> nn.Module:
@@ -75,10 +87,68 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> ProbeScore:
     return ProbeScore(float(hit[:, 0].float().mean()), float(hit.any(1).float().mean()))
 
 
+def random_batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless seeded batches of in-memory rows (drawn with replacement)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    while True:
+        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
+        yield x[idx], y[idx]
+
+
+def chunks(
+    x: torch.Tensor, y: torch.Tensor, size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """In-memory rows in order, ``size`` at a time (for validation)."""
+    for i in range(0, len(x), size):
+        yield x[i : i + size], y[i : i + size]
+
+
 def train_classifier(
     head: nn.Module,
     logits_of: Callable[[torch.Tensor], torch.Tensor],
     params: list[torch.Tensor],
+    train: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    val: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+) -> ProbeScore:
+    """The probes' training loop: cross-entropy, AdamW, cosine decay to zero.
+
+    Args:
+        head: The probe head: put in train mode for training and eval mode (BatchNorm's
+            running statistics) for validation.
+        logits_of: Inputs (a batch of ``train``/``val`` rows) -> (B, C) logits.
+        params: What AdamW updates (the head's, plus adapters for LoRA).
+        train: Batches (inputs, labels), at least ``steps`` of them (streamed or in memory).
+        val: Validation batches, each row once.
+    """
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
+    head.train()
+    for _, (x, y) in zip(range(steps), train, strict=False):
+        loss = F.cross_entropy(logits_of(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    head.eval()
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in val:
+            logits.append(logits_of(x))
+            labels.append(y)
+    return accuracy(torch.cat(logits), torch.cat(labels))
+
+
+def fit_probe(
+    probe: nn.Module,
     train_x: torch.Tensor,
     train_y: torch.Tensor,
     val_x: torch.Tensor,
@@ -89,104 +159,64 @@ def train_classifier(
     lr: float,
     weight_decay: float,
     seed: int,
-    eval_batch: int = 512,
 ) -> ProbeScore:
-    """The probes' training loop: cross-entropy, AdamW, cosine decay to zero, seeded batches.
-
-    Args:
-        head: The probe head: put in train mode for training and eval mode (BatchNorm's
-            running statistics) for validation.
-        logits_of: Inputs (a batch of ``train_x``/``val_x`` rows) -> (B, C) logits.
-        params: What AdamW updates (the head's, plus adapters for LoRA).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    )
-    n = train_x.shape[0]
-    head.train()
-    for _ in range(steps):
-        idx = torch.randint(0, n, (min(batch_size, n),), generator=gen)
-        loss = F.cross_entropy(logits_of(train_x[idx]), train_y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    head.eval()
-    with torch.no_grad():
-        chunks = [logits_of(val_x[i : i + eval_batch]) for i in range(0, len(val_x), eval_batch)]
-    return accuracy(torch.cat(chunks), val_y)
-
-
-def fit_probe(
-    probe: nn.Module,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    val_x: torch.Tensor,
-    val_y: torch.Tensor,
-    **budget: Any,
-) -> ProbeScore:
-    """Train ``probe`` on (N, K, D) features (float16 as stored: upcast per batch); score it.
-
-    ``budget``: ``steps``, ``batch_size``, ``lr``, ``weight_decay``, ``seed``.
-    """
+    """Train ``probe`` on in-memory (N, K, D) features (float16 as stored: upcast per
+    batch); score it."""
     return train_classifier(
         probe,
         lambda x: probe(x.float()),
         list(probe.parameters()),
-        train_x,
-        train_y,
-        val_x,
-        val_y,
-        **budget,
+        random_batches(train_x, train_y, batch_size, seed),
+        chunks(val_x, val_y, 512),
+        steps=steps,
+        lr=lr,
+        weight_decay=weight_decay,
     )
 
 
-def probe_features(
-    train: np.ndarray,
-    train_y: np.ndarray,
-    val: np.ndarray,
-    val_y: np.ndarray,
-    blocks: list[int],
-    cfg: ProbeConfig,
-    layers: list[int],
-    num_classes: int,
-    num_heads: int,
+def probe_inputs(cfg: ProbeConfig, num_blocks: int) -> dict[str, list[int]]:
+    """What each probe reads: ``main`` (the mean of ``cfg.layers``) and, with a sweep,
+    ``block_{b}`` for every block and ``window_{a}-{b}`` for every run of ``cfg.window``
+    consecutive blocks (Table 7: single blocks and the official 6-block averages)."""
+    inputs = {"main": cfg.resolved_layers(num_blocks)}
+    if cfg.sweep:
+        inputs.update({f"block_{b}": [b] for b in range(num_blocks)})
+        inputs.update({f"window_{w[0]}-{w[-1]}": w for w in cfg.windows(num_blocks)})
+    return inputs
+
+
+def probe_cached(
+    cache: FeatureCache, cfg: ProbeConfig, num_blocks: int, num_classes: int, num_heads: int
 ) -> ProbeReport:
-    """Train every probe the config asks for on precomputed block outputs.
-
-    Args:
-        train: (N, L, K, D) outputs of ``blocks`` for the training views.
-        val: (M, L, K, D) for the validation view.
-        blocks: The block index of each of the L slices.
-        layers: Blocks the main probe averages (a subset of ``blocks``).
-    """
-    tx, vx = torch.from_numpy(train), torch.from_numpy(val)
-    ty, vy = torch.from_numpy(train_y), torch.from_numpy(val_y)
+    """Train every probe the config asks for on the cache's ``train`` shards (streamed) and
+    score it on its ``val`` shards."""
     kinds = ["attentive", "linear"] if cfg.kind == "both" else [cfg.kind]
-    report = ProbeReport(layers=layers, train_images=0, val_images=len(vy))
-    pos = [blocks.index(b) for b in layers]
-    dim = tx.shape[-1]
-    budget = dict(
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-        seed=cfg.seed,
-    )
+    inputs = probe_inputs(cfg, num_blocks)
+    report = ProbeReport(layers=inputs["main"], val_images=cache.rows.get("val", 0))
+    dim = None
     for kind in kinds:
-        torch.manual_seed(cfg.seed)
-        probe = make_probe(kind, dim, num_classes, num_heads)
-        report.main[kind] = fit_probe(
-            probe, tx[:, pos].float().mean(1), ty, vx[:, pos].float().mean(1), vy, **budget
-        )
-        if cfg.sweep:
-            report.per_block[kind] = {}
-            for i, b in enumerate(blocks):
-                torch.manual_seed(cfg.seed)  # same initialization and batches for every block
-                probe = make_probe(kind, dim, num_classes, num_heads)
-                report.per_block[kind][b] = fit_probe(probe, tx[:, i], ty, vx[:, i], vy, **budget)
+        for name in inputs:
+            torch.manual_seed(cfg.seed)  # same initialization and batches for every input
+            train = cache.batches("train", name, cfg.batch_size, cfg.seed)
+            first = next(train)
+            dim = first[0].shape[-1]
+            probe = make_probe(kind, dim, num_classes, num_heads)
+            score = train_classifier(
+                probe,
+                lambda x, p=probe: p(x.float()),
+                list(probe.parameters()),
+                itertools.chain([first], train),
+                cache.iterate("val", name),
+                steps=cfg.steps,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+            )
+            if name == "main":
+                report.main[kind] = score
+            elif name.startswith("block_"):
+                report.per_block.setdefault(kind, {})[int(name[6:])] = score
+            else:
+                report.per_window.setdefault(kind, {})[name[7:]] = score
     return report
 
 
@@ -203,6 +233,13 @@ def report_metrics(report: ProbeReport) -> dict[str, float]:
         if best is not None:
             out[f"probe/{kind}/best_block"] = best[0]  # an int: printed as one
             out[f"probe/{kind}/best_block_top1"] = best[1].top1
+    for kind, windows in report.per_window.items():
+        for w, score in windows.items():
+            out[f"probe/{kind}/window_{w}/top1"] = score.top1
+        best_w = report.best_window(kind)
+        if best_w is not None:
+            out[f"probe/{kind}/best_window_first"] = int(best_w[0].split("-")[0])
+            out[f"probe/{kind}/best_window_top1"] = best_w[1].top1
     if report.lora:
         for key, value in report.lora.items():
             out[f"probe/lora/{key}"] = value

@@ -1,18 +1,23 @@
-"""The probe job: features of a frozen trunk computed by a Ray Data actor pool, attentive and
-linear probes (and LoRA) trained on them (:mod:`aim_platform.eval`), one MLflow run per probe."""
+"""The probe job: block outputs of a frozen trunk computed per batch by a Ray Data actor pool
+and streamed into a sharded cache of the averaged inputs the probes read
+(:class:`~aim_platform.eval.cache.FeatureCache`), attentive and linear probes (and LoRA)
+trained on it (:mod:`aim_platform.eval`), one MLflow run per probe."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
 from aim_platform.config import DataConfig, DataSource, ProbeConfig
+from aim_platform.eval.cache import FeatureCache
 from aim_platform.eval.features import block_outputs, load_trunk
 from aim_platform.eval.lora import fit_lora_probe
-from aim_platform.eval.probe import ProbeReport, probe_features, report_metrics
+from aim_platform.eval.probe import ProbeReport, probe_cached, probe_inputs, report_metrics
 from aim_platform.tracking import Tracker
 
 
@@ -54,7 +59,7 @@ class FeatureActor:
         }
 
 
-def dataset_features(
+def iter_features(
     ds: Any,
     trunk_path: str,
     layers: Sequence[int],
@@ -64,13 +69,14 @@ def dataset_features(
     actors: int = 1,
     cpus_per_actor: float = 0.5,
     keep_ids: set[str] | None = None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> Iterator[dict[str, np.ndarray]]:
     """Block outputs of every valid row (with an id in ``keep_ids``, if given) of a Ray
     Dataset with columns ``patches``, ``valid``, ``label`` and ``id``, computed by an actor
-    pool holding the trunk.
+    pool holding the trunk and streamed: one batch in memory at a time, whatever N is.
 
-    Returns:
-        ``(features (N, L, K, D) float16, labels (N,) int64, ids (N,))`` in the dataset's order.
+    Yields:
+        ``{"features": (B, L, K, D) float16, "label": (B,) int64, "id": (B,)}`` in the
+        dataset's order (empty batches skipped).
     """
     from ray.data import ActorPoolStrategy
 
@@ -89,14 +95,13 @@ def dataset_features(
         compute=ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
     )
-    feats, labels, ids = [], [], []
-    for batch in out.iter_batches(batch_size=1024, batch_format="numpy"):
-        feats.append(batch["features"])
-        labels.append(batch["label"])
-        ids.append(batch["id"])
-    if not feats or not sum(len(f) for f in feats):
-        raise ValueError("the dataset has no valid rows to compute features for")
-    return np.concatenate(feats), np.concatenate(labels).astype(np.int64), np.concatenate(ids)
+    for batch in out.iter_batches(batch_size=batch_size, batch_format="numpy"):
+        if len(batch["label"]):
+            yield {
+                "features": batch["features"],
+                "label": np.asarray(batch["label"]).astype(np.int64),
+                "id": batch["id"],
+            }
 
 
 def _materialize(ds: Any, keep_ids: set[str] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,28 +176,50 @@ def run_probe(
     dataset: str,
     storage_options: dict[str, Any] | None = None,
 ) -> ProbeReport:
-    """The whole probe job on one trunk (features by Ray, probes here). Needs Ray running."""
+    """The whole probe job on one trunk. Needs Ray running.
+
+    Block outputs are computed per batch by an actor pool (Ray Data) and streamed into a
+    :class:`FeatureCache` (``cfg.cache_dir``, or a temporary folder) holding only the averaged
+    inputs the probes read; the probes then train on shards read back a few at a time.
+    Driver and actor memory stay bounded by the batch and shard sizes, whatever N is.
+    """
 
     trunk, model_cfg = load_trunk(trunk_path, storage_options)
     n_blocks = len(trunk.blocks)
-    layers = cfg.resolved_layers(n_blocks)
-    blocks = sorted(set(layers) | (set(range(n_blocks)) if cfg.sweep else set()))
+    inputs = probe_inputs(cfg, n_blocks)
+    blocks = sorted({b for chosen in inputs.values() for b in chosen})
     train_ds, val_ds = probe_datasets(cfg, model_cfg, dataset)
     chosen = select_labelled(dataset, cfg.labels_per_class, cfg.seed, cfg.storage_options)
-    tx, ty, tids = dataset_features(
-        train_ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=chosen
-    )
-    vx, vy, _ = dataset_features(val_ds, trunk_path, blocks, cfg.attention, storage_options)
-    if (vy < 0).any() or (ty < 0).any():
-        raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
-    num_classes = int(max(ty.max(), vy.max())) + 1
-    report = probe_features(
-        tx, ty, vx, vy, blocks, cfg, layers, num_classes, trunk.blocks[0].attn.num_heads
-    )
-    report.train_images = len(set(tids.tolist()))
+    tmp = None if cfg.cache_dir else tempfile.mkdtemp(prefix="aim-probe-cache-")
+    cache = FeatureCache(cfg.cache_dir or tmp, cfg.storage_options if cfg.cache_dir else None)
+    cache.remove()  # a stale cache of another trunk must not be read
+    max_label = -1
+    try:
+        for split, ds, keep in (("train", train_ds, chosen), ("val", val_ds, None)):
+            for batch in iter_features(
+                ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=keep
+            ):
+                if (batch["label"] < 0).any():
+                    raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
+                max_label = max(max_label, int(batch["label"].max()))
+                cache.add(split, batch["features"], batch["label"], blocks, inputs)
+        if not cache.rows.get("train") or not cache.rows.get("val"):
+            raise ValueError(f"dataset: {dataset} has no valid train or val rows to probe")
+        report = probe_cached(cache, cfg, n_blocks, max_label + 1, trunk.blocks[0].attn.num_heads)
+        report.train_images = cache.rows["train"] // cfg.views
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora_rank:
         report.lora = run_lora_probe(
-            trunk_path, cfg, train_ds, val_ds, layers, num_classes, storage_options, chosen
+            trunk_path,
+            cfg,
+            train_ds,
+            val_ds,
+            report.layers,
+            max_label + 1,
+            storage_options,
+            chosen,
         )
     return report
 
