@@ -156,6 +156,7 @@ def _check_aimctl_command(command: str, where: str) -> None:
     from aim_platform.cli import app
 
     args = shlex.split(command)
+    sets = [args[i + 1] for i, a in enumerate(args[:-1]) if a == "--set"]
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert args[0] in scripts, f"{where}: {args[0]!r} is not a console script"
     group = typer.main.get_command(app)
@@ -163,6 +164,8 @@ def _check_aimctl_command(command: str, where: str) -> None:
     assert cmd is not None, f"{where}: aimctl has no command {args[1]!r}"
     options = {o for p in cmd.params for o in getattr(p, "opts", [])}
     for arg in args[2:]:
+        if arg in sets:
+            continue
         if arg.startswith("--"):
             assert arg.split("=", 1)[0] in options, f"{where}: aimctl {args[1]} has no {arg}"
         elif arg.endswith((".yaml", ".yml")):
@@ -170,7 +173,15 @@ def _check_aimctl_command(command: str, where: str) -> None:
             assert path.is_file(), f"{where}: config {arg} is not in the repository"
             from aim_platform.config import load_config
 
-            load_config(path)  # and it is a valid job config
+            load_config(path, sets)  # and it is a valid job config with its --set values
+
+
+# The recipes' placeholder data URLs, set (jobs/configs/aim-*.yaml).
+DATA_URLS = [
+    "data.sources.0.url=s3://b/dfn2b",
+    "data.sources.1.url=s3://b/in1k",
+    "data.val_url=s3://b/in1k-val",
+]
 
 
 def test_entrypoints_and_config_paths_exist() -> None:
@@ -180,7 +191,7 @@ def test_entrypoints_and_config_paths_exist() -> None:
         _check_aimctl_command(job["spec"]["entrypoint"], f"RayJob/{job['metadata']['name']}")
     # aimctl submit's default entrypoint must be a command that exists as well.
     _check_aimctl_command(
-        submit.default_entrypoint("jobs/configs/pretrain_aim600m.yaml", ["seed=1"]), "submit"
+        submit.default_entrypoint("jobs/configs/aim-600M.yaml", ["seed=1", *DATA_URLS]), "submit"
     )
     compose = _compose()
     for name, svc in compose["services"].items():

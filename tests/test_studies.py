@@ -9,7 +9,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from aim_platform.config import ConfigError
-from aim_platform.jobs.study import STUDIES_DIR, load_study, run_study
+from aim_platform.jobs.study import STUDIES_DIR, StudyResult, TrialOutcome, load_study, run_study
 
 SPECS = sorted(p for p in STUDIES_DIR.glob("*.yaml") if p.name != "base.yaml")
 
@@ -24,10 +24,87 @@ def test_every_study_spec_validates_at_every_scale(path: Path) -> None:
     spec = load_study(path)
     for scale in spec.scales:
         for variant in spec.variants:
-            job = spec.job(variant, scale)
+            job = spec.job(variant, scale, allow_placeholders=True)
             assert job.name == f"{spec.name}-{scale}-{variant}"
-    paper = spec.job(next(iter(spec.variants)), "paper")
+    first = next(iter(spec.variants))
+    paper = spec.job(first, "paper", allow_placeholders=True)
     assert paper.model.embed_dim == 1536 and paper.train.use_gpu
+    # Section 5.2: the ablations pre-train and probe on IN-1k, a URL the user must set.
+    assert [s.source_name for s in paper.data.sources] == ["in1k"] and paper.probe.dataset is None
+    with pytest.raises(ConfigError, match=r"data\.sources\.0\.url: is a placeholder.*--set"):
+        spec.job(first, "paper")
+    job = spec.job(first, "paper", ["data.sources.0.url=s3://bucket/in1k"])
+    assert job.data.sources[0].url == "s3://bucket/in1k" and job.data.sources[0].name == "in1k"
+
+
+# Paper numbers copied from the text (table named in each spec): spot checks per table.
+PAPER = {
+    "pattern": ("raster", 69.5, 77.4),
+    "crop_scale": ("s1.0", 49.6, 63.5),
+    "head": ("transformer", 70.5, 78.5),
+    "head_shape": ("depth.half", 65.3, 76.2),
+    "masked": ("masked-0.5", None, 70.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_spec_holds_the_paper_numbers_and_the_table_shows_them(name: str) -> None:
+    spec = load_study(STUDIES_DIR / f"{name}.yaml")
+    variant, linear, attentive = PAPER[name]
+    assert spec.paper["attentive"][variant] == attentive
+    assert spec.paper.get("linear", {}).get(variant) == linear
+    ours = {"probe/linear/top1": 0.5, "probe/attentive/top1": 0.6}
+    result = StudyResult(spec, "tiny", None, "", [TrialOutcome(variant, "r", ours)])
+    md = result.markdown().splitlines()
+    col = 1 + list(spec.variants).index(variant)
+    paper_att = next(line for line in md if line.startswith("| paper (attentive)"))
+    assert paper_att.strip("| ").split(" | ")[col] == f"{attentive:.1f}"
+    rows = {r[0]: r for r in csv_rows(result.csv())}
+    assert rows["paper (attentive)"][col] == f"{attentive:.1f}"
+    assert rows["attentive"][col] == "60.0*"  # ours beside the paper's
+    assert ("paper (linear)" in rows) == (linear is not None)
+
+
+def csv_rows(text: str) -> list[list[str]]:
+    import csv
+    import io
+
+    return list(csv.reader(io.StringIO(text)))
+
+
+def test_tables_without_numbers_in_the_text_say_so() -> None:
+    for name in ("targets", "attention"):  # Tables 3a and 3d are images in our text
+        spec = load_study(STUDIES_DIR / f"{name}.yaml")
+        md = StudyResult(spec, "tiny", None, "", []).markdown()
+        assert "paper (" not in md and "has no numbers" in md
+
+
+@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+def test_head_shape_is_two_sweeps_at_every_scale(scale: str) -> None:
+    """Table 4: widths 1/4, 1/2, 1 of the full head at full depth; depths 1/2, 2/3, 1 at
+    full width; the paper scale has the paper's values."""
+    spec = load_study(STUDIES_DIR / "head_shape.yaml")
+    heads = {v: spec.job(v, scale, allow_placeholders=True).model.head for v in spec.variants}
+    shapes = {v: (h.width, h.num_blocks) for v, h in heads.items()}
+    w, d = shapes["full"]
+    assert shapes["width.quarter"] == (w // 4, d) and shapes["width.half"] == (w // 2, d)
+    assert shapes["depth.half"] == (w, d // 2) and shapes["depth.two-thirds"] == (w, 2 * d // 3)
+    assert all(h.kind == "mlp" for h in heads.values())
+    trunk = spec.job("full", scale, allow_placeholders=True).model.embed_dim
+    if scale == "paper":
+        assert (w, d) == (2048, 12)
+        assert sorted({x for x, _ in shapes.values()}) == [512, 1024, 2048]
+        assert sorted({y for _, y in shapes.values()}) == [6, 8, 12]
+    else:
+        assert w == trunk  # scaled to the preset's trunk
+
+
+def test_pattern_study_is_causal_as_table_3b() -> None:
+    spec = load_study(STUDIES_DIR / "pattern.yaml")
+    for scale in spec.scales:
+        for variant in spec.variants:
+            job = spec.job(variant, scale, allow_placeholders=True)
+            assert job.model.attention == "causal" and job.probe.attention == "causal"
 
 
 def test_bad_specs_fail_clearly(tmp_path) -> None:

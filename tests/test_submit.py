@@ -297,9 +297,11 @@ def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None
         sub.submit("http://127.0.0.1:1", outside)
     with pytest.raises(sub.SubmitError, match="does not exist"):
         sub.submit("http://127.0.0.1:1", REPO / "jobs" / "configs" / "nope.yaml")
-    config = REPO / "jobs" / "configs" / "pretrain_aim600m.yaml"
+    config = REPO / "jobs" / "configs" / "aim-600M.yaml"
     with pytest.raises(sub.SubmitError, match="model.embed_dim: 100 is not divisible"):
         sub.submit("http://127.0.0.1:1", config, overrides=["model.embed_dim=100"])
+    with pytest.raises(sub.SubmitError, match=r"data\.sources\.0\.url: is a placeholder"):
+        sub.submit("http://127.0.0.1:1", config)  # the recipe's data URLs must be set
     with pytest.raises(sub.SubmitError, match="--set applies to the default entrypoint"):
         sub.submit("http://127.0.0.1:1", entrypoint="echo", overrides=["seed=1"])
     with pytest.raises(sub.SubmitError, match="give a CONFIG"):

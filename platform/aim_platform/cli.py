@@ -551,7 +551,9 @@ def probe(
         )
         for key, value in sorted(report_metrics(report).items()):
             term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
-        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False, highlight=False)
+        term.print(
+            f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False, highlight=False
+        )
         if log:
             term.print(f"log: {log}", markup=False, highlight=False)
         if own_ray:
@@ -713,6 +715,23 @@ def bench_pretrain(
     result = bench.run(config or bench.DEMO, steps, set_)
     for line in result.lines():
         console.print(line)
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="job YAML (see jobs/configs/)"),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs (one FSDP2 worker each)"),
+    gpu: str = typer.Option("h200", "--gpu", help="h200, h100, a100, b200, l40s"),
+    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilization assumed"),
+    set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
+) -> None:
+    """Validate CONFIG and print its parameters, FLOPs, memory per GPU, steps and hours."""
+    from aim_platform.config import JobConfig, load_config
+    from aim_platform.plan import plan as make_plan
+
+    job = load_config(config, set_, JobConfig)  # a ConfigError is one line, exit 2
+    for line in make_plan(job, gpus, gpu.lower(), mfu).lines():
+        typer.echo(line)
 
 
 def main() -> None:

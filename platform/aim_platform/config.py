@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from aim_platform.errors import PlatformError
 from aim_platform.models.sizes import SIZES
@@ -32,6 +40,25 @@ ObjectiveKind = Literal["autoregressive", "masked"]
 
 class ConfigError(PlatformError, ValueError):
     """A configuration that cannot be used; the message names each offending field."""
+
+
+PLACEHOLDER = "set-me:"
+"""Prefix of a URL a recipe leaves for the user to set (``set-me:DFN-2B ingest root``): a job
+holding one fails validation with a message naming the field and how to set it, except when
+validated with ``allow_placeholders`` (a study spec checked before its data exists)."""
+
+
+_HERE = "<this field>"  # replaced by the field's dotted path in the error message
+
+
+def _no_placeholder(value: str | None, info: ValidationInfo) -> str | None:
+    """Reject a ``set-me:`` URL unless the validation context allows placeholders."""
+    if value is None or not value.startswith(PLACEHOLDER):
+        return value
+    if (info.context or {}).get("allow_placeholders"):
+        return value
+    what = value.removeprefix(PLACEHOLDER).strip()
+    raise ValueError(f"is a placeholder ({what}): set it with --set {_HERE}=URL")
 
 
 class StrictModel(BaseModel):
@@ -284,6 +311,11 @@ class DataSource(StrictModel):
     weight: float = Field(1.0, gt=0, description="sampling weight (normalized over sources)")
     name: str | None = Field(None, description="the rows' `source`; None: last part of url")
 
+    @field_validator("url")
+    @classmethod
+    def _url_set(cls, value: str, info: ValidationInfo) -> str:
+        return _no_placeholder(value, info) or value
+
     @property
     def source_name(self) -> str:
         """The name carried in each row's ``source`` column."""
@@ -315,6 +347,11 @@ class DataConfig(StrictModel):
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched by the consumer")
     local_shuffle_buffer: int = Field(0, ge=0, description="consumer-side shuffle rows; 0: off")
     preserve_order: bool = Field(True, description="deterministic row order (same seed)")
+
+    @field_validator("val_url")
+    @classmethod
+    def _val_url_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _no_placeholder(value, info)
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -385,6 +422,11 @@ class ProbeConfig(StrictModel):
         description="pre-training steps whose trunk is probed (the final trunk always is)",
     )
 
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_set(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return _no_placeholder(value, info)
+
     def resolved_layers(self, num_blocks: int) -> list[int]:
         """Block indices (0-based, ascending) the main probe averages."""
         if self.layers is None:
@@ -426,6 +468,11 @@ class StudySpec(StrictModel):
     base_overrides: list[str] = Field(default_factory=list)
     variants: dict[str, list[str]] = Field(..., min_length=2)
     scales: dict[Scale, list[str]] = Field(..., description="budget overrides per scale")
+    variant_scales: dict[Scale, dict[str, list[str]]] = Field(
+        default_factory=dict,
+        description="per scale, overrides applied after a variant's own (Table 4's head shapes "
+        "scaled to each preset's trunk)",
+    )
     metric: str = Field("val/loss", description="what ASHA minimizes")
     asha: bool = False
     max_concurrent_trials: int = Field(1, ge=1)
@@ -442,17 +489,34 @@ class StudySpec(StrictModel):
             unknown = set(cols) - set(self.variants)
             if unknown:
                 raise ValueError(f"paper: row {row!r} names unknown variants {sorted(unknown)}")
+        for scale, by_variant in self.variant_scales.items():
+            unknown = set(by_variant) - set(self.variants)
+            if unknown:
+                raise ValueError(
+                    f"variant_scales: scale {scale!r} names unknown variants {sorted(unknown)}"
+                )
+            if scale not in self.scales:
+                raise ValueError(f"variant_scales: no preset {scale!r} in scales")
         return self
 
-    def job(self, variant: str, scale: Scale, extra: list[str] | None = None) -> JobConfig:
-        """The validated job of one variant at one scale."""
+    def job(
+        self,
+        variant: str,
+        scale: Scale,
+        extra: list[str] | None = None,
+        *,
+        allow_placeholders: bool = False,
+    ) -> JobConfig:
+        """The validated job of one variant at one scale (placeholder URLs fail unless
+        ``allow_placeholders``: checking a spec before its data is set)."""
         if variant not in self.variants:
             raise ConfigError(f"variants: unknown variant {variant!r}")
         if scale not in self.scales:
             raise ConfigError(f"scales: no preset {scale!r} in study {self.name!r}")
         overrides = [*self.base_overrides, *self.scales[scale], *self.variants[variant]]
+        overrides += self.variant_scales.get(scale, {}).get(variant, [])
         overrides += [f"name={self.name}-{scale}-{variant}", *(extra or [])]
-        return build_config(JobConfig, self.base, overrides)
+        return build_config(JobConfig, self.base, overrides, allow_placeholders=allow_placeholders)
 
 
 C = TypeVar("C", bound=BaseModel)
@@ -463,7 +527,7 @@ def _format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = e["msg"].removeprefix("Value error, ").replace(_HERE, where)
         if e["type"] == "value_error" and _NAMED.match(msg):
             # A model-level check names its own fields: "embed_dim: ...; img_size: ...".
             for part in msg.split("; "):
@@ -492,32 +556,59 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Return a copy of ``data`` with each ``a.b=c`` override set (nested dicts created)."""
+    """Return a copy of ``data`` with each ``a.b=c`` override set (nested dicts created).
+
+    A numeric part indexes a list that exists: ``data.sources.0.url=s3://b/x`` sets the first
+    source's URL (how a recipe's placeholder URLs are filled in).
+    """
     out = _deep_copy(data)
     for item in overrides:
         path, value = parse_override(item)
-        node = out
-        for i, part in enumerate(path[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(path[: i + 1])
+        node: Any = out
+        for i, part in enumerate(path):
+            where = ".".join(path[: i + 1])
+            last = i == len(path) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(
+                        f"override {item!r}: {where} is not an index of a list of {len(node)}"
+                    )
+                key: Any = int(part)
+            else:
+                key = part
+            if last:
+                node[key] = value
+                break
+            if isinstance(node, dict) and node.get(key) is None:
+                node[key] = {}
+            node = node[key]
+            if not isinstance(node, dict | list):
                 raise ConfigError(f"override {item!r}: {where} is a value, not a section")
-            node = child
-        node[path[-1]] = value
     return out
 
 
-def _deep_copy(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in data.items()}
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
 
 
-def build_config(cls: type[C], data: dict[str, Any], overrides: list[str] | None = None) -> C:
-    """Validate ``data`` (plus overrides) into ``cls``; errors become :class:`ConfigError`."""
+def build_config(
+    cls: type[C],
+    data: dict[str, Any],
+    overrides: list[str] | None = None,
+    *,
+    allow_placeholders: bool = False,
+) -> C:
+    """Validate ``data`` (plus overrides) into ``cls``; errors become :class:`ConfigError`.
+
+    ``allow_placeholders`` accepts ``set-me:`` URLs (see :data:`PLACEHOLDER`).
+    """
     merged = apply_overrides(data, overrides or [])
     try:
-        return cls.model_validate(merged)
+        return cls.model_validate(merged, context={"allow_placeholders": allow_placeholders})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err)) from None
 

@@ -31,7 +31,11 @@ ROWS = ("linear", "attentive")
 
 
 def load_study(path: str | Path) -> StudySpec:
-    """Read and validate a study spec (and every job it can build, at every scale)."""
+    """Read and validate a study spec (and every job it can build, at every scale).
+
+    Placeholder data URLs (``set-me:...``, the paper preset's IN-1k) pass here; a run fails
+    on them until they are set (``--set data.sources.0.url=...``).
+    """
     p = Path(path)
     data = _read_mapping(p)
     if "defaults" in data:
@@ -43,7 +47,7 @@ def load_study(path: str | Path) -> StudySpec:
     for scale in spec.scales:
         for variant in spec.variants:
             try:
-                spec.job(variant, scale)
+                spec.job(variant, scale, allow_placeholders=True)
             except ConfigError as exc:
                 raise ConfigError(
                     f"study {spec.name}, variant {variant!r}, scale {scale}: {exc}"
@@ -124,23 +128,34 @@ class StudyResult:
             rows.append([row, *cells])
         return rows
 
+    def paper_rows(self) -> list[list[str]]:
+        """The paper's top-1 (%) per probe row, beside ours: ``paper (linear)``, ... ("-" where
+        the paper has no number for a variant)."""
+        out = []
+        for row in (*ROWS, *(r for r in self.spec.paper if r not in ROWS)):
+            cols = self.spec.paper.get(row)
+            if cols:
+                cells = [f"{cols[v]:.1f}" if v in cols else "-" for v in self.spec.variants]
+                out.append([f"paper ({row})", *cells])
+        return out
+
     def markdown(self) -> str:
         """The table as Markdown (best per row in bold), with the paper's numbers if given."""
         rows = self.table()
         out = [f"### Table {self.spec.table}: {self.spec.description} (scale {self.scale})", ""]
         out.append("| " + " | ".join(rows[0]) + " |")
         out.append("|" + " --- |" * len(rows[0]))
-        for r in rows[1:]:
+        for r in [*rows[1:], *self.paper_rows()]:
             cells = [f"**{c[:-1]}**" if c.endswith("*") else c for c in r]
             out.append("| " + " | ".join(cells) + " |")
-        for row, cols in self.spec.paper.items():
-            cells = [f"{cols[v]:.1f}" if v in cols else "-" for v in self.spec.variants]
-            out.append(f"| paper ({row}) | " + " | ".join(cells) + " |")
+        if not self.spec.paper:
+            out += ["", f"(the paper's Table {self.spec.table} has no numbers in its text)"]
         return "\n".join(out) + "\n"
 
     def csv(self) -> str:
+        """Our rows then the paper's rows, one column per variant."""
         buf = io.StringIO()
-        csv.writer(buf).writerows(self.table())
+        csv.writer(buf).writerows([*self.table(), *self.paper_rows()])
         return buf.getvalue()
 
 
