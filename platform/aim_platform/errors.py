@@ -7,3 +7,7 @@ from __future__ import annotations
 
 class PlatformError(Exception):
     """An expected failure (bad input, unreachable service, missing credential)."""
+
+
+class MissingInput(PlatformError, FileNotFoundError):
+    """A file or folder the user named does not exist (a trunk, a dataset, a config)."""

@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from aim_platform.errors import PlatformError
+
 REDACTED = "***REDACTED***"
 
 # Words that make a key secret. Matched against whole words of the key, never substrings.
@@ -146,7 +148,7 @@ def redact_text(text: str, secrets: Iterable[str] = ()) -> str:
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 
 
-class UnsafePathError(ValueError):
+class UnsafePathError(PlatformError, ValueError):
     """A path that would leave its root, or an absolute path where a relative one is expected."""
 
 

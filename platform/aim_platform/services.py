@@ -28,6 +28,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from aim_platform.errors import PlatformError
 from aim_platform.security import redact_text
 
 DEFAULT_STATE_DIR = Path("runs/services")
@@ -41,7 +42,7 @@ DEV_S3_LABEL = (
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 
 
-class ServiceError(RuntimeError):
+class ServiceError(PlatformError, RuntimeError):
     """A service that cannot be started, reached or stopped; the message says why."""
 
 

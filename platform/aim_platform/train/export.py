@@ -15,6 +15,7 @@ from safetensors.torch import save as st_save
 
 from aim_platform.config import JobConfig, dump_config
 from aim_platform.data.storage import filesystem
+from aim_platform.errors import MissingInput
 from aim_platform.models.aim import AIMTrunk, build_trunk
 
 TRUNK_FILE = "trunk.safetensors"
@@ -39,7 +40,7 @@ def read_trunk(
     """Load a trunk written by :func:`write_trunk` (float32, eval mode) and its job config."""
     fs, root = filesystem(folder, storage_options)
     if not fs.exists(f"{root}/{TRUNK_FILE}"):
-        raise FileNotFoundError(f"no {TRUNK_FILE} in {folder}")
+        raise MissingInput(f"no {TRUNK_FILE} in {folder}: give a run's final/ or trunks/step_N folder")
     with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
         job = JobConfig.model_validate(yaml.safe_load(f.read()))
     with fs.open(f"{root}/{TRUNK_FILE}", "rb") as f:
