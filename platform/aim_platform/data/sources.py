@@ -58,6 +58,7 @@ class Listing:
     items: list[Item]
     label_names: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    ordered_reads: bool = False  # items are cheap only in listing order (Parquet row groups)
 
 
 def source_name(src: str) -> str:
@@ -75,6 +76,9 @@ def list_source(
     image_size: int = 64,
     num_photos: int = 1000,
     photo_seed: int = 0,
+    label_map: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> Listing:
     """List a source's items (sorted by id).
 
