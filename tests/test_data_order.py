@@ -69,3 +69,22 @@ def test_order_is_seeded(sorted_source: Path, tmp_path: Path) -> None:
     assert a != c and sorted(sum(a, [])) == sorted(sum(c, []))
     assert sum(d, []) == sorted(sum(d, []))  # "source": the listing's (class-sorted) order
     assert src["settings"]["order"] == "source"
+
+
+def test_old_class_sorted_ingest_warns(sorted_source: Path, tmp_path: Path) -> None:
+    import json
+    import warnings
+
+    from aim_platform.config import DataSource
+    from aim_platform.data.pipeline import source_shards
+
+    dest = tmp_path / "old"
+    ingest(str(sorted_source), str(dest), val_fraction=0.0, shard_size_mb=0.2)
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        source_shards(DataSource(url=str(dest)), "train")  # a current manifest: no warning
+    del manifest["settings"]["order"]  # what ingest wrote before the hashed order
+    (dest / "_manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="hashed order"):
+        source_shards(DataSource(url=str(dest)), "train")

@@ -128,6 +128,14 @@ def source_shards(
         raise ValueError(
             f"sources: no _manifest.json at {storage.public_url(url)!r}; run `aimctl ingest`"
         )
+    settings = manifest.get("settings") or {}
+    if split == "train" and "order" not in settings and manifest.get("label_names"):
+        warnings.warn(
+            f"sources: {storage.public_url(url)!r} was ingested before rows were written in "
+            "hashed order: its shards may hold one class each (batches of one or two "
+            "classes); run `aimctl ingest ... --force` again",
+            stacklevel=2,
+        )
     fs, root = storage.pyarrow_filesystem(url, storage_options)
     shards = manifest["shards"][split]
     return Shards(
