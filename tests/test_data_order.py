@@ -88,3 +88,18 @@ def test_old_class_sorted_ingest_warns(sorted_source: Path, tmp_path: Path) -> N
     (dest / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="hashed order"):
         source_shards(DataSource(url=str(dest)), "train")
+
+
+def test_tiny_shards_share_tasks() -> None:
+    from aim_platform.data.pipeline import MAX_BLOCKS, MIN_BLOCKS, Shards, num_blocks
+
+    def items(n: int) -> list[dict]:
+        return [{"epoch": 0, "source": 0, "path": f"p{i}"} for i in range(n)]
+
+    def shards(n: int, rows: int) -> list[Shards]:
+        return [Shards("s", 1.0, [f"p{i}" for i in range(n)], rows, None)]
+
+    assert num_blocks(items(50), shards(50, 5000)) == 50  # few shards: one task each
+    assert num_blocks(items(5000), shards(5000, 5000)) == MIN_BLOCKS  # 1-row shards packed
+    assert num_blocks(items(2000), shards(2000, 2000 * 2500)) == 2000  # big shards: one each
+    assert num_blocks(items(9000), shards(9000, 9000 * 2500)) == MAX_BLOCKS
