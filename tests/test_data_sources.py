@@ -136,3 +136,21 @@ def test_imagenet_folder_with_label_map(ray_session, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="taken"):
         read_label_map('{"a": 0, "b": 0}', "x.json")
     assert read_label_map("n1 7 seven\nn2 3\n", "t") == {"n1": (7, "seven"), "n2": (3, "n2")}
+
+
+def test_cli_ingest_label_map_and_order(ray_session, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from aim_platform.cli import app
+
+    write_imagenet(tmp_path / "train")
+    (tmp_path / "map.json").write_text(json.dumps(["n15075141", "n01443537", "n01440764"]))
+    out = tmp_path / "out"
+    args = ["ingest", str(tmp_path / "train"), str(out), "--label-map", str(tmp_path / "map.json")]
+    res = CliRunner().invoke(app, [*args, "--order", "source", "--val-fraction", "0"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((out / "_manifest.json").read_text())
+    assert m["settings"]["order"] == "source" and m["label_names"][0] == "n15075141"
+    assert pq.read_table(out / "train")["label"].to_pylist() == [2, 2, 1, 1, 0, 0]
+    res = CliRunner().invoke(app, [*args, "--order", "random"])
+    assert res.exit_code == 2 and "order" in res.output
