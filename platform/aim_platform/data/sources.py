@@ -126,7 +126,7 @@ def list_source(
     if src.startswith("builtin:"):
         raise ValueError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
     fs, path = storage.filesystem(src, storage_options)
-    if any(ch in path for ch in "*?[{"):
+    if any(ch in path for ch in "*?[{") and not fs.exists(path):
         files = expand_pattern(fs, path)
         if not files:
             raise ValueError(f"source: {src!r} matches no files")
