@@ -78,3 +78,15 @@ def write_image_folder(root: Path, per_class: int = 4, classes=("cat", "dog")) -
             (root / fn).write_bytes(data)
             ids.append(fn)
     return sorted(ids)
+
+
+def write_class_sorted_folder(root: Path, classes: int = 100, per_class: int = 20) -> list[str]:
+    """An ImageFolder of ``classes`` x ``per_class`` tiny 8x8 PNGs (class-sorted ids)."""
+    ids = []
+    for c in range(classes):
+        (root / f"c{c:03d}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            fn = f"c{c:03d}/{i:03d}.png"
+            (root / fn).write_bytes(png(8, 8, seed=c * per_class + i))
+            ids.append(fn)
+    return sorted(ids)

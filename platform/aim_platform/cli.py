@@ -234,7 +234,11 @@ def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> N
 
 @app.command()
 def ingest(
-    src: str = typer.Argument(..., help="image folder, .tar, builtin:digits or builtin:photos"),
+    src: str = typer.Argument(
+        ...,
+        help="image folder, .tar(s) or .parquet (file, folder, glob or {a..b} list), "
+        "builtin:digits or builtin:photos",
+    ),
     dest: str = typer.Argument(..., help="destination: local folder or s3://bucket/prefix"),
     val_fraction: float = typer.Option(0.05, help="share of ids (by hash) in the val split"),
     shard_size_mb: float = typer.Option(256.0, help="target input MB per shard"),
@@ -244,6 +248,11 @@ def ingest(
     max_pixels: int = typer.Option(MAX_PIXELS, help="larger images are rejected as bombs"),
     source: str = typer.Option("", help="value of the `source` column (default: SRC's name)"),
     force: bool = typer.Option(False, help="re-ingest even if DEST is up to date"),
+    order: str = typer.Option("auto", help="row order: hash (mixes classes), source, auto"),
+    order_seed: int = typer.Option(0, help="seed of the hash order"),
+    label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
+    image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),
+    label_column: str = typer.Option("", help="Parquet: label column (default: label)"),
 ) -> None:
     """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent)."""
     from rich.progress import Progress
@@ -267,6 +276,11 @@ def ingest(
                 source=source or None,
                 force=force,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                order=order,
+                order_seed=order_seed,
+                label_map=label_map or None,
+                image_column=image_column or None,
+                label_column=label_column or None,
             )
     except ValueError as exc:
         console.print(f"[red]error:[/red] {exc}")

@@ -31,12 +31,34 @@ def pil_report() -> dict[str, str]:
         "PIL": f"{flavour} {imported} ({os.path.dirname(PIL.__file__)})",
         "libjpeg-turbo": f"{features.check_feature('libjpeg_turbo')} (jpeg {features.version('jpg')})",
     }
+    report["codecs"] = ", ".join(f"{name} {'yes' if ok else 'NO'}" for name, ok in codecs().items())
+    if not codecs().get("webp"):
+        report["webp"] = (
+            "this PIL cannot decode WebP (WebP images are rejected at ingest): install "
+            "libwebp-dev and run `bash infra/pillow_simd.sh .venv/bin/python`"
+        )
     if simd and plain:
         report["warning"] = (
             f"both Pillow {plain} and Pillow-SIMD {simd} are installed; a later pip install put "
             "Pillow back: run `bash infra/pillow_simd.sh .venv/bin/python`"
         )
     return report
+
+
+CODECS = {"jpeg": "jpg", "png": "zlib", "webp": "webp", "avif": "avif", "jpeg2000": "jpg_2000"}
+
+
+def codecs() -> dict[str, bool]:
+    """Which image formats the imported PIL can decode (``jpeg``, ``png``, ``webp``, ...)."""
+    from PIL import features
+
+    out = {}
+    for name, feature in CODECS.items():
+        try:
+            out[name] = bool(features.check(feature))
+        except ValueError:  # a PIL that does not know this feature at all
+            out[name] = False
+    return out
 
 
 def device_report() -> list[str]:

@@ -258,5 +258,193 @@ def _main() -> None:
         )
 
 
+# --- ingest throughput and pipeline start-up at scale (BENCHMARKS_data2.md) -----------------
+
+
+class _RssSampler:
+    """Peak RSS of this process and of all its descendants (Ray's GCS, raylet, workers)."""
+
+    def __init__(self, every_s: float = 0.25) -> None:
+        import threading
+
+        self.peak_self = 0
+        self.peak_tree = 0
+        self._stop = threading.Event()
+        self._every = every_s
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        while not self._stop.is_set():
+            own = me.memory_info().rss
+            tree = own
+            for p in me.children(recursive=True):
+                try:
+                    tree += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak_self = max(self.peak_self, own)
+            self.peak_tree = max(self.peak_tree, tree)
+            self._stop.wait(self._every)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_jpeg_folder(root: Path, n: int, classes: int = 100) -> int:
+    """``n`` ImageNet-sized JPEGs (500x375, q90 crops of real photos) in ``classes`` folders."""
+    from aim_platform.data.sources import photo_jpeg
+
+    total = 0
+    for i in range(n):
+        folder = root / f"c{i % classes:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = photo_jpeg(i, seed=1, size=(500, 375))
+        (folder / f"{i:07d}.jpg").write_bytes(data)
+        total += len(data)
+    return total
+
+
+def ingest_throughput(src: str, dest: str, cpus: int, shard_size_mb: float) -> dict[str, float]:
+    """Ingest ``src`` into ``dest`` on a fresh local Ray with ``cpus`` CPUs; rates and peaks."""
+    import shutil
+
+    import ray
+
+    from aim_platform.data.ingest import ingest
+
+    shutil.rmtree(dest, ignore_errors=True)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        with _RssSampler() as rss:
+            t0 = time.perf_counter()
+            m = ingest(src, dest, shard_size_mb=shard_size_mb)
+            secs = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    n = m["counts"]["train"] + m["counts"]["val"]
+    nbytes = sum(s["bytes"] for split in ("train", "val") for s in m["shards"][split])
+    return {
+        "images": n,
+        "seconds": secs,
+        "images_per_s": n / secs,
+        "mb_per_s": nbytes / 2**20 / secs,
+        "driver_peak_rss_mb": rss.peak_self / 2**20,
+        "all_processes_peak_rss_mb": rss.peak_tree / 2**20,
+        "shards": len(m["shards"]["train"]) + len(m["shards"]["val"]),
+    }
+
+
+def write_tiny_shards(root: Path, shards: int, rows: int) -> None:
+    """An ingest root of ``shards`` train shards holding ``rows`` tiny PNGs in all."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from aim_platform.data.ingest import MANIFEST, SCHEMA, SCHEMA_VERSION, shard_path
+    from aim_platform.data.sources import digit_png
+
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    img = digit_png(0, 16)
+    per = [rows // shards + (1 if s < rows % shards else 0) for s in range(shards)]
+    listed = []
+    row = 0
+    for s, k in enumerate(per):
+        ids = [f"{row + j:07d}" for j in range(k)]
+        row += k
+        table = pa.table(
+            {
+                "id": ids,
+                "image": [img] * k,
+                "label": pa.array([0] * k, pa.int32()),
+                "source": ["tiny"] * k,
+                "width": pa.array([16] * k, pa.int32()),
+                "height": pa.array([16] * k, pa.int32()),
+            },
+            schema=SCHEMA,
+        )
+        pq.write_table(table, root / shard_path("train", s))
+        listed.append({"path": shard_path("train", s), "rows": k, "bytes": k * len(img)})
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "shards": {"train": listed, "val": []},
+        "counts": {"train": rows, "val": 0, "rejected": 0},
+        "label_names": [],
+        "rejected": [],
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+def first_batch(root: str, cpus: int, batch_size: int = 64) -> dict[str, float]:
+    """Time to build the train dataset and to get its first batch, driver RSS, full epoch."""
+    import resource
+
+    import ray
+
+    from aim_platform.config import DataConfig, ModelConfig
+    from aim_platform.data.pipeline import build_train_dataset
+
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    try:
+        data = DataConfig(sources=[{"url": root}])
+        model = ModelConfig(size="aim-tiny")
+        with _RssSampler() as rss:
+            t0 = time.perf_counter()
+            ds = build_train_dataset(data, model, seed=0, epochs=1)
+            t_build = time.perf_counter() - t0
+            it = iter(ds.iter_batches(batch_size=batch_size))
+            next(it)
+            t_first = time.perf_counter() - t0
+            rows = batch_size + sum(len(b["id"]) for b in it)
+            t_all = time.perf_counter() - t0
+    finally:
+        ray.shutdown()
+    return {
+        "build_s": t_build,
+        "first_batch_s": t_first,
+        "epoch_s": t_all,
+        "rows": rows,
+        "driver_peak_rss_mb": rss.peak_self / 2**20,
+        "driver_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def _scale_main() -> None:
+    """``python -m aim_platform.data.bench scale ...``: the ingest / start-up measurements."""
+    p = argparse.ArgumentParser(prog="bench scale")
+    p.add_argument("what", choices=["write-jpegs", "ingest", "tiny-shards", "first-batch"])
+    p.add_argument("path")
+    p.add_argument("--dest", default="")
+    p.add_argument("-n", type=int, default=10_000)
+    p.add_argument("--shards", type=int, default=50)
+    p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--shard-size-mb", type=float, default=64.0)
+    a = p.parse_args()
+    if a.what == "write-jpegs":
+        t0 = time.perf_counter()
+        nbytes = write_jpeg_folder(Path(a.path), a.n)
+        print(f"wrote {a.n} JPEGs, {nbytes / 2**20:.0f} MiB in {time.perf_counter() - t0:.0f} s")
+    elif a.what == "ingest":
+        print(ingest_throughput(a.path, a.dest, a.cpus, a.shard_size_mb))
+    elif a.what == "tiny-shards":
+        write_tiny_shards(Path(a.path), a.shards, a.n)
+    else:
+        print(first_batch(a.path, a.cpus))
+
+
 if __name__ == "__main__":
-    _main()
+    import sys
+
+    if sys.argv[1:2] == ["scale"]:
+        del sys.argv[1]
+        _scale_main()
+    else:
+        _main()

@@ -59,6 +59,7 @@ of all sources are interleaved, so batches mix sources.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -81,6 +82,8 @@ if TYPE_CHECKING:
 
 BLOCK_BYTES = 16 * 2**20  # Ray Data output block size: batches stream out sooner
 MAX_BLOCKS = 4096  # work-item blocks (a task each); more items share a task
+MIN_BLOCKS = 64  # below this many blocks, one work item (shard) per task
+MIN_TASK_ROWS = 512  # tiny shards: pack several into one task (per-task overhead ~10 ms+)
 BUILTIN_INGEST = {
     "builtin:digits": {"image_size": 64, "val_fraction": 0.05, "shard_size_mb": 0.5},
     "builtin:photos": {"num_photos": 1000, "val_fraction": 0.05, "shard_size_mb": 16},
@@ -128,6 +131,14 @@ def source_shards(
     if manifest is None:
         raise ValueError(
             f"sources: no _manifest.json at {storage.public_url(url)!r}; run `aimctl ingest`"
+        )
+    settings = manifest.get("settings") or {}
+    if split == "train" and "order" not in settings and manifest.get("label_names"):
+        warnings.warn(
+            f"sources: {storage.public_url(url)!r} was ingested before rows were written in "
+            "hashed order: its shards may hold one class each (batches of one or two "
+            "classes); run `aimctl ingest ... --force` again",
+            stacklevel=2,
         )
     fs, root = storage.pyarrow_filesystem(url, storage_options)
     shards = manifest["shards"][split]
@@ -179,6 +190,15 @@ def epoch_items(shards: list[Shards], seed: int, epoch: int) -> list[dict[str, A
     return [items[j] for j in rng.permutation(len(items))]
 
 
+def num_blocks(items: list[dict[str, Any]], shards: list[Shards]) -> int:
+    """Blocks (tasks) for the work items: one shard each, except that many tiny shards share
+    tasks (at least ``MIN_TASK_ROWS`` rows a task, never fewer than ``MIN_BLOCKS`` blocks)."""
+    per_shard = [s.rows / max(len(s.paths), 1) for s in shards]
+    rows = sum(per_shard[int(it["source"])] for it in items)
+    packed = max(MIN_BLOCKS, math.ceil(rows / MIN_TASK_ROWS))
+    return max(1, min(len(items), MAX_BLOCKS, packed))
+
+
 def _decode_dataset(
     items: list[dict[str, Any]],
     shards: list[Shards],
@@ -192,7 +212,7 @@ def _decode_dataset(
     """One task-based ``map_batches`` operator over the work items: read + decode."""
     import ray.data
 
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), MAX_BLOCKS)))
+    ds = ray.data.from_items(items, override_num_blocks=num_blocks(items, shards))
     ds = ds.map_batches(
         read_and_decode,
         batch_size=1,

@@ -1,14 +1,23 @@
-"""Image sources for ingest: folders (ImageFolder labels), ``.tar`` files, built-ins.
+"""Image sources for ingest: folders (ImageFolder labels), WebDataset tars, Parquet, built-ins.
 
 Listing happens on the driver and yields small :class:`Item` locators (no image bytes);
 :func:`load_item` fetches or generates one item's encoded bytes inside a Ray task, so the
 bytes never pass through the driver.
 
 - folder: every non-hidden file under the URL; when the root holds only sub-folders, the
-  first path component is the class (ImageFolder), labels in sorted class order.
-- ``.tar`` (uncompressed, WebDataset-style): each member is an item read by byte range;
-  ``key.cls`` members give the label of the sample ``key.*``; ``.txt``/``.json`` metadata
-  members are skipped.
+  first path component is the class (ImageFolder), labels in sorted class order, or as a
+  label map says (``label_map``: folder name -> class index and name, e.g. ImageNet's
+  ``LOC_synset_mapping.txt``; see :func:`read_label_map`).
+- WebDataset ``.tar`` shards (uncompressed): one ``.tar``, a folder holding only tars, or
+  a pattern (``shards-{0000..0146}.tar``, ``/data/*.tar``, braces and globs). Each image
+  member is an item read by byte range; members are grouped by their ``__key__`` (the path
+  up to the first dot of the file name) and ``key.cls`` gives the label of the sample;
+  ``.txt``/``.json`` members are skipped. With several tars, ids are ``<tar stem>/<member>``.
+- Parquet (Hugging Face ``datasets`` style): one file, a folder holding only ``.parquet``
+  files, or a pattern. The image column is a struct ``{bytes, path}`` (the HF ``Image``
+  feature) or plain binary (found by name/type, or ``image_column``); the label column is
+  ``label`` (or ``label_column``), class names from the HF ``ClassLabel`` metadata. Ids
+  are ``<file stem>/<row number>``.
 - ``builtin:digits``: scikit-learn's 1797 real handwritten digits (labelled 0-9), upscaled
   bicubically to ``image_size`` and stored as grayscale PNG.
 - ``builtin:photos``: the real photos scikit-learn and matplotlib ship (china, flower,
@@ -19,12 +28,16 @@ bytes never pass through the driver.
 from __future__ import annotations
 
 import io
+import json
+import re
 import tarfile
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
 from aim_platform.data import storage
@@ -38,7 +51,7 @@ class Item:
     """Where one image comes from (no bytes): what ingest tasks receive."""
 
     id: str
-    kind: str  # "file", "tar", "digits" or "photos"
+    kind: str  # "file", "tar", "parquet" (start: row group, index: row), "digits", "photos"
     path: str = ""
     start: int = 0
     size: int = 0  # bytes (an estimate for generated items)
@@ -58,6 +71,7 @@ class Listing:
     items: list[Item]
     label_names: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
+    ordered_reads: bool = False  # items are cheap only in listing order (Parquet row groups)
 
 
 def source_name(src: str) -> str:
@@ -65,7 +79,8 @@ def source_name(src: str) -> str:
     if src.startswith("builtin:"):
         return src.removeprefix("builtin:")
     name = src.rstrip("/").rsplit("/", 1)[-1]
-    return name.removesuffix(".tar") or "images"
+    name = re.sub(r"[*?\[{].*", "", name).rstrip("-_.")  # pattern: its fixed prefix
+    return name.removesuffix(".tar").removesuffix(".parquet") or "images"
 
 
 def list_source(
@@ -75,6 +90,9 @@ def list_source(
     image_size: int = 64,
     num_photos: int = 1000,
     photo_seed: int = 0,
+    label_map: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
 ) -> Listing:
     """List a source's items (sorted by id).
 
@@ -108,18 +126,146 @@ def list_source(
     if src.startswith("builtin:"):
         raise ValueError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
     fs, path = storage.filesystem(src, storage_options)
+    if any(ch in path for ch in "*?[{") and not fs.exists(path):
+        files = expand_pattern(fs, path)
+        if not files:
+            raise ValueError(f"source: {src!r} matches no files")
+        return _list_files(fs, files, name, src, image_column, label_column)
     if not fs.exists(path):
         raise ValueError(f"source: {src!r} does not exist")
     if fs.isfile(path):
-        if path.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-            raise ValueError(f"source: {src!r} is compressed; only uncompressed .tar is supported")
-        if not path.endswith(".tar"):
-            raise ValueError(f"source: {src!r} is a file but not a .tar")
-        return _list_tar(fs, path, name)
-    return _list_folder(fs, path, name)
+        return _list_files(fs, [path], name, src, image_column, label_column)
+    shard_files = _shard_files(fs, path)
+    if shard_files:
+        return _list_files(fs, shard_files, name, src, image_column, label_column)
+    return _list_folder(fs, path, name, label_map, storage_options)
 
 
-def _list_folder(fs: Any, root: str, name: str) -> Listing:
+def expand_pattern(fs: Any, pattern: str) -> list[str]:
+    """Files matching a brace list and/or glob (``shards-{000..009}.tar``, ``*.parquet``)."""
+    out: set[str] = set()
+    for p in expand_braces(pattern):
+        if any(ch in p for ch in "*?["):
+            out.update(f for f in fs.glob(p) if fs.isfile(f))
+        elif fs.exists(p):
+            out.add(p)
+    return sorted(out)
+
+
+def expand_braces(text: str) -> list[str]:
+    """Shell-style brace expansion: ``a{0..2}b`` and ``{x,y}`` (zero padding kept)."""
+    m = re.search(r"\{([^{}]*)\}", text)
+    if not m:
+        return [text]
+    head, tail, body = text[: m.start()], text[m.end() :], m.group(1)
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        choices = ["{" + body + "}"]
+        return [head + choices[0] + t for t in expand_braces(tail)]
+    return [x for c in choices for x in expand_braces(head + c + tail)]
+
+
+def _shard_files(fs: Any, root: str) -> list[str]:
+    """A folder's ``.tar`` or ``.parquet`` files when it holds only such shards, else []."""
+    files = [
+        f
+        for f in fs.find(root)
+        if not any(part.startswith((".", "_")) for part in f[len(root) :].split("/"))
+    ]
+    if files and all(f.endswith(".tar") for f in files):
+        return sorted(files)
+    if files and all(f.endswith(".parquet") for f in files):
+        return sorted(files)
+    return []
+
+
+def _list_files(
+    fs: Any,
+    files: list[str],
+    name: str,
+    src: str,
+    image_column: str | None,
+    label_column: str | None,
+) -> Listing:
+    """WebDataset ``.tar`` shards or Parquet files (one kind per source)."""
+    for f in files:
+        if f.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
+            raise ValueError(f"source: {f!r} is compressed; only uncompressed .tar is supported")
+    if all(f.endswith(".parquet") for f in files):
+        return _list_parquet(fs, files, name, image_column, label_column)
+    others = [f for f in files if not f.endswith(".tar")]
+    if others:
+        raise ValueError(f"source: {others[0]!r} is neither a .tar nor a .parquet file")
+    items: list[Item] = []
+    for f in files:
+        prefix = "" if len(files) == 1 else f.rsplit("/", 1)[-1].removesuffix(".tar") + "/"
+        items.extend(_list_tar(fs, f, prefix))
+    if not items:
+        raise ValueError(f"source: {src!r} holds no image members")
+    return Listing(name, sorted(items, key=lambda it: it.id))
+
+
+def read_label_map(text: str, where: str) -> dict[str, tuple[int, str]]:
+    """Parse a label map: folder name -> (class index, class name).
+
+    Accepted forms:
+
+    - JSON object: ``{"n01440764": 0}``, ``{"n01440764": {"index": 0, "name": "tench"}}``
+      or ``{"n01440764": [0, "tench"]}``;
+    - JSON list of folder names (index = position);
+    - text, one class a line: ``n01440764 tench, Tinca tinca`` (ImageNet's
+      ``LOC_synset_mapping.txt``: index = line number) or ``n01440764 0 tench``.
+
+    Raises:
+        ValueError: unparseable entries or duplicate indices (names ``where``).
+    """
+    out: dict[str, tuple[int, str]] = {}
+    stripped = text.lstrip()
+    if stripped.startswith(("{", "[")):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"label_map: {where} is not valid JSON: {exc}") from None
+        if isinstance(data, list):
+            data = dict(zip(map(str, data), range(len(data)), strict=True))
+        for folder, v in data.items():
+            if isinstance(v, int):
+                out[folder] = (v, folder)
+            elif isinstance(v, dict) and isinstance(v.get("index"), int):
+                out[folder] = (v["index"], str(v.get("name", folder)))
+            elif isinstance(v, list) and v and isinstance(v[0], int):
+                out[folder] = (v[0], str(v[1]) if len(v) > 1 else folder)
+            else:
+                raise ValueError(f"label_map: {where}: entry {folder!r} has no class index")
+    else:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        for i, ln in enumerate(lines):
+            parts = ln.split(None, 2)
+            if len(parts) > 1 and parts[1].lstrip("-").isdigit():
+                out[parts[0]] = (int(parts[1]), parts[2] if len(parts) > 2 else parts[0])
+            else:
+                out[parts[0]] = (i, ln.split(None, 1)[1] if len(parts) > 1 else parts[0])
+    seen: dict[int, str] = {}
+    for folder, (idx, _) in out.items():
+        if idx < 0 or idx in seen:
+            raise ValueError(f"label_map: {where}: index {idx} of {folder!r} is negative or taken")
+        seen[idx] = folder
+    return out
+
+
+def _list_folder(
+    fs: Any,
+    root: str,
+    name: str,
+    label_map: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> Listing:
     found = fs.find(root, detail=True)
     rel: dict[str, int] = {}
     for full, info in found.items():
@@ -130,8 +276,27 @@ def _list_folder(fs: Any, root: str, name: str) -> Listing:
     if not rel:
         raise ValueError(f"source: {root!r} holds no files")
     image_folder = all("/" in r for r in rel)
-    classes = sorted({r.split("/", 1)[0] for r in rel}) if image_folder else []
-    index = {c: i for i, c in enumerate(classes)}
+    folders = sorted({r.split("/", 1)[0] for r in rel}) if image_folder else []
+    if label_map:
+        if not image_folder:
+            raise ValueError(f"label_map: {root!r} is not a folder of class folders")
+        mfs, mpath = storage.filesystem(label_map, storage_options)
+        if not mfs.exists(mpath):
+            raise ValueError(f"label_map: {label_map!r} does not exist")
+        mapping = read_label_map(mfs.cat_file(mpath).decode(), label_map)
+        missing = [f for f in folders if f not in mapping]
+        if missing:
+            raise ValueError(
+                f"label_map: {len(missing)} class folder(s) not in {label_map!r}, "
+                f"e.g. {', '.join(missing[:3])}"
+            )
+        index = {f: mapping[f][0] for f in folders}
+        classes = [""] * (max(i for i, _ in mapping.values()) + 1)
+        for i, label_name in mapping.values():
+            classes[i] = label_name
+    else:
+        index = {c: i for i, c in enumerate(folders)}
+        classes = folders
     items = [
         Item(
             r,
@@ -145,33 +310,123 @@ def _list_folder(fs: Any, root: str, name: str) -> Listing:
     return Listing(name, items, classes)
 
 
-def _list_tar(fs: Any, path: str, name: str) -> Listing:
+def _sample_key(member: str) -> tuple[str, str]:
+    """WebDataset ``__key__`` and extension: ``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``)."""
+    folder, _, base = member.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext.lower()
+
+
+def _list_tar(fs: Any, path: str, prefix: str = "") -> list[Item]:
+    """One tar's image members; ``key.cls`` gives the label of every member of sample ``key``."""
     labels: dict[str, int] = {}
     members: list[tarfile.TarInfo] = []
     with fs.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:") as tar:
         for m in tar:
             if not m.isfile():
                 continue
-            if m.name.endswith(".cls"):
+            key, ext = _sample_key(m.name)
+            if ext == "cls":
                 text = tar.extractfile(m).read().decode().strip()  # type: ignore[union-attr]
                 if text.lstrip("-").isdigit():
-                    labels[m.name[: -len(".cls")]] = int(text)
-            elif not m.name.endswith(_META_EXT):
+                    labels[key] = int(text)
+            elif not m.name.endswith(_META_EXT) and not key.startswith("_"):
                 members.append(m)
-    if not members:
-        raise ValueError(f"source: {path!r} holds no image members")
-    items = [
+    return [
         Item(
-            m.name,
+            prefix + m.name,
             "tar",
             path=fs.unstrip_protocol(path),
             start=m.offset_data,
             size=m.size,
-            label=labels.get(m.name.rsplit(".", 1)[0]),
+            label=labels.get(_sample_key(m.name)[0]),
         )
-        for m in sorted(members, key=lambda m: m.name)
+        for m in members
     ]
-    return Listing(name, items)
+
+
+_IMAGE_COLUMNS = ("image", "img", "jpg", "jpeg", "png", "webp", "image_bytes")
+_LABEL_COLUMNS = ("label", "labels", "cls", "class")
+
+
+def _image_bytes_type(t: pa.DataType) -> bool:
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t):
+        return True
+    return pa.types.is_struct(t) and any(t.field(i).name == "bytes" for i in range(t.num_fields))
+
+
+def _list_parquet(
+    fs: Any, files: list[str], name: str, image_column: str | None, label_column: str | None
+) -> Listing:
+    """Parquet files with an image-bytes column (HF ``Image``: struct {bytes, path}; or binary).
+
+    Ids are ``<file stem>/<row number>``; items keep the file order (row groups are read
+    once each when consecutive items share them)."""
+    first = pq.ParquetFile(fs.open(files[0], "rb"))
+    schema = first.schema_arrow
+    if image_column is None:
+        named = [c for c in _IMAGE_COLUMNS if c in schema.names]
+        typed = [f.name for f in schema if _image_bytes_type(f.type)]
+        candidates = [c for c in named if _image_bytes_type(schema.field(c).type)] or typed
+        if not candidates:
+            raise ValueError(
+                f"image_column: no binary or {{bytes, path}} column in {files[0]!r}; "
+                f"columns: {', '.join(schema.names)}"
+            )
+        image_column = candidates[0]
+    elif image_column not in schema.names:
+        raise ValueError(f"image_column: {image_column!r} not in {', '.join(schema.names)}")
+    if not _image_bytes_type(schema.field(image_column).type):
+        raise ValueError(f"image_column: {image_column!r} holds no image bytes")
+    if label_column is None:
+        label_column = next((c for c in _LABEL_COLUMNS if c in schema.names), None)
+    elif label_column not in schema.names:
+        raise ValueError(f"label_column: {label_column!r} not in {', '.join(schema.names)}")
+    label_names = _hf_class_names(schema, label_column) if label_column else []
+    items: list[Item] = []
+    stems = [f.rsplit("/", 1)[-1].removesuffix(".parquet") for f in files]
+    if len(set(stems)) < len(stems):
+        stems = [f.removesuffix(".parquet").replace("/", "_") for f in files]
+    for f, stem in zip(files, stems, strict=True):
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            row = 0
+            for g in range(pf.num_row_groups):
+                meta = pf.metadata.row_group(g)
+                n = meta.num_rows
+                size = meta.total_byte_size // max(n, 1)
+                labels: list[Any] = [None] * n
+                if label_column:
+                    labels = pf.read_row_group(g, columns=[label_column]).column(0).to_pylist()
+                for i in range(n):
+                    lab = labels[i]
+                    items.append(
+                        Item(
+                            f"{stem}/{row + i:08d}",
+                            "parquet",
+                            path=fs.unstrip_protocol(f),
+                            start=g,
+                            size=size,
+                            label=int(lab) if isinstance(lab, int) and lab >= 0 else None,
+                            index=i,
+                        )
+                    )
+                row += n
+    options = {"image_column": image_column}
+    return Listing(name, items, label_names, options, ordered_reads=True)
+
+
+def _hf_class_names(schema: pa.Schema, label_column: str) -> list[str]:
+    """Class names of a Hugging Face ``ClassLabel`` column, from the schema metadata."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if not meta:
+        return []
+    try:
+        feature = json.loads(meta)["info"]["features"][label_column]
+    except (KeyError, TypeError, ValueError):
+        return []
+    names = feature.get("names") if isinstance(feature, dict) else None
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 @lru_cache(maxsize=1)
@@ -229,7 +484,32 @@ def load_item(item: Item, storage_options: dict[str, Any] | None, options: dict[
         return digit_png(item.index, int(options["image_size"]))
     if item.kind == "photos":
         return photo_jpeg(item.index, int(options.get("photo_seed", 0)))
+    if item.kind == "parquet":
+        return _parquet_cell(
+            item.path, item.start, item.index, options["image_column"], storage_options
+        )
     fs, path = storage.filesystem(item.path, storage_options)
     if item.kind == "tar":
         return fs.cat_file(path, start=item.start, end=item.start + item.size)
     return fs.cat_file(path)
+
+
+_ROW_GROUP: dict[str, Any] = {}  # the last row group read in this process (items come in order)
+
+
+def _parquet_cell(
+    url: str, group: int, row: int, column: str, storage_options: dict[str, Any] | None
+) -> bytes:
+    key = f"{url}\0{group}\0{column}"
+    if _ROW_GROUP.get("key") != key:
+        fs, path = storage.filesystem(url, storage_options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(group, columns=[column])
+        _ROW_GROUP.clear()
+        _ROW_GROUP.update(key=key, values=table.column(0))
+    value = _ROW_GROUP["values"][row].as_py()
+    if isinstance(value, dict):
+        value = value.get("bytes")
+    if not value:
+        raise ValueError(f"row {row} of row group {group} has no image bytes")
+    return bytes(value)

@@ -1,0 +1,62 @@
+"""An ingest killed half way resumes: finished shards are kept, no id is lost or doubled."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from aim_platform.data.ingest import ingest
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+ARGS = {"num_photos": 60, "shard_size_mb": 0.3, "val_fraction": 0.1}  # 30 groups of 2 photos
+RUNNER = """
+import sys, ray
+ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+from aim_platform.cli import app
+app(sys.argv[1:])
+"""
+
+
+def test_killed_ingest_resumes_without_redoing_finished_shards(tmp_path: Path) -> None:
+    dest = tmp_path / "photos"
+    cmd = [sys.executable, "-c", RUNNER, "ingest", "builtin:photos", str(dest)]
+    cmd += ["--num-photos", "60", "--shard-size-mb", "0.3", "--val-fraction", "0.1"]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    markers: list[Path] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not markers and time.monotonic() < deadline and proc.poll() is None:
+            markers = sorted(dest.glob("_progress/*/group-*.json"))
+            time.sleep(0.05)  # polling for the first finished group
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and the Ray it started
+        proc.wait()
+    assert markers, proc.stderr.read().decode()[-2000:] if proc.stderr else "no marker"
+    assert not (dest / "_manifest.json").exists()  # killed before the end
+    done = sorted(dest.glob("_progress/*/group-*.json"))
+    kept = {p: p.stat().st_mtime_ns for p in dest.glob("*/part-*.parquet")}
+    assert len(done) < 30
+
+    m = ingest("builtin:photos", str(dest), **ARGS)
+
+    assert m["resumed_groups"] == len(done) >= 1
+    ids = [
+        i
+        for split in ("train", "val")
+        for i in pq.read_table(dest / split).column("id").to_pylist()
+    ]
+    assert sorted(ids) == [f"photos/{i:05d}" for i in range(60)]  # each exactly once
+    assert m["counts"]["train"] + m["counts"]["val"] == 60
+    finished = {int(p.stem.split("-")[1]) for p in done}
+    untouched = [p for p in kept if int(p.stem.split("-")[1]) in finished]
+    assert untouched and all(p.stat().st_mtime_ns == kept[p] for p in untouched)
+    assert not (dest / "_progress").exists()
