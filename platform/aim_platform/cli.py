@@ -253,46 +253,63 @@ def ingest(
     label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
     image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),
     label_column: str = typer.Option("", help="Parquet: label column (default: label)"),
+    verbose: bool = _VERBOSE_OPT,
 ) -> None:
-    """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent)."""
+    """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent, resumable)."""
     from rich.progress import Progress
 
+    from aim_platform.cluster import connect
+    from aim_platform.console import captured_output, log_path
     from aim_platform.data.ingest import ingest as run_ingest
     from aim_platform.data.storage import parse_storage_options
 
-    try:
-        opts = parse_storage_options(storage_options)
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task("ingest", total=None)
-            m = run_ingest(
-                src,
-                dest,
-                val_fraction=val_fraction,
-                shard_size_mb=shard_size_mb,
-                storage_options=opts,
-                image_size=image_size,
-                num_photos=num_photos,
-                max_pixels=max_pixels,
-                source=source or None,
-                force=force,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
-                order=order,
-                order_seed=order_seed,
-                label_map=label_map or None,
-                image_column=image_column or None,
-                label_column=label_column or None,
-            )
-    except ValueError as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
-    c = m["counts"]
-    state = "up to date" if m.get("skipped") else "written"
-    console.print(
-        f"{dest}: {state}; train {c['train']}, val {c['val']}, rejected {c['rejected']}, "
-        f"shards {len(m['shards']['train'])}+{len(m['shards']['val'])}"
-    )
-    for r in m["rejected"][:20]:
-        console.print(f"  rejected {r['id']}: {r['reason']}")
+    log = None if verbose else log_path(Path("runs").resolve(), "ingest")
+    with captured_output(log) as term:
+        term.print(f"ingesting {src} -> {dest}" + (f"; log: {log}" if log else ""), markup=False)
+        try:
+            opts = parse_storage_options(storage_options)
+            own_ray = connect(None)
+            # a bar in a terminal; in a log (a Ray job, CI) only the summary below
+            bar = Progress(console=term, transient=True, disable=not term.is_terminal)
+            with bar:
+                task = bar.add_task("decode and validate, write shards", total=None)
+                m = run_ingest(
+                    src,
+                    dest,
+                    val_fraction=val_fraction,
+                    shard_size_mb=shard_size_mb,
+                    storage_options=opts,
+                    image_size=image_size,
+                    num_photos=num_photos,
+                    max_pixels=max_pixels,
+                    source=source or None,
+                    force=force,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    order=order,
+                    order_seed=order_seed,
+                    label_map=label_map or None,
+                    image_column=image_column or None,
+                    label_column=label_column or None,
+                )
+        except ValueError as exc:  # bad input: the source, an option, an image folder
+            term.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        c = m["counts"]
+        state = "up to date" if m.get("skipped") else "written"
+        term.print(
+            f"{dest}: {state}; train {c['train']}, val {c['val']}, rejected {c['rejected']}, "
+            f"shards {len(m['shards']['train'])}+{len(m['shards']['val'])}",
+            markup=False,
+            highlight=False,
+        )
+        for r in m["rejected"][:20]:
+            term.print(f"  rejected {r['id']}: {r['reason']}", markup=False, highlight=False)
+        if log:
+            term.print(f"log: {log}", markup=False, highlight=False)
+        if own_ray:
+            import ray
+
+            ray.shutdown()
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="benchmarks (ratios, printed)")
@@ -533,7 +550,7 @@ def probe(
     from aim_platform import tracking
     from aim_platform.cluster import connect
     from aim_platform.config import ProbeConfig
-    from aim_platform.console import captured_output, log_path
+    from aim_platform.console import PhaseDisplay, captured_output, log_path
     from aim_platform.eval.probe import report_metrics
     from aim_platform.jobs.probe import log_probe, run_probe
 
@@ -542,16 +559,23 @@ def probe(
     with captured_output(log) as term:
         term.print(f"probing {checkpoint} on {dataset}" + (f"; log: {log}" if log else ""))
         own_ray = connect(address, token_file)
-        with term.status("features of the frozen trunk, then the probes"):
-            try:
-                report = run_probe(
-                    checkpoint, cfg, dataset=dataset, storage_options=cfg.storage_options
-                )
-            except PlatformError:
-                raise
-            except Exception as exc:  # one line here, the traceback in the log
-                traceback.print_exc()
-                _failed(term, "the probe", exc, log)
+        phases = PhaseDisplay(term, "loading the trunk and the dataset")
+        try:
+            report = run_probe(
+                checkpoint,
+                cfg,
+                dataset=dataset,
+                storage_options=cfg.storage_options,
+                on_phase=phases.phase,
+            )
+        except PlatformError:
+            phases.close()
+            raise
+        except Exception as exc:  # one line here, the traceback in the log
+            phases.close()
+            traceback.print_exc()
+            _failed(term, "the probe", exc, log)
+        phases.close()
         uri = tracking.resolve_tracking_uri(tracking_uri)
         run_id = log_probe(
             tracking.Tracker(uri),

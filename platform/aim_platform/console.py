@@ -255,3 +255,27 @@ class StudyDisplay:
             self.live.update(self.table())
             self.live.stop()
             self.live = None
+
+
+class PhaseDisplay:
+    """One line per phase of a job (``features: train split``, ``training probes``, ...):
+    a spinner whose text changes in a terminal, a printed line per phase elsewhere."""
+
+    def __init__(self, console: Console, first: str) -> None:
+        self.console = console
+        self.status = console.status(first) if console.is_terminal else None
+        if self.status is not None:
+            self.status.start()
+        else:
+            console.print(first, markup=False, highlight=False)
+
+    def phase(self, text: str) -> None:
+        if self.status is not None:
+            self.status.update(text)
+        else:
+            self.console.print(text, markup=False, highlight=False)
+
+    def close(self) -> None:
+        if self.status is not None:
+            self.status.stop()
+            self.status = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -175,6 +175,7 @@ def run_probe(
     *,
     dataset: str,
     storage_options: dict[str, Any] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> ProbeReport:
     """The whole probe job on one trunk. Needs Ray running.
 
@@ -195,7 +196,9 @@ def run_probe(
     cache.remove()  # a stale cache of another trunk must not be read
     max_label = -1
     try:
+        phase = on_phase or (lambda text: None)
         for split, ds, keep in (("train", train_ds, chosen), ("val", val_ds, None)):
+            phase(f"features of the frozen trunk: {split} split")
             for batch in iter_features(
                 ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=keep
             ):
@@ -205,12 +208,15 @@ def run_probe(
                 cache.add(split, batch["features"], batch["label"], blocks, inputs)
         if not cache.rows.get("train") or not cache.rows.get("val"):
             raise ValueError(f"dataset: {dataset} has no valid train or val rows to probe")
+        phase(f"training {len(probe_inputs(cfg, n_blocks))} probe input(s) x {cfg.kind}")
         report = probe_cached(cache, cfg, n_blocks, max_label + 1, trunk.blocks[0].attn.num_heads)
         report.train_images = cache.rows["train"] // cfg.views
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     if cfg.lora_rank:
+        if on_phase:
+            on_phase(f"LoRA rank {cfg.lora_rank} with the attentive probe")
         report.lora = run_lora_probe(
             trunk_path,
             cfg,
