@@ -1,0 +1,327 @@
+"""The jobs: ``pretrain``, ``study``, ``probe``, ``ingest``, ``tokenizer-fit``, ``correlate``,
+``plan``. Each long-running one shows a progress display and a summary; the rest of what it
+prints goes to a log file (:func:`~aim_platform.cli.app.run_console`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from aim_platform.cli.app import (
+    _CLUSTER_OPT,
+    _TOKEN_OPT,
+    _VERBOSE_OPT,
+    app,
+    console,
+    load_or_fail,
+    run_console,
+)
+from aim_platform.config import MAX_PIXELS
+
+
+def _log_folder(job: Any) -> Path:
+    """Local folder for a run's console log: the run folder, or ./runs/NAME for s3:// runs."""
+    from aim_platform.jobs.pretrain import run_paths
+
+    paths = run_paths(job)
+    return Path(paths.root) if paths.is_local else Path("runs").resolve() / job.name
+
+
+@app.command()
+def pretrain(
+    config: Path = typer.Argument(..., help="job YAML (see jobs/configs/)"),
+    set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    verbose: bool = _VERBOSE_OPT,
+) -> None:
+    """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
+    from aim_platform.config import JobConfig
+    from aim_platform.console import TrainDisplay, log_path
+    from aim_platform.jobs.pretrain import latest_train_state, summary
+    from aim_platform.jobs.pretrain import pretrain as run_pretrain
+
+    job = load_or_fail(config, set_, JobConfig)
+    tc = job.train
+    log = None if verbose else log_path(_log_folder(job), "pretrain")
+    header = (
+        f"pre-training {job.name}: {job.model.size}, {tc.steps} steps at batch "
+        f"{tc.global_batch_size} on {tc.num_workers} worker(s)"
+    )
+    previous = latest_train_state(job)
+    if previous:
+        header += f"\nresuming from the checkpoint at step {previous['step']}"
+    with run_console("pre-training", header, log, address=address, token_file=token_file) as term:
+        display = TrainDisplay(term, job.name, tc.steps)
+        try:
+            result = run_pretrain(job, address=address, on_progress=display.update)
+        finally:
+            display.close()
+        for line in summary(result):
+            term.print(line, markup=False, highlight=False)
+    if result.error:
+        raise typer.Exit(1)
+
+
+@app.command()
+def study(
+    spec: Path = typer.Argument(..., help="study spec (jobs/studies/*.yaml)"),
+    scale: str = typer.Option("tiny", help="budget preset: tiny, small or paper"),
+    set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    storage: str = typer.Option("./runs/studies", help="study folder root"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else mlflow.db above --storage"
+    ),
+    resume: bool = typer.Option(False, help="continue an interrupted study"),
+    verbose: bool = _VERBOSE_OPT,
+) -> None:
+    """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    from aim_platform import tracking
+    from aim_platform.config import ConfigError
+    from aim_platform.console import StudyDisplay, log_path
+    from aim_platform.jobs.study import load_study, run_study
+    from aim_platform.train.paths import storage_url
+
+    if scale not in ("tiny", "small", "paper"):
+        raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
+    parsed = load_study(spec)
+    first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
+    folder = Path(storage_url(storage)) / f"{parsed.name}-{scale}"
+    log = None if verbose else log_path(folder, "study")
+    header = (
+        f"study {parsed.name} (Table {parsed.table}), scale {scale}: "
+        f"{len(parsed.variants)} trials of {first.train.steps} steps"
+    )
+    with run_console("the study", header, log, address=address, token_file=token_file) as term:
+        display = StudyDisplay(term, parsed.name, list(parsed.variants), first.train.steps)
+        try:
+            result = run_study(
+                parsed,
+                scale,
+                storage=storage,
+                tracking_uri=tracking_uri,
+                address=address,
+                resume=resume,
+                extra=set_,
+                on_trial=display.trial,
+            )
+        finally:
+            display.close()
+        term.print(result.markdown(), markup=False, highlight=False)
+        for t in result.trials:
+            if t.error:
+                first_line = t.error.strip().splitlines()[0]
+                term.print(f"trial {t.variant} failed: {first_line}", markup=False)
+        term.print(f"table: {folder / 'table.md'} (and table.csv)", markup=False)
+        term.print(
+            f"MLflow study run {result.parent_run_id}: {tracking.ui_command(result.tracking_uri)}",
+            markup=False,
+            highlight=False,
+        )
+
+
+@app.command()
+def probe(
+    checkpoint: str = typer.Argument(..., help="trunk folder (runs/NAME/final) or converted .pt"),
+    dataset: str = typer.Argument(..., help="labelled ingest root (local or s3://)"),
+    set_: list[str] = typer.Option([], "--set", help="ProbeConfig override a=b (repeatable)"),
+    config: Path = typer.Option(None, help="ProbeConfig YAML"),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
+    ),
+    experiment: str = typer.Option("aim-probe", help="MLflow experiment"),
+    parent_run_id: str = typer.Option(None, help="nest under this (pre-training) run"),
+    verbose: bool = _VERBOSE_OPT,
+) -> None:
+    """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
+    from aim_platform import tracking
+    from aim_platform.config import ProbeConfig
+    from aim_platform.console import PhaseDisplay, log_path
+    from aim_platform.eval.probe import report_metrics
+    from aim_platform.jobs.probe import log_probe, run_probe
+
+    cfg = load_or_fail(config, set_, ProbeConfig)
+    log = None if verbose else log_path(Path("runs").resolve(), "probe")
+    header = f"probing {checkpoint} on {dataset}"
+    with run_console("the probe", header, log, address=address, token_file=token_file) as term:
+        phases = PhaseDisplay(term, "loading the trunk and the dataset")
+        try:
+            report = run_probe(
+                checkpoint,
+                cfg,
+                dataset=dataset,
+                storage_options=cfg.storage_options,
+                on_phase=phases.phase,
+            )
+        finally:
+            phases.close()
+        uri = tracking.resolve_tracking_uri(tracking_uri)
+        run_id = log_probe(
+            tracking.Tracker(uri),
+            report,
+            cfg,
+            experiment=experiment,
+            run_name=tracking.probe_run_name(checkpoint, dataset),
+            trunk_path=checkpoint,
+            dataset=dataset,
+            parent_run_id=parent_run_id,
+        )
+        for key, value in sorted(report_metrics(report).items()):
+            term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
+        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False)
+
+
+@app.command()
+def ingest(
+    src: str = typer.Argument(
+        ...,
+        help="image folder, .tar(s) or .parquet (file, folder, glob or {a..b} list), "
+        "builtin:digits or builtin:photos",
+    ),
+    dest: str = typer.Argument(..., help="destination: local folder or s3://bucket/prefix"),
+    val_fraction: float = typer.Option(0.05, help="share of ids (by hash) in the val split"),
+    shard_size_mb: float = typer.Option(256.0, help="target input MB per shard"),
+    storage_options: str = typer.Option("", help='fsspec options JSON, e.g. {"endpoint_url": ...}'),
+    image_size: int = typer.Option(64, help="side of builtin:digits images"),
+    num_photos: int = typer.Option(1000, help="number of builtin:photos crops"),
+    max_pixels: int = typer.Option(MAX_PIXELS, help="larger images are rejected as bombs"),
+    source: str = typer.Option("", help="value of the `source` column (default: SRC's name)"),
+    force: bool = typer.Option(False, help="re-ingest even if DEST is up to date"),
+    order: str = typer.Option("auto", help="row order: hash (mixes classes), source, auto"),
+    order_seed: int = typer.Option(0, help="seed of the hash order"),
+    label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
+    image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),
+    label_column: str = typer.Option("", help="Parquet: label column (default: label)"),
+    verbose: bool = _VERBOSE_OPT,
+) -> None:
+    """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent, resumable)."""
+    from rich.progress import Progress
+
+    from aim_platform.console import log_path
+    from aim_platform.data.ingest import ingest as run_ingest
+    from aim_platform.data.storage import parse_storage_options
+
+    log = None if verbose else log_path(Path("runs").resolve(), "ingest")
+    with run_console("ingest", f"ingesting {src} -> {dest}", log) as term:
+        try:
+            opts = parse_storage_options(storage_options)
+            # a bar in a terminal; in a log (a Ray job, CI) only the summary below
+            bar = Progress(console=term, transient=True, disable=not term.is_terminal)
+            with bar:
+                task = bar.add_task("decode and validate, write shards", total=None)
+                m = run_ingest(
+                    src,
+                    dest,
+                    val_fraction=val_fraction,
+                    shard_size_mb=shard_size_mb,
+                    storage_options=opts,
+                    image_size=image_size,
+                    num_photos=num_photos,
+                    max_pixels=max_pixels,
+                    source=source or None,
+                    force=force,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total),
+                    order=order,
+                    order_seed=order_seed,
+                    label_map=label_map or None,
+                    image_column=image_column or None,
+                    label_column=label_column or None,
+                )
+        except ValueError as exc:  # bad input: the source, an option, an image folder
+            term.print(f"error: {exc}", markup=False, highlight=False)
+            raise typer.Exit(2) from None
+        c = m["counts"]
+        state = "up to date" if m.get("skipped") else "written"
+        term.print(
+            f"{dest}: {state}; train {c['train']}, val {c['val']}, rejected {c['rejected']}, "
+            f"shards {len(m['shards']['train'])}+{len(m['shards']['val'])}",
+            markup=False,
+            highlight=False,
+        )
+        for r in m["rejected"][:20]:
+            term.print(f"  rejected {r['id']}: {r['reason']}", markup=False, highlight=False)
+
+
+@app.command("tokenizer-fit")
+def tokenizer_fit(
+    dataset_url: str = typer.Argument(..., help="ingest root (aimctl ingest) or builtin:digits"),
+    out: str = typer.Argument(..., help="codebook file to write (path or s3://...safetensors)"),
+    num_tokens: int = typer.Option(512, help="codebook size (k-means centroids)"),
+    max_patches: int = typer.Option(100_000, help="patches sampled for k-means"),
+    model_size: str = typer.Option("aim-tiny", help="registered size giving image/patch size"),
+    image_size: int | None = typer.Option(None, "--image-size", "--size", help="image side"),
+    patch_size: int | None = typer.Option(None, help="patch side (default: the size's)"),
+    iters: int = typer.Option(20, help="maximum Lloyd iterations"),
+    seed: int = typer.Option(0, help="seed of crops, subsample and k-means++"),
+    storage_options: str = typer.Option("", help='fsspec options JSON, e.g. {"endpoint_url": ...}'),
+    address: str = _CLUSTER_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+) -> None:
+    """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    from aim_platform.cluster import connect
+    from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
+    from aim_platform.data.storage import parse_storage_options
+    from aim_platform.jobs.tokenizer import fit_tokenizer
+    from aim_platform.models.tokenizer import Tokenizer
+
+    sizes = {"img_size": image_size, "patch_size": patch_size}
+    try:
+        opts = parse_storage_options(storage_options)
+    except ValueError as exc:  # bad JSON from the command line
+        raise ConfigError(f"--storage-options: {exc}") from None
+    model = build_config(ModelConfig, {"size": model_size, **{k: v for k, v in sizes.items() if v}})
+    data = build_config(DataConfig, {"sources": [{"url": dataset_url}], "storage_options": opts})
+    connect(address, token_file)
+    fit_tokenizer(data, model, out, num_tokens, max_patches, seed, iters, opts)
+    tok = Tokenizer.load(out, opts)
+    info = tok.fitted_on
+    console.print(
+        f"{out}: {tok.num_tokens} tokens x {tok.patch_dim} values, fitted on {info['patches']} "
+        f"patches of {info['images']} images; mean squared distance "
+        f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
+    )
+
+
+@app.command()
+def correlate(
+    run_ids: list[str] = typer.Argument(..., help="one pre-training run, or several runs"),
+    tracking_uri: str = typer.Option(
+        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
+    ),
+    log_to: str = typer.Option(None, help="across runs: log the result into this run"),
+) -> None:
+    """Pre-training loss vs probe accuracy: per checkpoint of one run, or across runs."""
+    from aim_platform import tracking
+    from aim_platform.eval.correlation import correlate_run, correlate_runs
+
+    tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
+    if len(run_ids) == 1:
+        corr = correlate_run(tracker, run_ids[0])
+    else:
+        corr = correlate_runs(tracker, run_ids, log_to=log_to)
+    console.print(corr.table())
+    if len(corr.losses) < 2:
+        console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
+
+
+@app.command()
+def plan(
+    config: Path = typer.Argument(..., help="job YAML (see jobs/configs/)"),
+    gpus: int = typer.Option(..., "--gpus", help="GPUs (one FSDP2 worker each)"),
+    gpu: str = typer.Option("h200", "--gpu", help="h200, h100, a100, b200, l40s"),
+    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilization assumed"),
+    set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
+) -> None:
+    """Validate CONFIG and print its parameters, FLOPs, memory per GPU, steps and hours."""
+    from aim_platform.config import JobConfig, load_config
+    from aim_platform.plan import plan as make_plan
+
+    job = load_config(config, set_, JobConfig)  # a ConfigError is one line, exit 2
+    for line in make_plan(job, gpus, gpu.lower(), mfu).lines():
+        typer.echo(line)

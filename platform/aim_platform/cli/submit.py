@@ -1,0 +1,113 @@
+"""``aimctl submit`` and ``aimctl jobs status|logs|stop``: jobs on a Ray cluster."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from aim_platform.cli.app import _ADDRESS_OPT, _TOKEN_OPT, app, console
+
+
+@app.command("submit")
+def submit_cmd(
+    config: Path | None = typer.Argument(None, help="YAML config inside the repository"),
+    address: str | None = _ADDRESS_OPT,
+    overrides: list[str] = typer.Option([], "--set", help="override, a.b=c (repeatable)"),
+    entrypoint: str | None = typer.Option(None, help="command instead of aimctl pretrain"),
+    token_file: Path | None = _TOKEN_OPT,
+    env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job (no secrets)"),
+    submission_id: str | None = typer.Option(None, help="job id [default: generated]"),
+    scale: str = typer.Option("tiny", help="budget preset when CONFIG is a study spec"),
+    wait: bool = typer.Option(
+        False, "--wait", help="wait for the job to end; exit 1 unless it succeeds"
+    ),
+) -> None:
+    """Submit a job to a Ray cluster: a job CONFIG runs `aimctl pretrain CONFIG`, a study
+    spec (jobs/studies/) `aimctl study SPEC --scale S`; --entrypoint runs anything else."""
+    from aim_platform import submit as sub
+
+    job_id = sub.submit(
+        address,
+        config,
+        overrides=overrides,
+        entrypoint=entrypoint,
+        token_file=token_file,
+        env=sub.parse_env(env) if env else None,
+        submission_id=submission_id,
+        scale=scale,
+    )
+    console.print(f"submitted {job_id}", soft_wrap=True)
+    console.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
+    if wait:
+        with console.status(f"{job_id}: running (Ctrl-C stops waiting, not the job)"):
+            state = sub.wait_for(address, job_id, token_file, timeout=7 * 24 * 3600)
+        if state != "SUCCEEDED":
+            _print_job_failure(address, job_id, token_file)
+            raise typer.Exit(1)
+        console.print(f"{job_id}: {state}")
+
+
+def _print_job_failure(address: str | None, job_id: str, token_file: Path | None) -> None:
+    """The job's status message and the last lines of its log: why it failed."""
+    from aim_platform import submit as sub
+
+    st = sub.status(address, job_id, token_file)
+    console.print(f"{job_id}: {st.status}", markup=False, highlight=False)
+    lines = [line for line in sub.logs(address, job_id, token_file).splitlines() if line.strip()]
+    if lines:
+        console.print(f"last {min(25, len(lines))} lines of its log:", highlight=False)
+        for line in lines[-25:]:
+            console.print(f"  {line}", markup=False, highlight=False)
+    if st.message:
+        console.print(f"Ray says: {st.message.strip().splitlines()[-1]}", markup=False)
+
+
+jobs_app = typer.Typer(no_args_is_help=True, help="Status, logs and stop of submitted jobs.")
+app.add_typer(jobs_app, name="jobs")
+
+
+@jobs_app.command("status")
+def jobs_status(
+    job_id: str, address: str | None = _ADDRESS_OPT, token_file: Path | None = _TOKEN_OPT
+) -> None:
+    """Print the job's status and message."""
+    from aim_platform import submit as sub
+
+    st = sub.status(address, job_id, token_file)
+    console.print(
+        f"{st.job_id}: {st.status}" + (f" ({st.message})" if st.message else ""),
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@jobs_app.command("logs")
+def jobs_logs(
+    job_id: str,
+    address: str | None = _ADDRESS_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    follow: bool = typer.Option(False, "--follow", "-f", help="stream until the job ends"),
+) -> None:
+    """Print the job's logs (optionally following them)."""
+    from aim_platform import submit as sub
+
+    if follow:
+        for chunk in sub.follow_logs(address, job_id, token_file):
+            typer.echo(chunk, nl=False)
+    else:
+        typer.echo(sub.logs(address, job_id, token_file), nl=False)
+
+
+@jobs_app.command("stop")
+def jobs_stop(
+    job_id: str,
+    address: str | None = _ADDRESS_OPT,
+    token_file: Path | None = _TOKEN_OPT,
+    wait: float = typer.Option(30.0, help="seconds to wait for the job to stop (0: don't)"),
+) -> None:
+    """Stop a running job."""
+    from aim_platform import submit as sub
+
+    state = sub.stop(address, job_id, token_file, wait=wait)
+    console.print(f"{job_id}: {state}")
