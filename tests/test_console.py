@@ -85,3 +85,29 @@ def test_mlflow_ui_line_is_one_copyable_command_at_any_width() -> None:
     console.print(f"MLflow run abc: {ui_command(uri)}", markup=False)
     assert out.getvalue() == f"MLflow run abc: mlflow ui --backend-store-uri {uri}\n"
     assert ui_command("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_a_failing_job_shows_one_line_and_keeps_the_traceback_in_the_log(tmp_path: Path) -> None:
+    import pytest
+    import typer
+
+    from aim_platform.cli.app import run_console
+
+    log = tmp_path / "logs" / "job.log"
+    terminal = io.StringIO()
+    saved = sys.stdout
+    sys.stdout = terminal
+    try:
+        with pytest.raises(typer.Exit) as exit_info:
+            with run_console("the job", "running the job", log, ray=False):
+                raise RuntimeError("the bucket is empty")
+    finally:
+        sys.stdout = saved
+    assert exit_info.value.exit_code == 1
+    shown = terminal.getvalue().splitlines()
+    assert shown == [
+        f"running the job; log: {log}",
+        "the job failed: RuntimeError: the bucket is empty",
+        f"the whole story is in the log: {log}",
+    ]
+    assert "Traceback" in log.read_text() and "the bucket is empty" in log.read_text()

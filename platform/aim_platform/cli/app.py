@@ -91,7 +91,7 @@ def run_console(
             own_ray = connect(address, token_file)
         try:
             yield term
-        except (PlatformError, click.exceptions.Exit, click.ClickException):
+        except (PlatformError, typer.Exit, click.exceptions.Exit, click.ClickException):
             raise
         except Exception as exc:  # the job failed: one line here, the traceback in the log
             traceback.print_exc()
