@@ -11,6 +11,9 @@ log file are recorded in a state folder (default ``./runs/services``, or ``AIM_S
 
 Both bind to 127.0.0.1 unless a host is given explicitly. ``up`` returns only once the service
 answers over HTTP; ``down`` stops the whole process group and waits until it is gone.
+
+Over 400 lines on purpose: start, health check, status and stop of two services, with the
+messages a person needs when one fails.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ The Ray auth token (found as :func:`aim_platform.cluster.resolve_token` says) is
 ``Authorization: Bearer <token>``. It never goes into the job's ``runtime_env``, which the
 dashboard shows to anyone who can read it; nodes of a cluster get it from their own
 environment (a Kubernetes Secret, the launcher's node set-up).
+
+Over 400 lines on purpose: one protocol (what travels with a job, what is checked before
+sending, the Jobs API calls and their error messages); each function is small.
 """
 
 from __future__ import annotations

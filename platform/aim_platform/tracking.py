@@ -13,6 +13,9 @@
   created it (schema migrations and experiment creation race otherwise): MLflow gives each
   SQLite session a 20 s busy timeout, and ``tests/test_tracking.py`` checks that 4 writers at
   once lose nothing. Many more writers should go through an MLflow server.
+
+Over 400 lines on purpose: it is the one door to MLflow, so every read and write of runs,
+datasets, figures and system metrics lives here.
 """
 
 from __future__ import annotations

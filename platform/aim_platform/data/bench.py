@@ -16,6 +16,10 @@ the baseline on standard Pillow, each in its own environment::
     python -m aim_platform.data.bench --write-jpegs /tmp/jpegs        # main venv
     PYTHONPATH=platform /tmp/pillow-venv/bin/python -m aim_platform.data.bench \
         --jpegs /tmp/jpegs --baseline-only                          # Pillow + NumPy only
+
+Over 400 lines on purpose: three side-by-side benchmarks (decode vs a baseline, Ray Data
+delivery, ingest and many-shard scale) that share their set-up; only `aimctl bench data` imports
+it.
 """
 
 from __future__ import annotations

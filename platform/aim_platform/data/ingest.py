@@ -25,6 +25,9 @@ deleted) and never duplicates rows; when the manifest's fingerprint (source list
 options) matches, the ingest is skipped. The split is deterministic: an image goes to
 ``val`` when ``hash(id) < val_fraction``. Bad images never stop an ingest: each lands in
 the manifest's ``rejected`` list with its reason.
+
+Over 400 lines on purpose: ingest is one job (listing, grouping, resumable markers, shard
+writing, the manifest); sources live in :mod:`.sources`, decoding in :mod:`.transforms`.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 Control flow lives in ``forward``; the pieces are in :mod:`.layers`, :mod:`.heads`,
 :mod:`.patterns` and :mod:`.losses`.
+
+Over 400 lines on purpose: the trunk, the pre-training model and the classifier share the patch
+embedding and the block stack; split apart, one forward pass would be read across files.
 """
 
 from __future__ import annotations

@@ -122,8 +122,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     )
     model.to(device)
     if tc.compile:
-        for block in [*model.trunk.blocks, *model.head.blocks]:
-            block.compile()
+        model.compile_blocks()
     shard_model(model, precision)
     trainer = Trainer(model, job.optim, tc.steps, accum=tc.grad_accum_steps)
     state = ckpt.TrainState(data_seed=job.seed)
