@@ -147,3 +147,34 @@ def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
     assert linear[header.index("ok")].endswith("*")
     client = MlflowClient(tracking_uri=result.tracking_uri)
     assert "failed.broken" in client.get_run(result.parent_run_id).data.tags
+
+
+def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:
+    spec = load_study(STUDIES_DIR / "crop_scale.yaml")  # paper linear: s0.08 68.4, s0.4 70.0, s1.0 49.6
+    linear = {"s0.08": [0.60, 0.64], "s0.4": [0.70, 0.72], "s1.0": [0.66, 0.66]}
+    trials = [
+        TrialOutcome(v, f"r{v}{i}", {"probe/linear/top1": x, "probe/attentive/top1": x}, seed=i)
+        for v, xs in linear.items()
+        for i, x in enumerate(xs)
+    ]
+    trials.append(TrialOutcome("s1.0", None, {}, error="boom", seed=2))  # a failed seed
+    result = StudyResult(spec, "small", None, "", trials)
+    header, row = result.table()[:2]
+    assert row[header.index("s0.08")] == "62.0 ± 2.8"
+    assert row[header.index("s0.4")] == "71.0 ± 1.4*"
+    assert row[header.index("s1.0")] == "66.0 ± 0.0"  # the failed seed is left out
+    md = result.markdown()
+    assert "over 3 seeds" in md
+    # Paper order: s0.4 > s0.08 > s1.0; ours s0.4 > s1.0 > s0.08: 2 of 3 pairs agree.
+    assert "linear: 2/3 pairs of variants ordered as in the paper; best: paper s0.4, ours s0.4" in md
+
+
+def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -> None:
+    from aim_platform.jobs.study import seed_overrides, trial_name
+
+    spec = load_study(STUDIES_DIR / "head.yaml")
+    base = spec.job("mlp", "small")
+    assert seed_overrides(base.seed, base.probe.seed, 0) == []  # seed 0: the job as written
+    job = spec.job("mlp", "small", [*seed_overrides(base.seed, base.probe.seed, 2)])
+    assert (job.seed, job.probe.seed) == (base.seed + 2, base.probe.seed + 2)
+    assert trial_name("mlp", 2, 3) == "mlp/s2" and trial_name("mlp", 0, 1) == "mlp"

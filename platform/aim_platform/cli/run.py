@@ -77,27 +77,32 @@ def study(
         None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else mlflow.db above --storage"
     ),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
+    seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
+    concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
     from aim_platform import tracking
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, log_path
-    from aim_platform.jobs.study import load_study, run_study
+    from aim_platform.jobs.study import load_study, run_study, trial_name
     from aim_platform.train.paths import storage_url
 
     if scale not in ("tiny", "small", "paper"):
         raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds} must be at least 1")
     parsed = load_study(spec)
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
     folder = Path(storage_url(storage)) / f"{parsed.name}-{scale}"
     log = None if verbose else log_path(folder, "study")
     header = (
         f"study {parsed.name} (Table {parsed.table}), scale {scale}: "
-        f"{len(parsed.variants)} trials of {first.train.steps} steps"
+        f"{len(parsed.variants) * seeds} trials of {first.train.steps} steps"
     )
+    names = [trial_name(v, i, seeds) for v in parsed.variants for i in range(seeds)]
     with run_console("the study", header, log, address=address, token_file=token_file) as term:
-        display = StudyDisplay(term, parsed.name, list(parsed.variants), first.train.steps)
+        display = StudyDisplay(term, parsed.name, names, first.train.steps)
         try:
             result = run_study(
                 parsed,
@@ -108,6 +113,8 @@ def study(
                 resume=resume,
                 extra=set_,
                 on_trial=display.trial,
+                seeds=seeds,
+                concurrent=concurrent,
             )
         finally:
             display.close()
@@ -115,7 +122,8 @@ def study(
         for t in result.trials:
             if t.error:
                 first_line = t.error.strip().splitlines()[0]
-                term.print(f"trial {t.variant} failed: {first_line}", markup=False)
+                name = trial_name(t.variant, t.seed, seeds)
+                term.print(f"trial {name} failed: {first_line}", markup=False)
         term.print(f"table: {folder / 'table.md'} (and table.csv)", markup=False)
         term.print(
             f"MLflow study run {result.parent_run_id}: {tracking.ui_command(result.tracking_uri)}",

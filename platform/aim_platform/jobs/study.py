@@ -93,6 +93,39 @@ class TrialOutcome:
     run_id: str | None
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    seed: int = 0  # index of the seed (0 .. seeds-1), added to the job's seeds
+
+
+def trial_name(variant: str, seed: int, seeds: int) -> str:
+    """A trial's name in tables, displays and run names: the variant, ``/s<i>`` with seeds."""
+    return f"{variant}/s{seed}" if seeds > 1 else variant
+
+
+def seed_overrides(job_seed: int, probe_seed: int, seed: int) -> list[str]:
+    """Overrides of seed index ``seed``: pre-training and probe seeds shifted by it."""
+    return [f"seed={job_seed + seed}", f"probe.seed={probe_seed + seed}"] if seed else []
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def agreement(ours: dict[str, float], paper: dict[str, float]) -> tuple[int, int]:
+    """Pairs of variants whose order (which is better) is the same in ours and the paper's:
+    ``(agreeing, compared)`` over pairs both have and the paper does not tie."""
+    names = [v for v in paper if v in ours]
+    agree = total = 0
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            if paper[a] == paper[b]:
+                continue
+            total += 1
+            agree += (ours[a] - ours[b]) * (paper[a] - paper[b]) > 0
+    return agree, total
 
 
 @dataclass
@@ -105,28 +138,60 @@ class StudyResult:
     tracking_uri: str
     trials: list[TrialOutcome]
 
+    @property
+    def seeds(self) -> int:
+        return 1 + max((t.seed for t in self.trials), default=0)
+
+    def values(self, row: str) -> dict[str, list[float]]:
+        """Variant -> probe top-1 (fraction) of each seed that finished, for ``row``."""
+        out: dict[str, list[float]] = {v: [] for v in self.spec.variants}
+        for t in sorted(self.trials, key=lambda t: t.seed):
+            x = t.metrics.get(f"probe/{row}/top1")
+            if not t.error and x is not None and t.variant in out:
+                out[t.variant].append(x)
+        return out
+
+    def means(self, row: str) -> dict[str, float]:
+        """Variant -> mean top-1 (%) over seeds, variants with a result only."""
+        return {v: 100 * mean_std(xs)[0] for v, xs in self.values(row).items() if xs}
+
     def table(self) -> list[list[str]]:
-        """Rows linear/attentive x variant columns of probe top-1 (%), best marked ``*``."""
+        """Rows linear/attentive x variant columns of probe top-1 (%), the mean over seeds
+        ``+/- std`` when there are several, best mean marked ``*``."""
         cols = list(self.spec.variants)
-        by_variant = {t.variant: t for t in self.trials}
+        failed = {t.variant for t in self.trials if t.error}
         rows = [["probe", *cols]]
         for row in ROWS:
-            values = {}
-            for v in cols:
-                t = by_variant.get(v)
-                value = t.metrics.get(f"probe/{row}/top1") if t and not t.error else None
-                values[v] = value
-            known = [x for x in values.values() if x is not None]
-            best = max(known) if known else None
+            values = self.values(row)
+            means = self.means(row)
+            best = max(means.values()) if means else None
             cells = []
             for v in cols:
-                x = values[v]
-                if x is None:
-                    cells.append("failed" if by_variant.get(v) and by_variant[v].error else "-")
-                else:
-                    cells.append(f"{100 * x:.1f}{'*' if x == best else ''}")
+                if v not in means:
+                    cells.append("failed" if v in failed else "-")
+                    continue
+                mean, std = mean_std([100 * x for x in values[v]])
+                spread = f" ± {std:.1f}" if len(values[v]) > 1 else ""
+                cells.append(f"{mean:.1f}{spread}{'*' if mean == best else ''}")
             rows.append([row, *cells])
         return rows
+
+    def agreement_lines(self) -> list[str]:
+        """Per probe row the paper has: how many pairs of variants are ordered as in the
+        paper, and the best variant of each."""
+        out = []
+        for row, paper in self.spec.paper.items():
+            ours = self.means(row)
+            agree, total = agreement(ours, paper)
+            if not total or not ours:
+                continue
+            best_paper = max(paper, key=paper.__getitem__)
+            best_ours = max(ours, key=ours.__getitem__)
+            out.append(
+                f"{row}: {agree}/{total} pairs of variants ordered as in the paper; "
+                f"best: paper {best_paper}, ours {best_ours}"
+            )
+        return out
 
     def paper_rows(self) -> list[list[str]]:
         """The paper's top-1 (%) per probe row, beside ours: ``paper (linear)``, ... ("-" where
@@ -148,6 +213,11 @@ class StudyResult:
         for r in [*rows[1:], *self.paper_rows()]:
             cells = [f"**{c[:-1]}**" if c.endswith("*") else c for c in r]
             out.append("| " + " | ".join(cells) + " |")
+        if self.seeds > 1:
+            out += ["", f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe)."]
+        agreeing = self.agreement_lines()
+        if agreeing:
+            out += ["", *(f"- {line}" for line in agreeing)]
         if not self.spec.paper:
             out += ["", f"(the paper's Table {self.spec.table} has no numbers in its text)"]
         return "\n".join(out) + "\n"
@@ -167,10 +237,17 @@ def _trial(config: dict[str, Any]) -> None:
     from aim_platform.jobs.pretrain import pretrain
 
     spec = StudySpec.model_validate(config["spec"])
-    job = spec.job(config["variant"], config["scale"], config["extra"])
+    variant, seed, seeds = config["variant"], config.get("seed", 0), config.get("seeds", 1)
+    job = spec.job(variant, config["scale"], config["extra"])
+    if seeds > 1:  # its own seeds and run folder
+        extra = [*config["extra"], *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)]
+        job = spec.job(variant, config["scale"], [*extra, f"name={job.name}-s{seed}"])
+    tags = {"study": spec.name, "variant": variant, "table": spec.table}
+    if seeds > 1:
+        tags["seed_index"] = str(seed)
     result = pretrain(
         job,
-        tags={"study": spec.name, "variant": config["variant"], "table": spec.table},
+        tags=tags,
         parent_run_id=config["parent_run_id"],
         callbacks=[TuneReportCallback()],
     )
@@ -188,6 +265,8 @@ def run_study(
     resume: bool = False,
     extra: list[str] | None = None,
     on_trial: Callable[[str, str, dict[str, Any]], None] | None = None,
+    seeds: int = 1,
+    concurrent: int | None = None,
 ) -> StudyResult:
     """Run (or resume) a study; every trial's failure is reported, not fatal.
 
@@ -201,10 +280,15 @@ def run_study(
         address: Ray cluster; None: embedded.
         resume: Continue an interrupted study of the same name and scale.
         extra: Overrides applied to every trial (e.g. ``data.sources=...``).
-        on_trial: Called as ``on_trial(variant, state, metrics)`` on each trial's start,
-            result, end or error (a console display); states are ``running``, ``done``,
-            ``failed``.
+        on_trial: Called as ``on_trial(trial, state, metrics)`` on each trial's start,
+            result, end or error (a console display); ``trial`` is :func:`trial_name`, states
+            are ``running``, ``done``, ``failed``.
+        seeds: Trials per variant, seed index i adding i to the job's and the probe's seed
+            (the table then shows mean +/- std).
+        concurrent: Trials at once; None: the spec's ``max_concurrent_trials``.
     """
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds} must be at least 1")
     from aim_platform.cluster import connect
     from aim_platform.data.pipeline import resolve_url
     from aim_platform.train.paths import storage_url
@@ -229,6 +313,7 @@ def run_study(
             "table": spec.table,
             "scale": scale,
             "variants": ",".join(spec.variants),
+            "seeds": seeds,
         }
         parent = tracker.start_run(
             first.tracking.experiment,
@@ -255,9 +340,11 @@ def run_study(
                 "extra": extra,
                 "parent_run_id": parent,
                 "variant": tune.grid_search(list(spec.variants)),
+                "seed": tune.grid_search(list(range(seeds))),
+                "seeds": seeds,
             },
             tune_config=tune.TuneConfig(
-                max_concurrent_trials=spec.max_concurrent_trials,
+                max_concurrent_trials=concurrent or spec.max_concurrent_trials,
                 scheduler=scheduler,
                 metric=spec.metric if spec.asha else None,
                 mode="min" if spec.asha else None,
@@ -272,13 +359,15 @@ def run_study(
     trials = []
     for r in grid:
         variant = r.config["variant"] if r.config else "?"
+        seed = int(r.config.get("seed", 0)) if r.config else 0
         metrics = {
             k: v
             for k, v in (r.metrics or {}).items()
             if isinstance(v, int | float) and math.isfinite(v)
         }
         run_id = (r.metrics or {}).get("run_id") or None
-        trials.append(TrialOutcome(variant, run_id, metrics, str(r.error) if r.error else None))
+        error = str(r.error) if r.error else None
+        trials.append(TrialOutcome(variant, run_id, metrics, error, seed))
     result = StudyResult(spec, scale, parent, uri, trials)
     (root / "table.md").write_text(result.markdown())
     (root / "table.csv").write_text(result.csv())
@@ -301,7 +390,9 @@ class _TrialEvents(tune.Callback):
     def _call(self, trial: Any, state: str, result: dict[str, Any] | None = None) -> None:
         listener = _LISTENERS.get(self.key)
         if listener is not None:
-            listener(trial.config.get("variant", trial.trial_id), state, result or {})
+            c = trial.config
+            name = trial_name(c.get("variant", trial.trial_id), c.get("seed", 0), c.get("seeds", 1))
+            listener(name, state, result or {})
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._call(trial, "running")
@@ -333,13 +424,16 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
     assert parent is not None
     tracker.log_text(parent, result.markdown(), "table.md")
     tracker.log_text(parent, result.csv(), "table.csv")
-    curves = {}
+    per_variant: dict[str, list[list[float]]] = {}
     for t in result.trials:
         chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(VAL_CHUNKS)]
         if all(c is not None for c in chunks):
-            curves[t.variant] = chunks
+            per_variant.setdefault(t.variant, []).append(chunks)  # type: ignore[arg-type]
         if t.error:
-            tracker.set_tags(parent, {f"failed.{t.variant}": t.error[:500]})
+            name = trial_name(t.variant, t.seed, result.seeds)
+            tracker.set_tags(parent, {f"failed.{name}": t.error[:500]})
+    # One curve per variant: the mean over its seeds.
+    curves = {v: [sum(c) / len(c) for c in zip(*runs)] for v, runs in per_variant.items()}
     if curves:
         tracker.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
     run_ids = [t.run_id for t in result.trials if t.run_id and not t.error]
