@@ -178,3 +178,16 @@ def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -
     job = spec.job("mlp", "small", [*seed_overrides(base.seed, base.probe.seed, 2)])
     assert (job.seed, job.probe.seed) == (base.seed + 2, base.probe.seed + 2)
     assert trial_name("mlp", 2, 3) == "mlp/s2" and trial_name("mlp", 0, 1) == "mlp"
+
+
+def test_a_study_can_run_a_subset_of_its_variants() -> None:
+    from aim_platform.jobs.study import select_variants
+
+    spec = select_variants(load_study(STUDIES_DIR / "targets.yaml"), ["raw", "normalized"])
+    assert list(spec.variants) == ["normalized", "raw"]  # the spec's order
+    spec = select_variants(load_study(STUDIES_DIR / "crop_scale.yaml"), ["s1.0", "s0.4"])
+    assert spec.paper["linear"] == {"s0.4": 70.0, "s1.0": 49.6}
+    with pytest.raises(ConfigError, match="s9 not in study 'crop_scale'"):
+        select_variants(spec, ["s9", "s0.4"])
+    with pytest.raises(ConfigError, match="at least 2"):
+        select_variants(spec, ["s0.4"])

@@ -383,7 +383,7 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     assert first.exit_code == 0, first.output
     job_id = _job_id(first.output)
     run_root = shared_storage / "journey"
-    _wait_for_checkpoint(run_root, job_id, address, timeout=300)
+    _wait_for_checkpoint(run_root, job_id, address, timeout=600)  # a loaded CI machine
     stopped = runner.invoke(app, ["jobs", "stop", job_id, "--address", address])
     assert stopped.exit_code == 0 and f"{job_id}: STOPPED" in stopped.output, stopped.output
     saved = json.loads((run_root / "latest.json").read_text())

@@ -79,13 +79,14 @@ def study(
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
     concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
+    variants: str = typer.Option("", help="only these variants, comma-separated"),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
     from aim_platform import tracking
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, log_path
-    from aim_platform.jobs.study import load_study, run_study, trial_name
+    from aim_platform.jobs.study import load_study, run_study, select_variants, trial_name
     from aim_platform.train.paths import storage_url
 
     if scale not in ("tiny", "small", "paper"):
@@ -93,6 +94,8 @@ def study(
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
     parsed = load_study(spec)
+    if variants:
+        parsed = select_variants(parsed, [v.strip() for v in variants.split(",") if v.strip()])
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
     folder = Path(storage_url(storage)) / f"{parsed.name}-{scale}"
     log = None if verbose else log_path(folder, "study")

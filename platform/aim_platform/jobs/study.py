@@ -55,6 +55,27 @@ def load_study(path: str | Path) -> StudySpec:
     return spec
 
 
+def select_variants(spec: StudySpec, names: list[str]) -> StudySpec:
+    """The study restricted to ``names`` (in the spec's order), paper numbers included."""
+    unknown = [n for n in names if n not in spec.variants]
+    if unknown:
+        raise ConfigError(
+            f"--variants: {', '.join(unknown)} not in study {spec.name!r} "
+            f"(it has {', '.join(spec.variants)})"
+        )
+    keep = [v for v in spec.variants if v in names]
+    if len(keep) < 2:
+        raise ConfigError("--variants: a study compares at least 2 variants")
+    variants = {v: spec.variants[v] for v in keep}
+    paper = {row: {v: x for v, x in cols.items() if v in keep} for row, cols in spec.paper.items()}
+    variant_scales = {
+        scale: {v: o for v, o in by.items() if v in keep} for scale, by in spec.variant_scales.items()
+    }
+    return spec.model_copy(
+        update={"variants": variants, "paper": paper, "variant_scales": variant_scales}
+    )
+
+
 def _read_mapping(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"study file {str(path)!r} does not exist")
