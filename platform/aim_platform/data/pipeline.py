@@ -87,12 +87,18 @@ MIN_TASK_ROWS = 512  # tiny shards: pack several into one task (per-task overhea
 # Built-in source URL -> (what is ingested, ingest settings). ``digits-half`` holds out half
 # of the digits (880 images) so that probe accuracies are not counted on 90 images.
 BUILTIN_INGEST: dict[str, tuple[str, dict[str, Any]]] = {
-    "builtin:digits": ("builtin:digits", {"image_size": 64, "val_fraction": 0.05, "shard_size_mb": 0.5}),
+    "builtin:digits": (
+        "builtin:digits",
+        {"image_size": 64, "val_fraction": 0.05, "shard_size_mb": 0.5},
+    ),
     "builtin:digits-half": (
         "builtin:digits",
         {"image_size": 64, "val_fraction": 0.5, "shard_size_mb": 0.5},
     ),
-    "builtin:photos": ("builtin:photos", {"num_photos": 1000, "val_fraction": 0.05, "shard_size_mb": 16}),
+    "builtin:photos": (
+        "builtin:photos",
+        {"num_photos": 1000, "val_fraction": 0.05, "shard_size_mb": 16},
+    ),
 }
 
 
@@ -153,7 +159,9 @@ def source_shards(
         name=source.source_name,
         weight=source.weight,
         # A manifest is input too: its shard paths must stay under the dataset's root.
-        paths=[storage.join(root, check_relative(s["path"], field="manifest shard")) for s in shards],
+        paths=[
+            storage.join(root, check_relative(s["path"], field="manifest shard")) for s in shards
+        ],
         rows=sum(int(s["rows"]) for s in shards),
         filesystem=fs,
     )

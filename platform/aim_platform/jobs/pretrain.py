@@ -270,9 +270,7 @@ def probe_checkpoints(
 
     assert job.probe is not None and result.run_id
     dataset = job.probe.dataset or job.data.sources[0].url
-    trunks = {
-        s: run_paths(job).trunk_at(s) for s in job.probe.at_steps if s < result.steps
-    }
+    trunks = {s: run_paths(job).trunk_at(s) for s in job.probe.at_steps if s < result.steps}
     trunks[result.steps] = run_paths(job).final
     for step, path in sorted(trunks.items()):
         report = run_probe(

@@ -69,7 +69,8 @@ def select_variants(spec: StudySpec, names: list[str]) -> StudySpec:
     variants = {v: spec.variants[v] for v in keep}
     paper = {row: {v: x for v, x in cols.items() if v in keep} for row, cols in spec.paper.items()}
     variant_scales = {
-        scale: {v: o for v, o in by.items() if v in keep} for scale, by in spec.variant_scales.items()
+        scale: {v: o for v, o in by.items() if v in keep}
+        for scale, by in spec.variant_scales.items()
     }
     return spec.model_copy(
         update={"variants": variants, "paper": paper, "variant_scales": variant_scales}
@@ -235,7 +236,10 @@ class StudyResult:
             cells = [f"**{c[:-1]}**" if c.endswith("*") else c for c in r]
             out.append("| " + " | ".join(cells) + " |")
         if self.seeds > 1:
-            out += ["", f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe)."]
+            out += [
+                "",
+                f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe).",
+            ]
         agreeing = self.agreement_lines()
         if agreeing:
             out += ["", *(f"- {line}" for line in agreeing)]
@@ -261,7 +265,10 @@ def _trial(config: dict[str, Any]) -> None:
     variant, seed, seeds = config["variant"], config.get("seed", 0), config.get("seeds", 1)
     job = spec.job(variant, config["scale"], config["extra"])
     if seeds > 1:  # its own seeds and run folder
-        extra = [*config["extra"], *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)]
+        extra = [
+            *config["extra"],
+            *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed),
+        ]
         job = spec.job(variant, config["scale"], [*extra, f"name={job.name}-s{seed}"])
     tags = {"study": spec.name, "variant": variant, "table": spec.table}
     if seeds > 1:
@@ -454,7 +461,9 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
             name = trial_name(t.variant, t.seed, result.seeds)
             tracker.set_tags(parent, {f"failed.{name}": t.error[:500]})
     # One curve per variant: the mean over its seeds.
-    curves = {v: [sum(c) / len(c) for c in zip(*runs)] for v, runs in per_variant.items()}
+    curves = {
+        v: [sum(c) / len(c) for c in zip(*runs, strict=True)] for v, runs in per_variant.items()
+    }
     if curves:
         tracker.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
     run_ids = [t.run_id for t in result.trials if t.run_id and not t.error]

@@ -196,9 +196,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         do_val = state.step % tc.val_every == 0 or state.step == tc.steps or probe_now
         do_ckpt = state.step % tc.checkpoint_every == 0 or state.step == tc.steps
         if probe_now:
-            _export_trunk(
-                model, job, args.paths.trunk_at(state.step), rank
-            )
+            _export_trunk(model, job, args.paths.trunk_at(state.step), rank)
         if not (do_log or do_val or do_ckpt):
             if board is not None:
                 board.step.remote(state.step)
