@@ -179,8 +179,9 @@ def main() -> int:
         return 2
     browser_path = find_chromium(args.chromium)
     if browser_path is None:
-        print("chromium is missing: apt-get install -y chromium (or --chromium PATH)",
-              file=sys.stderr)
+        print(
+            "chromium is missing: apt-get install -y chromium (or --chromium PATH)", file=sys.stderr
+        )
         return 2
 
     tracker = Tracker(args.store)

@@ -150,7 +150,9 @@ def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
 
 
 def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:
-    spec = load_study(STUDIES_DIR / "crop_scale.yaml")  # paper linear: s0.08 68.4, s0.4 70.0, s1.0 49.6
+    spec = load_study(
+        STUDIES_DIR / "crop_scale.yaml"
+    )  # paper linear: s0.08 68.4, s0.4 70.0, s1.0 49.6
     linear = {"s0.08": [0.60, 0.64], "s0.4": [0.70, 0.72], "s1.0": [0.66, 0.66]}
     trials = [
         TrialOutcome(v, f"r{v}{i}", {"probe/linear/top1": x, "probe/attentive/top1": x}, seed=i)
@@ -166,7 +168,9 @@ def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:
     md = result.markdown()
     assert "over 3 seeds" in md
     # Paper order: s0.4 > s0.08 > s1.0; ours s0.4 > s1.0 > s0.08: 2 of 3 pairs agree.
-    assert "linear: 2/3 pairs of variants ordered as in the paper; best: paper s0.4, ours s0.4" in md
+    assert (
+        "linear: 2/3 pairs of variants ordered as in the paper; best: paper s0.4, ours s0.4" in md
+    )
 
 
 def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -> None:

@@ -324,7 +324,9 @@ def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None
 # each must SUCCEED and leave its MLflow runs on the (session) MLflow server.
 
 # Ray Jobs frames every job log with two lines of its own (`ray job logs` shows them too).
-JOBS_FRAME = re.compile(r"job_manager\.py:\d+ -- Runtime env is setting up|^Running entrypoint for job")
+JOBS_FRAME = re.compile(
+    r"job_manager\.py:\d+ -- Runtime env is setting up|^Running entrypoint for job"
+)
 RAW_RAY_LINE = re.compile(
     r"\((pid|RayTrainWorker|SplitCoordinator|raylet|TrainController)[ =]|core_worker|"
     r"TrainingReport\(|^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\s+(INFO|WARNING)|Warning:"

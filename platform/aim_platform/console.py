@@ -174,8 +174,10 @@ class TrainDisplay:
             self.live.update(self._render())
             return
         key = (snap.step, tuple(sorted(snap.metrics.items())))
-        if snap.phase == "training" and snap.metrics and (
-            self.last_printed is None or key[1] != self.last_printed[1]
+        if (
+            snap.phase == "training"
+            and snap.metrics
+            and (self.last_printed is None or key[1] != self.last_printed[1])
         ):
             self.console.print(self.line(), markup=False, highlight=False)
             self.last_printed = key

@@ -229,7 +229,9 @@ def run_step_bench(
         model.compile_blocks()
     optim_cfg = OptimConfig(lr=1e-4, warmup_steps=0)
     # The platform's step; only the optimizer kind may differ (``--optimizer``).
-    trainer = Trainer(model, optim_cfg, 10**9, optimizer=build_optimizer(model, optimizer, optim_cfg))
+    trainer = Trainer(
+        model, optim_cfg, 10**9, optimizer=build_optimizer(model, optimizer, optim_cfg)
+    )
     pixels = torch.randint(
         0, 256, (batch, cfg.num_patches, cfg.patch_dim), dtype=torch.uint8, device=dev
     )  # (B, K, P) uint8, in memory on the device

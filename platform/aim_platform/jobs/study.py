@@ -214,7 +214,10 @@ class StudyResult:
             cells = [f"**{c[:-1]}**" if c.endswith("*") else c for c in r]
             out.append("| " + " | ".join(cells) + " |")
         if self.seeds > 1:
-            out += ["", f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe)."]
+            out += [
+                "",
+                f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe).",
+            ]
         agreeing = self.agreement_lines()
         if agreeing:
             out += ["", *(f"- {line}" for line in agreeing)]
@@ -240,7 +243,10 @@ def _trial(config: dict[str, Any]) -> None:
     variant, seed, seeds = config["variant"], config.get("seed", 0), config.get("seeds", 1)
     job = spec.job(variant, config["scale"], config["extra"])
     if seeds > 1:  # its own seeds and run folder
-        extra = [*config["extra"], *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)]
+        extra = [
+            *config["extra"],
+            *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed),
+        ]
         job = spec.job(variant, config["scale"], [*extra, f"name={job.name}-s{seed}"])
     tags = {"study": spec.name, "variant": variant, "table": spec.table}
     if seeds > 1:
@@ -290,7 +296,7 @@ def run_study(
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
     from aim_platform.cluster import connect
-    from aim_platform.data.pipeline import resolve_url
+    from aim_platform.jobs.ingest import prepare_sources
     from aim_platform.train.paths import storage_url
 
     connect(address)
@@ -298,8 +304,9 @@ def run_study(
     root.mkdir(parents=True, exist_ok=True)
     extra = [*(extra or []), f"train.storage_path={root / 'trials'}"]
     first = spec.job(next(iter(spec.variants)), scale, extra)
-    for source in first.data.sources:  # ingest built-ins once, before trials race on it
-        resolve_url(source.url, first.data.storage_options)
+    # Built-ins are ingested once here, before trials race on them.
+    urls = [s.url for s in first.data.sources] + [first.probe.dataset if first.probe else None]
+    prepare_sources(urls, first.data.storage_options)
     runs_dir = str(Path(storage_url(storage)).parent)
     uri = tracking.resolve_tracking_uri(tracking_uri or first.tracking.tracking_uri, runs_dir)
     tracker = tracking.Tracker(uri)  # creates the store and the experiment before any trial
@@ -433,7 +440,9 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
             name = trial_name(t.variant, t.seed, result.seeds)
             tracker.set_tags(parent, {f"failed.{name}": t.error[:500]})
     # One curve per variant: the mean over its seeds.
-    curves = {v: [sum(c) / len(c) for c in zip(*runs)] for v, runs in per_variant.items()}
+    curves = {
+        v: [sum(c) / len(c) for c in zip(*runs, strict=True)] for v, runs in per_variant.items()
+    }
     if curves:
         tracker.log_figure(parent, chunk_curves_figure(curves), "loss_per_chunk.png")
     run_ids = [t.run_id for t in result.trials if t.run_id and not t.error]

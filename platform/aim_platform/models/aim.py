@@ -42,6 +42,7 @@ from aim_platform.models.tokenizer import assign_tokens, load_codebook
 if TYPE_CHECKING:  # config imports the size registry from this package
     from aim_platform.config import ModelConfig
 
+
 def sample_prefix_lengths(
     batch: int, low: int, high: int, generator: torch.Generator | None = None
 ) -> torch.Tensor:

@@ -40,7 +40,9 @@ def read_trunk(
     """Load a trunk written by :func:`write_trunk` (float32, eval mode) and its job config."""
     fs, root = filesystem(folder, storage_options)
     if not fs.exists(f"{root}/{TRUNK_FILE}"):
-        raise MissingInput(f"no {TRUNK_FILE} in {folder}: give a run's final/ or trunks/step_N folder")
+        raise MissingInput(
+            f"no {TRUNK_FILE} in {folder}: give a run's final/ or trunks/step_N folder"
+        )
     with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
         job = JobConfig.model_validate(yaml.safe_load(f.read()))
     with fs.open(f"{root}/{TRUNK_FILE}", "rb") as f:
