@@ -18,8 +18,8 @@ import torch
 
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, load_config
-from aim_platform.data.ingest import ingest
 from aim_platform.eval.correlation import run_points
+from aim_platform.jobs.ingest import ingest
 from aim_platform.jobs.pretrain import pretrain, summary
 from aim_platform.jobs.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk

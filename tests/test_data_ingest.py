@@ -14,7 +14,8 @@ import pytest
 from data_helpers import bad_images, jpeg, mode_images, png, write_image_folder
 from PIL import Image
 
-from aim_platform.data.ingest import SCHEMA, ingest, split_of
+from aim_platform.data.shards import SCHEMA, split_of
+from aim_platform.jobs.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -143,6 +144,25 @@ def test_builtin_digits(tmp_path) -> None:
     small = np.asarray(Image.open(io.BytesIO(r["image"])).resize((8, 8), Image.BOX), float)
     ink = digits.images[int(r["id"].split("/")[1])]
     assert np.corrcoef(small.ravel(), ink.ravel())[0, 1] > 0.9
+
+
+def test_jobs_ingest_builtins_once_and_the_pipeline_only_reads_them(tmp_path, monkeypatch) -> None:
+    from aim_platform.config import DataSource
+    from aim_platform.data.pipeline import resolve_url, source_shards
+    from aim_platform.errors import DataError
+    from aim_platform.jobs.ingest import prepare_sources
+
+    monkeypatch.setenv("AIM_DATA_CACHE", str(tmp_path / "cache"))
+    half = DataSource(url="builtin:digits-half")
+    assert resolve_url(half.url) == str(tmp_path / "cache" / "digits-half")
+    with pytest.raises(DataError, match="builtin:digits-half is not ingested yet"):
+        source_shards(half, "val")  # the data library never starts an ingest itself
+    prepare_sources(["builtin:digits-half", None, str(tmp_path / "not-a-builtin")])
+    val, train = source_shards(half, "val"), source_shards(half, "train")
+    assert val.rows + train.rows == 1797 and 800 < val.rows < 1000  # half held out
+    before = (tmp_path / "cache" / "digits-half" / "_manifest.json").stat().st_mtime_ns
+    prepare_sources(["builtin:digits-half"])  # up to date: nothing rewritten
+    assert (tmp_path / "cache" / "digits-half" / "_manifest.json").stat().st_mtime_ns == before
 
 
 def test_builtin_photos_are_web_size_jpegs_q90(tmp_path) -> None:

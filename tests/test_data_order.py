@@ -11,8 +11,8 @@ import pytest
 from data_helpers import write_class_sorted_folder
 
 from aim_platform.config import DataConfig, ModelConfig
-from aim_platform.data.ingest import ingest
 from aim_platform.data.pipeline import build_train_dataset
+from aim_platform.jobs.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 CLASSES, PER_CLASS, BATCH = 100, 20, 32

@@ -16,15 +16,14 @@ from data_helpers import write_image_folder
 
 from aim_platform.config import DataConfig, ModelConfig
 from aim_platform.data import transforms as T
-from aim_platform.data.ingest import ingest
 from aim_platform.data.pipeline import (
     build_train_dataset,
     build_val_dataset,
     collate_patches,
-    torch_batches,
     train_batches,
     train_size,
 )
+from aim_platform.jobs.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 MODEL = ModelConfig(size="aim-tiny")  # 32 px, patch 4: K = 64, P = 48
@@ -127,10 +126,11 @@ def test_corrupt_image_at_training_time_is_dropped_and_counted(dataset, tmp_path
     data = DataConfig(sources=[{"url": str(broken)}])
     ds = build_train_dataset(data, MODEL, seed=0, epochs=2)
     dropped, kept = 0, 0
-    for patches, n_bad in torch_batches(train_batches(ds, data, batch_size=8, drop_last=False)):
+    for batch in train_batches(ds, data, batch_size=8, drop_last=False):
+        patches = batch["patches"][batch["valid"]]  # what the training loop keeps
         assert patches.dtype == torch.uint8 and patches.shape[1:] == (64, 48)
         kept += patches.shape[0]
-        dropped += n_bad
+        dropped += int((~batch["valid"]).sum())
     n_train = pq.read_table(broken / "train").num_rows
     assert dropped == 2  # once per epoch
     assert kept == 2 * (n_train - 1)
@@ -175,14 +175,12 @@ def test_progress_while_training_workers_hold_cpus(dataset, worker_cpus: float) 
     @ray.remote(num_cpus=worker_cpus)
     class Worker:
         def consume(self, shard) -> tuple[int, int, list[int]]:
-            from aim_platform.data.pipeline import torch_batches
-
             kept, dropped, epochs = 0, 0, set()
             for batch in shard.iter_torch_batches(batch_size=4, collate_fn=collate_patches):
                 epochs.update(batch["epoch"].tolist())
-                for patches, n_bad in torch_batches([batch]):
-                    kept += patches.shape[0]
-                    dropped += n_bad
+                valid = batch["valid"].bool()
+                kept += int(valid.sum())
+                dropped += int((~valid).sum())
             return kept, dropped, sorted(epochs)
 
     workers = [Worker.remote() for _ in range(2)]
@@ -201,9 +199,13 @@ def test_progress_while_training_workers_hold_cpus(dataset, worker_cpus: float) 
 
 
 def test_default_config_uses_builtin_digits(tmp_path, monkeypatch) -> None:
-    """``JobConfig()``'s data section works out of the box: digits ingested once into a cache."""
+    """``JobConfig()``'s data section works out of the box: digits ingested once into a cache
+    (by the jobs, before they build datasets)."""
+    from aim_platform.jobs.ingest import prepare_sources
+
     monkeypatch.setenv("AIM_DATA_CACHE", str(tmp_path))
     data = DataConfig()
+    prepare_sources([s.url for s in data.sources])
     rows = build_val_dataset(data, MODEL).take_all()
     assert (tmp_path / "digits" / "_manifest.json").is_file()
     assert 40 < len(rows) < 150 and all(r["valid"] and 0 <= r["label"] <= 9 for r in rows)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from aim_platform.data.ingest import ingest
+from aim_platform.jobs.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 ARGS = {"num_photos": 60, "shard_size_mb": 0.3, "val_fraction": 0.1}  # 30 groups of 2 photos

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from data_helpers import jpeg, png
 
-from aim_platform.data.ingest import ingest
 from aim_platform.data.sources import expand_braces, list_source, read_label_map
+from aim_platform.jobs.ingest import ingest
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

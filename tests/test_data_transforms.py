@@ -12,8 +12,8 @@ from PIL import Image
 
 from aim_platform.config import ConfigError, DataConfig, JobConfig, build_config
 from aim_platform.data import transforms as T
-from aim_platform.data.ingest import split_of
-from aim_platform.data.pipeline import mixture_rates, torch_batches
+from aim_platform.data.pipeline import mixture_rates
+from aim_platform.data.shards import split_of
 from aim_platform.data.tasks import draw_counts
 from aim_platform.models.layers import patchify
 
@@ -187,11 +187,6 @@ def test_bad_image_at_decode_time_is_marked_invalid_and_dropped() -> None:
     )
     assert valid.tolist() == [True, False, False, False, True]
     assert not patches[~valid].any()
-    out = list(torch_batches([{"patches": patches, "valid": valid}]))
-    assert len(out) == 1
-    kept, dropped = out[0]
-    assert dropped == 3 and kept.shape == (2, 16, 48) and kept.dtype == torch.uint8
-    assert torch.equal(kept, torch.from_numpy(patches[valid]))
 
 
 def test_split_is_deterministic_and_close_to_fraction() -> None:
@@ -255,7 +250,7 @@ def test_data_config_defaults_and_errors() -> None:
 
 def test_benchmark_compares_like_with_like() -> None:
     """``aimctl bench data`` times two paths that produce the same picture (same crop box)."""
-    from aim_platform.data.bench import baseline_image, make_jpegs, ours_image
+    from aim_platform.bench.data import baseline_image, make_jpegs, ours_image
 
     for data in make_jpegs(3):
         assert Image.open(io.BytesIO(data)).size in {(1024, 768), (768, 1024)}

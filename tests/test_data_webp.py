@@ -11,9 +11,9 @@ import pytest
 from data_helpers import jpeg, rgb_array
 from PIL import Image, features
 
-from aim_platform.data.ingest import ingest
 from aim_platform.data.transforms import decode_batch
 from aim_platform.doctor import codecs, pil_report
+from aim_platform.jobs.ingest import ingest
 
 HAS_WEBP = features.check("webp")
 

@@ -372,7 +372,7 @@ def test_fit_tokenizer_job_cli_and_auto(ray_session, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from aim_platform.cli import app
-    from aim_platform.data.ingest import ingest
+    from aim_platform.jobs.ingest import ingest
 
     root = str(tmp_path / "d")
     ingest("builtin:digits", root, image_size=32, val_fraction=0.2, shard_size_mb=1)

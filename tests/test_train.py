@@ -159,6 +159,48 @@ def test_restart_by_name_resumes_and_ignores_half_written_checkpoint(ray_session
     assert losses[5] < losses[1]  # continued from trained weights, not from scratch
 
 
+def test_trainer_setup_is_seeded_and_validate_is_the_mean_over_every_valid_patch(tmp_path) -> None:
+    import torch.distributed as dist
+    from net_helpers import free_port
+
+    from aim_platform.selfcheck import digits_patches
+
+    # FSDP2 needs a process group: one of one rank, as a Ray Train worker of a 1-worker job.
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        _check_trainer_setup_and_validate(tiny_job(str(tmp_path), "v"), digits_patches)
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_trainer_setup_and_validate(job: JobConfig, digits_patches) -> None:
+    from aim_platform.train.trainer import Trainer
+
+    a = Trainer.setup(job, torch.device("cpu"), "fp32")
+    b = Trainer.setup(job, torch.device("cpu"), "fp32")
+    for pa, pb in zip(a.model.parameters(), b.model.parameters(), strict=True):
+        assert torch.equal(pa.full_tensor(), pb.full_tensor())  # same model from the job's seed
+    patches = digits_patches(job.model.img_size, job.model.patch_size)[:24]  # (24, K, P) uint8
+    valid = torch.ones(24, dtype=torch.bool)
+    valid[5] = False  # a corrupt image is left out
+    one = a.validate([{"patches": patches, "valid": valid}])
+    split = a.validate(
+        [
+            {"patches": patches[:10], "valid": valid[:10]},
+            {"patches": patches[10:], "valid": valid[10:]},
+        ]
+    )
+    assert one["val/loss"] == pytest.approx(split["val/loss"], rel=1e-6)  # batching changes nothing
+    chunks = [one[f"val/loss_chunk_{i}"] for i in range(8)]
+    # A weighted mean of the chunks (prefix positions carry no loss, so counts differ).
+    assert min(chunks) <= one["val/loss"] <= max(chunks) and "val/loss_chunk_8" not in one
+    a.train_step(patches[:8], torch.full((8,), 4))
+    assert a.validate([{"patches": patches, "valid": valid}])["val/loss"] != one["val/loss"]
+    assert a.model.training  # validate leaves the model in training mode
+
+
 def test_lr_schedule_and_param_groups() -> None:
     cfg = OptimConfig(lr=1.0, min_lr=0.1, warmup_steps=4)
     lrs = [lr_at(s, cfg, 14) for s in range(14)]

@@ -11,3 +11,8 @@ class PlatformError(Exception):
 
 class MissingInput(PlatformError, FileNotFoundError):
     """A file or folder the user named does not exist (a trunk, a dataset, a config)."""
+
+
+class DataError(PlatformError, ValueError):
+    """Data that cannot be used as asked: a source that does not exist or holds no images, a
+    bad label map, an empty split, bad storage options."""

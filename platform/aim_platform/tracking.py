@@ -158,14 +158,14 @@ class DatasetInfo:
 
 
 def dataset_info(url: str, storage_options: Mapping[str, Any] | None = None) -> DatasetInfo | None:
-    """The dataset input of an ingest root (or a built-in, ingested once), from its manifest;
+    """The dataset input of an ingest root (or an ingested built-in), from its manifest;
     None when there is no manifest."""
-    from aim_platform.data.ingest import read_manifest
     from aim_platform.data.pipeline import resolve_url
+    from aim_platform.data.shards import read_manifest
     from aim_platform.data.storage import public_url
 
     opts = dict(storage_options or {})
-    root = resolve_url(url, opts)
+    root = resolve_url(url)
     manifest = read_manifest(root, opts)
     if manifest is None:
         return None

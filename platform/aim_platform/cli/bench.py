@@ -21,7 +21,7 @@ def bench_data(
     pipeline_images: int = typer.Option(2400, help="rows per epoch in the Ray Data runs"),
 ) -> None:
     """Decode+crop+flip: our path vs a torchvision-style baseline; Ray Data delivery rate."""
-    from aim_platform.data import bench
+    from aim_platform.bench import data as bench
 
     bench.run(
         images=images,

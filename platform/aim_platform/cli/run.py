@@ -215,38 +215,34 @@ def ingest(
     from rich.progress import Progress
 
     from aim_platform.console import log_path
-    from aim_platform.data.ingest import ingest as run_ingest
     from aim_platform.data.storage import parse_storage_options
+    from aim_platform.jobs.ingest import ingest as run_ingest
 
     log = None if verbose else log_path(Path("runs").resolve(), "ingest")
     with run_console("ingest", f"ingesting {src} -> {dest}", log) as term:
-        try:
-            opts = parse_storage_options(storage_options)
-            # a bar in a terminal; in a log (a Ray job, CI) only the summary below
-            bar = Progress(console=term, transient=True, disable=not term.is_terminal)
-            with bar:
-                task = bar.add_task("decode and validate, write shards", total=None)
-                m = run_ingest(
-                    src,
-                    dest,
-                    val_fraction=val_fraction,
-                    shard_size_mb=shard_size_mb,
-                    storage_options=opts,
-                    image_size=image_size,
-                    num_photos=num_photos,
-                    max_pixels=max_pixels,
-                    source=source or None,
-                    force=force,
-                    progress=lambda done, total: bar.update(task, completed=done, total=total),
-                    order=order,
-                    order_seed=order_seed,
-                    label_map=label_map or None,
-                    image_column=image_column or None,
-                    label_column=label_column or None,
-                )
-        except ValueError as exc:  # bad input: the source, an option, an image folder
-            term.print(f"error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(2) from None
+        opts = parse_storage_options(storage_options)
+        # a bar in a terminal; in a log (a Ray job, CI) only the summary below
+        bar = Progress(console=term, transient=True, disable=not term.is_terminal)
+        with bar:
+            task = bar.add_task("decode and validate, write shards", total=None)
+            m = run_ingest(
+                src,
+                dest,
+                val_fraction=val_fraction,
+                shard_size_mb=shard_size_mb,
+                storage_options=opts,
+                image_size=image_size,
+                num_photos=num_photos,
+                max_pixels=max_pixels,
+                source=source or None,
+                force=force,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                order=order,
+                order_seed=order_seed,
+                label_map=label_map or None,
+                image_column=image_column or None,
+                label_column=label_column or None,
+            )
         c = m["counts"]
         state = "up to date" if m.get("skipped") else "written"
         term.print(

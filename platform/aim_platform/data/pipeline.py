@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +72,9 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 
 from aim_platform.config import DataConfig, DataSource, ModelConfig
 from aim_platform.data import storage
-from aim_platform.data.ingest import read_manifest
+from aim_platform.data.shards import read_manifest
 from aim_platform.data.tasks import read_and_decode
+from aim_platform.errors import DataError
 from aim_platform.security import check_relative
 
 if TYPE_CHECKING:
@@ -119,16 +120,12 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def resolve_url(url: str, storage_options: dict[str, Any] | None = None) -> str:
-    """An ingest root for ``url``: built-ins are ingested once into :func:`cache_dir`."""
+def resolve_url(url: str) -> str:
+    """The ingest root of ``url``: a built-in's folder in :func:`cache_dir` (ingested there by
+    :func:`aim_platform.jobs.ingest.prepare_sources`, which jobs call first), else ``url``."""
     if url not in BUILTIN_INGEST:
         return url
-    from aim_platform.data.ingest import ingest
-
-    src, settings = BUILTIN_INGEST[url]
-    dest = str(cache_dir() / url.removeprefix("builtin:"))
-    ingest(src, dest, **settings)  # a no-op when already up to date
-    return dest
+    return str(cache_dir() / url.removeprefix("builtin:"))
 
 
 def source_shards(
@@ -137,12 +134,17 @@ def source_shards(
     """Read a source's manifest and list its shards of ``split`` (``train`` or ``val``).
 
     Raises:
-        ValueError: no manifest at the URL (message names the URL).
+        DataError: no manifest at the URL (message names the URL).
     """
-    url = resolve_url(source.url, storage_options)
+    url = resolve_url(source.url)
     manifest = read_manifest(url, storage_options)
+    if manifest is None and source.url in BUILTIN_INGEST:
+        raise DataError(
+            f"sources: {source.url} is not ingested yet into {url!r}; jobs do it first "
+            "(aim_platform.jobs.ingest.prepare_sources)"
+        )
     if manifest is None:
-        raise ValueError(
+        raise DataError(
             f"sources: no _manifest.json at {storage.public_url(url)!r}; run `aimctl ingest`"
         )
     settings = manifest.get("settings") or {}
@@ -274,11 +276,11 @@ def build_train_dataset(
         ValueError: no epochs to produce, or a source without a manifest or train rows.
     """
     if not 0 <= start_epoch < epochs:
-        raise ValueError(f"epochs: need 0 <= start_epoch ({start_epoch}) < epochs ({epochs})")
+        raise DataError(f"epochs: need 0 <= start_epoch ({start_epoch}) < epochs ({epochs})")
     shards = [source_shards(s, "train", data.storage_options) for s in data.sources]
     for s in shards:
         if not s.rows:
-            raise ValueError(f"sources: {s.name!r} has no train rows")
+            raise DataError(f"sources: {s.name!r} has no train rows")
     total = data.samples_per_epoch or sum(s.rows for s in shards)
     rates = mixture_rates([s.rows for s in shards], [s.weight for s in shards], total)
     items = [it for e in range(start_epoch, epochs) for it in epoch_items(shards, seed, e)]
@@ -299,7 +301,7 @@ def build_val_dataset(data: DataConfig, model: ModelConfig) -> ray.data.Dataset:
     sources = [DataSource(url=data.val_url)] if data.val_url else data.sources
     shards = [source_shards(s, "val", data.storage_options) for s in sources]
     if not sum(s.rows for s in shards):
-        raise ValueError("val_url: no validation rows (ingest with --val-fraction > 0)")
+        raise DataError("val_url: no validation rows (ingest with --val-fraction > 0)")
     items = [{"epoch": 0, "source": i, "path": p} for i, s in enumerate(shards) for p in s.paths]
     rates = [1.0] * len(shards)
     return _decode_dataset(items, shards, rates, data, model, train=False, seed=0)
@@ -375,23 +377,3 @@ def train_batches(
     if device is not None:
         kwargs["device"] = device
     return iterator.iter_torch_batches(**kwargs)
-
-
-def torch_batches(batches: Iterable[Mapping[str, Any]]) -> Iterator[tuple[torch.Tensor, int]]:
-    """Drop rows whose image failed to decode; count them.
-
-    Args:
-        batches: Batches with ``patches`` (B, K, P) and ``valid`` (B,), as tensors or arrays
-            (e.g. :func:`train_batches` output).
-
-    Yields:
-        (patches (b, K, P) uint8 tensor with b <= B valid rows, dropped: B - b). A batch may
-        come out empty (b = 0) when every image in it failed.
-    """
-    import torch
-
-    for batch in batches:
-        patches = torch.as_tensor(batch["patches"])  # (B, K, P)
-        valid = torch.as_tensor(batch["valid"], dtype=torch.bool, device=patches.device)  # (B,)
-        dropped = int((~valid).sum().item())
-        yield (patches[valid] if dropped else patches), dropped

@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from aim_platform.data import storage
+from aim_platform.errors import DataError
 
 BUILTINS = ("builtin:digits", "builtin:photos")
 _META_EXT = (".cls", ".txt", ".json")
@@ -112,7 +113,7 @@ def list_source(
     name = source_name(src)
     if src == "builtin:digits":
         if image_size < 8:
-            raise ValueError(f"image_size: {image_size} is smaller than the digits' 8 px")
+            raise DataError(f"image_size: {image_size} is smaller than the digits' 8 px")
         targets = _digits()[1]
         items = [
             Item(f"digits/{i:05d}", "digits", size=image_size**2, label=int(t), index=i)
@@ -121,21 +122,21 @@ def list_source(
         return Listing(name, items, [str(d) for d in range(10)], {"image_size": image_size})
     if src == "builtin:photos":
         if num_photos < 1:
-            raise ValueError(f"num_photos: {num_photos} must be at least 1")
+            raise DataError(f"num_photos: {num_photos} must be at least 1")
         items = [
             Item(f"photos/{i:05d}", "photos", size=150_000, index=i) for i in range(num_photos)
         ]
         return Listing(name, items, [], {"num_photos": num_photos, "photo_seed": photo_seed})
     if src.startswith("builtin:"):
-        raise ValueError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
+        raise DataError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
     fs, path = storage.filesystem(src, storage_options)
     if any(ch in path for ch in "*?[{") and not fs.exists(path):
         files = expand_pattern(fs, path)
         if not files:
-            raise ValueError(f"source: {src!r} matches no files")
+            raise DataError(f"source: {src!r} matches no files")
         return _list_files(fs, files, name, src, image_column, label_column)
     if not fs.exists(path):
-        raise ValueError(f"source: {src!r} does not exist")
+        raise DataError(f"source: {src!r} does not exist")
     if fs.isfile(path):
         return _list_files(fs, [path], name, src, image_column, label_column)
     shard_files = _shard_files(fs, path)
@@ -199,18 +200,18 @@ def _list_files(
     """WebDataset ``.tar`` shards or Parquet files (one kind per source)."""
     for f in files:
         if f.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
-            raise ValueError(f"source: {f!r} is compressed; only uncompressed .tar is supported")
+            raise DataError(f"source: {f!r} is compressed; only uncompressed .tar is supported")
     if all(f.endswith(".parquet") for f in files):
         return _list_parquet(fs, files, name, image_column, label_column)
     others = [f for f in files if not f.endswith(".tar")]
     if others:
-        raise ValueError(f"source: {others[0]!r} is neither a .tar nor a .parquet file")
+        raise DataError(f"source: {others[0]!r} is neither a .tar nor a .parquet file")
     items: list[Item] = []
     for f in files:
         prefix = "" if len(files) == 1 else f.rsplit("/", 1)[-1].removesuffix(".tar") + "/"
         items.extend(_list_tar(fs, f, prefix))
     if not items:
-        raise ValueError(f"source: {src!r} holds no image members")
+        raise DataError(f"source: {src!r} holds no image members")
     return Listing(name, sorted(items, key=lambda it: it.id))
 
 
@@ -234,7 +235,7 @@ def read_label_map(text: str, where: str) -> dict[str, tuple[int, str]]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"label_map: {where} is not valid JSON: {exc}") from None
+            raise DataError(f"label_map: {where} is not valid JSON: {exc}") from None
         if isinstance(data, list):
             data = dict(zip(map(str, data), range(len(data)), strict=True))
         for folder, v in data.items():
@@ -245,7 +246,7 @@ def read_label_map(text: str, where: str) -> dict[str, tuple[int, str]]:
             elif isinstance(v, list) and v and isinstance(v[0], int):
                 out[folder] = (v[0], str(v[1]) if len(v) > 1 else folder)
             else:
-                raise ValueError(f"label_map: {where}: entry {folder!r} has no class index")
+                raise DataError(f"label_map: {where}: entry {folder!r} has no class index")
     else:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         for i, ln in enumerate(lines):
@@ -257,7 +258,7 @@ def read_label_map(text: str, where: str) -> dict[str, tuple[int, str]]:
     seen: dict[int, str] = {}
     for folder, (idx, _) in out.items():
         if idx < 0 or idx in seen:
-            raise ValueError(f"label_map: {where}: index {idx} of {folder!r} is negative or taken")
+            raise DataError(f"label_map: {where}: index {idx} of {folder!r} is negative or taken")
         seen[idx] = folder
     return out
 
@@ -277,19 +278,19 @@ def _list_folder(
             continue  # hidden files, _manifest.json and the like
         rel[r] = int(info.get("size") or 0)
     if not rel:
-        raise ValueError(f"source: {root!r} holds no files")
+        raise DataError(f"source: {root!r} holds no files")
     image_folder = all("/" in r for r in rel)
     folders = sorted({r.split("/", 1)[0] for r in rel}) if image_folder else []
     if label_map:
         if not image_folder:
-            raise ValueError(f"label_map: {root!r} is not a folder of class folders")
+            raise DataError(f"label_map: {root!r} is not a folder of class folders")
         mfs, mpath = storage.filesystem(label_map, storage_options)
         if not mfs.exists(mpath):
-            raise ValueError(f"label_map: {label_map!r} does not exist")
+            raise DataError(f"label_map: {label_map!r} does not exist")
         mapping = read_label_map(mfs.cat_file(mpath).decode(), label_map)
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise ValueError(
+            raise DataError(
                 f"label_map: {len(missing)} class folder(s) not in {label_map!r}, "
                 f"e.g. {', '.join(missing[:3])}"
             )
@@ -372,19 +373,19 @@ def _list_parquet(
         typed = [f.name for f in schema if _image_bytes_type(f.type)]
         candidates = [c for c in named if _image_bytes_type(schema.field(c).type)] or typed
         if not candidates:
-            raise ValueError(
+            raise DataError(
                 f"image_column: no binary or {{bytes, path}} column in {files[0]!r}; "
                 f"columns: {', '.join(schema.names)}"
             )
         image_column = candidates[0]
     elif image_column not in schema.names:
-        raise ValueError(f"image_column: {image_column!r} not in {', '.join(schema.names)}")
+        raise DataError(f"image_column: {image_column!r} not in {', '.join(schema.names)}")
     if not _image_bytes_type(schema.field(image_column).type):
-        raise ValueError(f"image_column: {image_column!r} holds no image bytes")
+        raise DataError(f"image_column: {image_column!r} holds no image bytes")
     if label_column is None:
         label_column = next((c for c in _LABEL_COLUMNS if c in schema.names), None)
     elif label_column not in schema.names:
-        raise ValueError(f"label_column: {label_column!r} not in {', '.join(schema.names)}")
+        raise DataError(f"label_column: {label_column!r} not in {', '.join(schema.names)}")
     label_names = _hf_class_names(schema, label_column) if label_column else []
     items: list[Item] = []
     stems = [f.rsplit("/", 1)[-1].removesuffix(".parquet") for f in files]
@@ -514,5 +515,5 @@ def _parquet_cell(
     if isinstance(value, dict):
         value = value.get("bytes")
     if not value:
-        raise ValueError(f"row {row} of row group {group} has no image bytes")
+        raise DataError(f"row {row} of row group {group} has no image bytes")
     return bytes(value)

@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 import fsspec
 import pyarrow.fs as pafs
 
+from aim_platform.errors import DataError
+
 
 def is_remote(url: str) -> bool:
     """True for URLs with a non-local protocol (``s3://``, ``gs://``, ...)."""
@@ -123,9 +125,9 @@ def parse_storage_options(text: str | None) -> dict[str, Any]:
     try:
         opts = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"storage_options: not valid JSON: {exc}") from None
+        raise DataError(f"storage_options: not valid JSON: {exc}") from None
     if not isinstance(opts, dict):
-        raise ValueError("storage_options: must be a JSON object")
+        raise DataError("storage_options: must be a JSON object")
     return opts
 
 

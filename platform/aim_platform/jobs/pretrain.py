@@ -19,6 +19,8 @@ from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
 from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
+from aim_platform.errors import DataError
+from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
@@ -90,7 +92,7 @@ def default_datasets(job: JobConfig, start_epoch: int) -> dict[str, Any]:
 
     n_train = train_size(job.data)
     if n_train == 0:
-        raise ValueError("data: the training split is empty")
+        raise DataError("data: the training split is empty")
     images = job.train.steps * job.train.global_batch_size
     epochs = start_epoch + math.ceil(images / n_train) + 1
     train = build_train_dataset(
@@ -138,6 +140,9 @@ def pretrain(
     from aim_platform.train.loop import train_loop_per_worker
 
     connect(address)
+    # Built-in sources are ingested into the local cache first (a no-op when up to date).
+    probe_url = job.probe.dataset if job.probe else None
+    prepare_sources([*(s.url for s in job.data.sources), probe_url], job.data.storage_options)
     tc = job.train
     storage = storage_url(tc.storage_path)
     paths = run_paths(job)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from aim_platform.config import DataConfig, DataSource, ProbeConfig
+from aim_platform.errors import DataError
 from aim_platform.eval.cache import FeatureCache
 from aim_platform.eval.features import block_outputs, load_trunk
 from aim_platform.eval.lora import fit_lora_probe
@@ -155,7 +156,7 @@ def select_labelled(
             if label is not None and label >= 0:
                 by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
     if not by_label:
-        raise ValueError(f"dataset: {url} has no labelled training rows")
+        raise DataError(f"dataset: {url} has no labelled training rows")
     return {sid for rows in by_label.values() for _, sid in sorted(rows)[:n_per_class]}
 
 
@@ -184,7 +185,9 @@ def run_probe(
     inputs the probes read; the probes then train on shards read back a few at a time.
     Driver and actor memory stay bounded by the batch and shard sizes, whatever N is.
     """
+    from aim_platform.jobs.ingest import prepare_sources
 
+    prepare_sources([dataset], cfg.storage_options)
     trunk, model_cfg = load_trunk(trunk_path, storage_options)
     n_blocks = len(trunk.blocks)
     inputs = probe_inputs(cfg, n_blocks)
@@ -203,11 +206,11 @@ def run_probe(
                 ds, trunk_path, blocks, cfg.attention, storage_options, keep_ids=keep
             ):
                 if (batch["label"] < 0).any():
-                    raise ValueError(f"dataset: {dataset} has unlabelled rows; probes need labels")
+                    raise DataError(f"dataset: {dataset} has unlabelled rows; probes need labels")
                 max_label = max(max_label, int(batch["label"].max()))
                 cache.add(split, batch["features"], batch["label"], blocks, inputs)
         if not cache.rows.get("train") or not cache.rows.get("val"):
-            raise ValueError(f"dataset: {dataset} has no valid train or val rows to probe")
+            raise DataError(f"dataset: {dataset} has no valid train or val rows to probe")
         phase(f"training {len(probe_inputs(cfg, n_blocks))} probe input(s) x {cfg.kind}")
         report = probe_cached(cache, cfg, n_blocks, max_label + 1, trunk.blocks[0].attn.num_heads)
         report.train_images = cache.rows["train"] // cfg.views

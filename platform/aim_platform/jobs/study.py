@@ -318,7 +318,7 @@ def run_study(
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
     from aim_platform.cluster import connect
-    from aim_platform.data.pipeline import resolve_url
+    from aim_platform.jobs.ingest import prepare_sources
     from aim_platform.train.paths import storage_url
 
     connect(address)
@@ -326,8 +326,9 @@ def run_study(
     root.mkdir(parents=True, exist_ok=True)
     extra = [*(extra or []), f"train.storage_path={root / 'trials'}"]
     first = spec.job(next(iter(spec.variants)), scale, extra)
-    for source in first.data.sources:  # ingest built-ins once, before trials race on it
-        resolve_url(source.url, first.data.storage_options)
+    # Built-ins are ingested once here, before trials race on them.
+    urls = [s.url for s in first.data.sources] + [first.probe.dataset if first.probe else None]
+    prepare_sources(urls, first.data.storage_options)
     runs_dir = str(Path(storage_url(storage)).parent)
     uri = tracking.resolve_tracking_uri(tracking_uri or first.tracking.tracking_uri, runs_dir)
     tracker = tracking.Tracker(uri)  # creates the store and the experiment before any trial

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from aim_platform.config import DataConfig, ModelConfig
+from aim_platform.errors import DataError
 from aim_platform.models.tokenizer import AUTO, fit_tokenizer_from_arrays, load_codebook
 
 
@@ -38,7 +39,7 @@ def sample_patches(
         if total >= max_patches:
             break
     if not chunks:
-        raise ValueError("sources: no training images to fit a tokenizer on")
+        raise DataError("sources: no training images to fit a tokenizer on")
     flat = np.concatenate(chunks)  # (N', P)
     if flat.shape[0] > max_patches:
         gen = torch.Generator().manual_seed(seed)
@@ -72,6 +73,9 @@ def fit_tokenizer(
     Returns:
         ``out_url``.
     """
+    from aim_platform.jobs.ingest import prepare_sources
+
+    prepare_sources([src.url for src in data.sources], data.storage_options)
     patches, images = sample_patches(data, model, max_patches, seed)
     tok = fit_tokenizer_from_arrays(patches, num_tokens, iters, seed, model.target_eps)
     tok.fitted_on.update(

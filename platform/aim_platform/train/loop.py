@@ -1,6 +1,6 @@
 """The per-worker pre-training loop (runs inside each Ray Train worker).
 
-Linear control flow: build model -> shard -> restore -> for each batch: accumulate, step,
+Linear control flow: :meth:`Trainer.setup` -> restore -> for each batch: accumulate, step,
 log, validate, checkpoint. Everything distributed is a collective that every rank reaches
 the same number of times (Ray Data's equal split gives every rank the same batch count).
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,55 +16,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from aim_platform.config import DataConfig, JobConfig, dump_config
+from aim_platform.config import JobConfig, dump_config
 from aim_platform.data.pipeline import train_batches
-from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
-from aim_platform.models.losses import VAL_CHUNKS, chunk_losses
+from aim_platform.models.aim import sample_prefix_lengths
 from aim_platform.train import checkpoint as ckpt
 from aim_platform.train.paths import RunPaths
-from aim_platform.train.sharding import resolve_precision, shard_model
-from aim_platform.train.trainer import Trainer
-
-VAL_PREFIX_SEED = 1234  # fixed prefix lengths: validation losses comparable across steps/runs
-
-
-def _all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def validate(
-    model: AIMForPretraining, shard: Any, data: DataConfig, batch_size: int, device: torch.device
-) -> dict[str, float]:
-    """Validation loss (and loss per chunk of the sequence) over the whole validation shard."""
-    cfg = model.cfg
-    lo, hi = cfg.prefix_range
-    gen = torch.Generator().manual_seed(VAL_PREFIX_SEED)
-    k = cfg.num_patches
-    loss_sum = torch.zeros(k, dtype=torch.float64)
-    counts = torch.zeros(k, dtype=torch.float64)
-    model.eval()
-    with torch.no_grad():
-        for batch in train_batches(
-            shard, data, batch_size=batch_size, device=device, drop_last=False
-        ):
-            pixels = batch["patches"][batch["valid"]]  # (B, K, P) uint8
-            if pixels.shape[0] == 0:
-                continue
-            prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
-            out = model.loss(pixels, prefix, generator=gen)
-            loss_sum += out.per_position.double().cpu()
-            counts += out.per_position_count.double().cpu()
-    model.train()
-    totals = _all_reduce_sum(loss_sum.tolist() + counts.tolist(), device)
-    loss_sum = torch.tensor(totals[:k])
-    counts = torch.tensor(totals[k:])
-    metrics = {"val/loss": float(loss_sum.sum() / counts.sum().clamp_min(1))}
-    for i, value in enumerate(chunk_losses(loss_sum, counts, VAL_CHUNKS)):
-        metrics[f"val/loss_chunk_{i}"] = value
-    return metrics
+from aim_platform.train.sharding import resolve_precision
+from aim_platform.train.trainer import Trainer, all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -102,9 +59,6 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         synchronize,
     )
 
-    # FSDP2 warns that the root returns a view (a Linear's 3-D output); nothing modifies it
-    # in place, so the warning is noise on every step.
-    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
     job = JobConfig.model_validate(args.job)
     tc = job.train
     ctx = ray.train.get_context()
@@ -114,17 +68,8 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     precision = resolve_precision(tc.precision, device)
 
-    torch.manual_seed(job.seed)  # identical initialization on every rank
-    model = AIMForPretraining(
-        job.model,
-        activation_checkpointing=tc.activation_checkpointing,
-        storage_options=tc.storage_options,  # where a tokens target's codebook is read from
-    )
-    model.to(device)
-    if tc.compile:
-        model.compile_blocks()
-    shard_model(model, precision)
-    trainer = Trainer(model, job.optim, tc.steps, accum=tc.grad_accum_steps)
+    trainer = Trainer.setup(job, device, precision)
+    model = trainer.model
     state = ckpt.TrainState(data_seed=job.seed)
     restored = ray.train.get_checkpoint()
     if restored is not None:
@@ -203,7 +148,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             ready = time.perf_counter()
             continue
         window = time.perf_counter() - window_start
-        loss_sum, dropped_total = _all_reduce_sum([step_loss, float(dropped)], device)
+        loss_sum, dropped_total = all_reduce_sum([step_loss, float(dropped)], device)
         metrics: dict[str, float] = {
             "train/loss": loss_sum / world,
             "train/lr": lr,
@@ -216,7 +161,10 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             "perf/data_wait_fraction": data_wait / window if window > 0 else 0.0,
         }
         if do_val:
-            last_val = validate(model, val_shard, job.data, tc.micro_batch_size, device)
+            val_batches = train_batches(
+                val_shard, job.data, batch_size=tc.micro_batch_size, device=device, drop_last=False
+            )
+            last_val = trainer.validate(val_batches)
             metrics.update(last_val)
         if logger is not None:
             logger.log_metrics(metrics, step=state.step)

@@ -1,5 +1,7 @@
-"""The pre-training step, in one place: the Ray Train workers (:mod:`.loop`),
-``aimctl selfcheck`` and ``aimctl bench step`` all run :meth:`Trainer.step`.
+"""The pre-training model's life on a worker, in one place: :meth:`Trainer.setup` (build,
+compile, shard), :meth:`Trainer.backward` + :meth:`Trainer.step`, :meth:`Trainer.validate`
+and :meth:`Trainer.save` / :meth:`Trainer.restore`. The Ray Train workers (:mod:`.loop`),
+``aimctl selfcheck`` and ``aimctl bench step`` all run the same :meth:`Trainer.step`.
 
 A step is: for each micro-batch, ``AIMForPretraining.loss`` (normalization, pattern, prefix
 mask, trunk, head, normalized-pixel loss) and its backward (scaled by the accumulation);
@@ -10,19 +12,33 @@ last micro-batch.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch.profiler import record_function
 
-from aim_platform.config import OptimConfig
-from aim_platform.models.aim import AIMForPretraining
+from aim_platform.config import JobConfig, OptimConfig
+from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
+from aim_platform.models.losses import VAL_CHUNKS, chunk_losses
 from aim_platform.train import checkpoint as ckpt
 from aim_platform.train.optim import build_optimizer, build_scheduler
+from aim_platform.train.sharding import shard_model
 
 #: The name of the clipping + optimizer part of a step in a torch profile.
 OPTIMIZER_REGION = "aim::optimizer"
+VAL_PREFIX_SEED = 1234  # fixed prefix lengths: validation losses comparable across steps/runs
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum over ranks (the values themselves without a process group)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,27 @@ class Trainer:
         self.accum = accum
         self._micro = 0
         self._loss = 0.0
+
+    @classmethod
+    def setup(cls, job: JobConfig, device: torch.device, precision: str) -> Trainer:
+        """The job's model, built the same on every rank (seeded), moved to ``device``,
+        compiled if asked, sharded with FSDP2 (a no-op without a process group), and its
+        optimizer and schedule."""
+        # FSDP2 warns that the root returns a view (a Linear's 3-D output); nothing modifies it
+        # in place, so the warning is noise on every step.
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view")
+        tc = job.train
+        torch.manual_seed(job.seed)  # identical initialization on every rank
+        model = AIMForPretraining(
+            job.model,
+            activation_checkpointing=tc.activation_checkpointing,
+            storage_options=tc.storage_options,  # where a tokens target's codebook is read
+        )
+        model.to(device)
+        if tc.compile:
+            model.compile_blocks()
+        shard_model(model, precision)
+        return cls(model, job.optim, tc.steps, accum=tc.grad_accum_steps)
 
     @property
     def micro(self) -> int:
@@ -124,6 +161,37 @@ class Trainer:
         """A whole step on one batch (no accumulation)."""
         self.backward(pixels, prefix, generator)
         return self.step()
+
+    def validate(self, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+        """Validation loss, and loss per chunk of the sequence, over ``batches`` (this rank's
+        whole validation shard: ``patches`` (B, K, P) uint8 and ``valid`` (B,) bool each),
+        summed over ranks; the prefix lengths are drawn from a fixed seed."""
+        model = self.model
+        cfg = model.cfg
+        lo, hi = cfg.prefix_range
+        gen = torch.Generator().manual_seed(VAL_PREFIX_SEED)
+        k = cfg.num_patches
+        loss_sum = torch.zeros(k, dtype=torch.float64)  # (K,)
+        counts = torch.zeros(k, dtype=torch.float64)  # (K,)
+        device = next(model.parameters()).device
+        model.eval()
+        with torch.no_grad():
+            for batch in batches:
+                pixels = batch["patches"][batch["valid"]]  # (B, K, P) uint8
+                if pixels.shape[0] == 0:
+                    continue
+                prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
+                out = model.loss(pixels, prefix, generator=gen)
+                loss_sum += out.per_position.double().cpu()
+                counts += out.per_position_count.double().cpu()
+        model.train()
+        totals = all_reduce_sum(loss_sum.tolist() + counts.tolist(), device)
+        loss_sum = torch.tensor(totals[:k])
+        counts = torch.tensor(totals[k:])
+        metrics = {"val/loss": float(loss_sum.sum() / counts.sum().clamp_min(1))}
+        for i, value in enumerate(chunk_losses(loss_sum, counts, VAL_CHUNKS)):
+            metrics[f"val/loss_chunk_{i}"] = value
+        return metrics
 
     def app_state(self) -> ckpt.AppState:
         """Model, optimizer and schedule as one DCP ``Stateful``."""

@@ -10,11 +10,11 @@
    runs the same decode (+ patchify) over the same Parquet shards.
 
 :func:`baseline_image` can be timed under another PIL build too (``python -m
-aim_platform.data.bench --baseline-only``): BENCHMARKS.md compares ours on Pillow-SIMD with
+aim_platform.bench.data --baseline-only``): BENCHMARKS.md compares ours on Pillow-SIMD with
 the baseline on standard Pillow, each in its own environment::
 
-    python -m aim_platform.data.bench --write-jpegs /tmp/jpegs        # main venv
-    PYTHONPATH=platform /tmp/pillow-venv/bin/python -m aim_platform.data.bench \
+    python -m aim_platform.bench.data --write-jpegs /tmp/jpegs        # main venv
+    PYTHONPATH=platform /tmp/pillow-venv/bin/python -m aim_platform.bench.data \
         --jpegs /tmp/jpegs --baseline-only                          # Pillow + NumPy only
 
 Over 400 lines on purpose: three side-by-side benchmarks (decode vs a baseline, Ray Data
@@ -194,7 +194,7 @@ def run(
 
 
 def _pipeline(n: int, echo: Echo) -> dict[str, object]:
-    from aim_platform.data.ingest import ingest
+    from aim_platform.jobs.ingest import ingest
 
     cache = os.environ.get("AIM_DATA_CACHE") or tempfile.gettempdir()
     root = str(Path(cache) / f"bench-photos-{n}")
@@ -322,7 +322,7 @@ def ingest_throughput(src: str, dest: str, cpus: int, shard_size_mb: float) -> d
 
     import ray
 
-    from aim_platform.data.ingest import ingest
+    from aim_platform.jobs.ingest import ingest
 
     shutil.rmtree(dest, ignore_errors=True)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
@@ -353,7 +353,7 @@ def write_tiny_shards(root: Path, shards: int, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from aim_platform.data.ingest import MANIFEST, SCHEMA, SCHEMA_VERSION, shard_path
+    from aim_platform.data.shards import MANIFEST, SCHEMA, SCHEMA_VERSION, shard_path
     from aim_platform.data.sources import digit_png
 
     (root / "train").mkdir(parents=True, exist_ok=True)
@@ -422,7 +422,7 @@ def first_batch(root: str, cpus: int, batch_size: int = 64) -> dict[str, float]:
 
 
 def _scale_main() -> None:
-    """``python -m aim_platform.data.bench scale ...``: the ingest / start-up measurements."""
+    """``python -m aim_platform.bench.data scale ...``: the ingest / start-up measurements."""
     p = argparse.ArgumentParser(prog="bench scale")
     p.add_argument("what", choices=["write-jpegs", "ingest", "tiny-shards", "first-batch"])
     p.add_argument("path")
