@@ -9,7 +9,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from aim_platform.config import ConfigError
-from aim_platform.jobs.study import STUDIES_DIR, StudyResult, TrialOutcome, load_study, run_study
+from aim_platform.jobs.study import STUDIES_DIR, load_study, run_study
+from aim_platform.jobs.study_table import StudyResult, TrialOutcome
 
 SPECS = sorted(p for p in STUDIES_DIR.glob("*.yaml") if p.name != "base.yaml")
 
@@ -174,7 +175,7 @@ def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:
 
 
 def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -> None:
-    from aim_platform.jobs.study import seed_overrides, trial_name
+    from aim_platform.jobs.study_table import seed_overrides, trial_name
 
     spec = load_study(STUDIES_DIR / "head.yaml")
     base = spec.job("mlp", "small")

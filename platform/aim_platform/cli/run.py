@@ -86,7 +86,8 @@ def study(
     from aim_platform import tracking
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, log_path
-    from aim_platform.jobs.study import load_study, run_study, select_variants, trial_name
+    from aim_platform.jobs.study import load_study, run_study, select_variants
+    from aim_platform.jobs.study_table import trial_name
     from aim_platform.train.paths import storage_url
 
     if scale not in ("tiny", "small", "paper"):
