@@ -25,7 +25,7 @@ demo: setup
 	$(VENV)/bin/aimctl pretrain jobs/configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
 
 # The fast lane: no Ray, no servers, no slow tests (a few minutes); `make test` runs all.
 test-fast: setup

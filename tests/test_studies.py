@@ -140,14 +140,26 @@ def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
             }
         )
     )
-    result = run_study(load_study(spec_path), "tiny", storage=str(tmp_path / "runs"))
-    by = {t.variant: t for t in result.trials}
-    assert by["ok"].error is None and by["broken"].error
+    storage = str(tmp_path / "runs")
+    result = run_study(load_study(spec_path), "tiny", storage=storage, seeds=2, concurrent=1)
+    ok = sorted((t for t in result.trials if t.variant == "ok"), key=lambda t: t.seed)
+    broken = [t for t in result.trials if t.variant == "broken"]
+    assert [t.seed for t in ok] == [0, 1] and all(t.error is None for t in ok)
+    assert len(broken) == 2 and all(t.error for t in broken)
     header, linear = result.table()[:2]
     assert linear[header.index("broken")] == "failed"
-    assert linear[header.index("ok")].endswith("*")
+    assert "±" in linear[header.index("ok")] and linear[header.index("ok")].endswith("*")
     client = MlflowClient(tracking_uri=result.tracking_uri)
-    assert "failed.broken" in client.get_run(result.parent_run_id).data.tags
+    tags = client.get_run(result.parent_run_id).data.tags
+    assert "failed.broken/s0" in tags and "failed.broken/s1" in tags
+    # Each seed its own run, its own run folder and its own seeds.
+    runs = [client.get_run(t.run_id) for t in ok]
+    assert runs[0].info.run_id != runs[1].info.run_id
+    assert [r.data.params["seed"] for r in runs] == ["0", "1"]
+    assert [r.data.params["probe.seed"] for r in runs] == ["0", "1"]
+    assert (
+        tmp_path / "runs" / "fails-tiny" / "trials" / "fails-tiny-ok-s1" / "latest.json"
+    ).is_file()
 
 
 def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:

@@ -317,6 +317,17 @@ def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None
         sub.default_entrypoint("jobs/configs/a b.yaml", ["optim.lr=1e-3"])
         == "aimctl pretrain 'jobs/configs/a b.yaml' --set optim.lr=1e-3 --address auto"
     )
+    study = sub.default_entrypoint(
+        "jobs/studies/head.yaml", ["seed=1"], study_scale="small", seeds=3, variants="none,mlp"
+    )
+    assert study == (
+        "aimctl study jobs/studies/head.yaml --scale small --seeds 3 --variants none,mlp "
+        "--set seed=1 --address auto"
+    )
+    with pytest.raises(sub.SubmitError, match="--variants: s9 not in study 'head'"):
+        sub.submit("http://127.0.0.1:1", "jobs/studies/head.yaml", variants="none,s9")
+    with pytest.raises(sub.SubmitError, match="apply to study specs"):
+        sub.submit("http://127.0.0.1:1", "jobs/configs/demo.yaml", seeds=3)
 
 
 # ------------------------------------------------------- the real jobs, as users submit them
@@ -447,6 +458,7 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
 
     args = [
         "submit", "jobs/studies/head.yaml", "--scale", "tiny", "--address", ray_head["address"],
+        "--variants", "none,mlp",  # two of the three heads: the study options travel too
         "--set", "train.steps=2", "--set", "probe.steps=5",
         "--set", "tracking.experiment=journey-study", "--wait",
     ]  # fmt: skip
@@ -473,13 +485,13 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
     table = client.download_artifacts(parent.info.run_id, "table.md")
     lines = Path(table).read_text().splitlines()
     rows = [line for line in lines if line.startswith("| ") and "---" not in line]
-    assert rows[0] == "| probe | none | mlp | transformer |"
+    assert rows[0] == "| probe | none | mlp |"
     assert [r.split("|")[1].strip() for r in rows[1:3]] == ["linear", "attentive"]
     assert all("**" in r for r in rows[1:3])  # the best of each row is marked
     children = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
-    assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none", "transformer"]
+    assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none"]
     for child in children:  # each trial pre-trained on digits and probed its trunk
         variant = child.data.tags["variant"]
         assert variant in child.info.run_name and child.data.tags["git_commit"]

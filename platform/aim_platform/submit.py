@@ -217,23 +217,35 @@ def _config_in_repo(config: str | Path, repo: Path) -> str:
 
 
 def default_entrypoint(
-    config_rel: str, overrides: Sequence[str] = (), *, study_scale: str | None = None
+    config_rel: str,
+    overrides: Sequence[str] = (),
+    *,
+    study_scale: str | None = None,
+    seeds: int = 1,
+    variants: str = "",
 ) -> str:
     """The command a submitted CONFIG runs, joining the job's cluster (``--address auto``):
     ``aimctl pretrain CONFIG --set ...``, or for a study spec (``study_scale`` given)
-    ``aimctl study SPEC --scale S --set ...``."""
+    ``aimctl study SPEC --scale S [--seeds N] [--variants a,b] --set ...``."""
     if study_scale is None:
         parts = ["aimctl", "pretrain", config_rel]
     else:
         parts = ["aimctl", "study", config_rel, "--scale", study_scale]
+        if seeds != 1:
+            parts += ["--seeds", str(seeds)]
+        if variants:
+            parts += ["--variants", variants]
     for item in overrides:
         parts += ["--set", item]
     parts += ["--address", "auto"]
     return shlex.join(parts)
 
 
-def _validate(config_path: Path, overrides: Sequence[str], scale: str) -> str | None:
-    """Validate a job config or a study spec here, before anything is sent.
+def _validate(
+    config_path: Path, overrides: Sequence[str], scale: str, seeds: int = 1, variants: str = ""
+) -> str | None:
+    """Validate a job config or a study spec (and its study options) here, before anything
+    is sent.
 
     Returns:
         ``scale`` when the file is a study spec (it has ``variants``), else None.
@@ -245,11 +257,17 @@ def _validate(config_path: Path, overrides: Sequence[str], scale: str) -> str | 
     data = yaml.safe_load(config_path.read_text()) or {}
     try:
         if isinstance(data, dict) and "variants" in data:
-            from aim_platform.jobs.study import load_study
+            from aim_platform.jobs.study import load_study, select_variants
 
             spec = load_study(config_path)
+            if variants:
+                spec = select_variants(spec, [v.strip() for v in variants.split(",")])
+            if seeds < 1:
+                raise ConfigError(f"--seeds: {seeds} must be at least 1")
             spec.job(next(iter(spec.variants)), scale, list(overrides))
             return scale
+        if seeds != 1 or variants:
+            raise ConfigError("--seeds and --variants apply to study specs (jobs/studies/)")
         load_config(config_path, list(overrides))
     except ConfigError as exc:
         raise SubmitError(str(exc)) from None
@@ -267,6 +285,8 @@ def submit(
     submission_id: str | None = None,
     entrypoint_num_gpus: float | None = None,
     scale: str = "tiny",
+    seeds: int = 1,
+    variants: str = "",
     repo: Path = REPO_ROOT,
 ) -> str:
     """Submit a platform job; returns its submission id.
@@ -282,6 +302,8 @@ def submit(
         submission_id: a chosen id (default: Ray generates one).
         entrypoint_num_gpus: GPUs reserved for the driver itself (usually none).
         scale: the budget preset when ``config`` is a study spec.
+        seeds: trials per variant of a study spec (``aimctl study --seeds``).
+        variants: the variants of a study spec to run, comma-separated (all when empty).
         repo: the repository root that travels as the working directory.
 
     Returns:
@@ -295,8 +317,10 @@ def submit(
         if config is None:
             raise SubmitError("give a CONFIG (a job or a study spec) or an --entrypoint")
         config_rel = _config_in_repo(config, repo)
-        study_scale = _validate(repo / config_rel, overrides, scale)
-        entrypoint = default_entrypoint(config_rel, overrides, study_scale=study_scale)
+        study_scale = _validate(repo / config_rel, overrides, scale, seeds, variants)
+        entrypoint = default_entrypoint(
+            config_rel, overrides, study_scale=study_scale, seeds=seeds, variants=variants
+        )
         metadata["aim.config"] = config_rel
     elif overrides:
         raise SubmitError("--set applies to the default entrypoint; put them in --entrypoint")

@@ -19,6 +19,8 @@ def submit_cmd(
     env: list[str] = typer.Option([], "--env", help="KEY=VALUE for the job (no secrets)"),
     submission_id: str | None = typer.Option(None, help="job id [default: generated]"),
     scale: str = typer.Option("tiny", help="budget preset when CONFIG is a study spec"),
+    seeds: int = typer.Option(1, help="study spec: trials per variant"),
+    variants: str = typer.Option("", help="study spec: only these variants, comma-separated"),
     wait: bool = typer.Option(
         False, "--wait", help="wait for the job to end; exit 1 unless it succeeds"
     ),
@@ -36,6 +38,8 @@ def submit_cmd(
         env=sub.parse_env(env) if env else None,
         submission_id=submission_id,
         scale=scale,
+        seeds=seeds,
+        variants=variants,
     )
     console.print(f"submitted {job_id}", soft_wrap=True)
     console.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
