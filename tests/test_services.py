@@ -79,11 +79,6 @@ def test_services_up_log_run_down(tmp_path: Path) -> None:
         assert mlflow_rec is not None and s3_rec is not None
         # `up` returned, yet the servers run on in the background, bound to loopback only.
         assert svc.pid_alive(mlflow_rec.pid) and svc.pid_alive(s3_rec.pid)
-        # Without MLflow's GenAI job runner: no huey consumer processes beside the server.
-        import psutil
-
-        family = psutil.Process(mlflow_rec.pid).children(recursive=True)
-        assert not [p for p in family if "huey" in " ".join(p.cmdline())]
         assert exports["MLFLOW_TRACKING_URI"] == mlflow_rec.url
         assert exports["AWS_ENDPOINT_URL"] == s3_rec.url
         for rec in (mlflow_rec, s3_rec):

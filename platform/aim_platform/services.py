@@ -372,9 +372,6 @@ def mlflow_up(
     env = dict(os.environ)
     env["MLFLOW_BACKEND_STORE_URI"] = backend
     env.setdefault("PYTHONUNBUFFERED", "1")
-    # MLflow 3's GenAI job runner (7 huey consumer processes, ~40 threads) serves nothing this
-    # platform logs; MLFLOW_SERVER_ENABLE_JOB_EXECUTION=true in the environment turns it on.
-    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [
         sys.executable,
         "-m",
