@@ -128,7 +128,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
-        start_new_session=True,
+        process_group=0,  # as services start it (a new session makes it start slowly)
     )
     uri = f"http://127.0.0.1:{port}"
     try:
