@@ -261,7 +261,7 @@ def _start(
     timeout: float,
     details: dict[str, str],
 ) -> ServiceRecord:
-    """Start ``cmd`` in its own session, wait for ``health_path``, record its state."""
+    """Start ``cmd`` in its own process group, wait for ``health_path``, record its state."""
     current = read_record(root, name)
     if current is not None:
         if pid_alive(current.pid, current.proc_start):
