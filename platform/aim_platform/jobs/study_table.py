@@ -101,7 +101,7 @@ class StudyResult:
                     continue
                 mean, std = mean_std([100 * x for x in values[v]])
                 spread = f" ± {std:.1f}" if len(values[v]) > 1 else ""
-                cells.append(f"{mean:.1f}{spread}{'*' if mean == best else ''}")
+                cells.append(f"{mean:.1f}{spread}{'*' if means[v] == best else ''}")
             rows.append([row, *cells])
         return rows
 
