@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from aim_platform.bench.step import DTYPES, resolve_device
-from aim_platform.config import ModelConfig
+from aim_platform.config import ConfigError, ModelConfig, build_config
 from aim_platform.models import sample_prefix_lengths
 from aim_platform.models.layers import attention_mask, compiled_flex_attention, flex_block_mask
 from aim_platform.train.metrics import device_name, synchronize
@@ -97,10 +97,10 @@ def run_attention_bench(
         echo: Where per-round lines go.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown {dtype!r}; known: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype: unknown {dtype!r}; known: {', '.join(DTYPES)}")
     torch.manual_seed(seed)
     dev = resolve_device(device)
-    cfg = ModelConfig(size=size)
+    cfg = build_config(ModelConfig, {"size": size}, [])
     b, h, k = batch, cfg.num_heads, cfg.num_patches
     dh = cfg.embed_dim // h
     if backends is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.profiler import record_function
 
-from aim_platform.config import ModelConfig, OptimConfig
+from aim_platform.config import ConfigError, ModelConfig, OptimConfig, build_config
 from aim_platform.models import AIMForPretraining, sample_prefix_lengths
 from aim_platform.train.metrics import (
     device_name,
@@ -52,7 +52,7 @@ def bench_model_config(
         data["num_blocks"] = blocks
     if head_blocks is not None:
         data["head"] = {"num_blocks": head_blocks}
-    return ModelConfig(**data)
+    return build_config(ModelConfig, data, [])
 
 
 def build_optimizer(model: torch.nn.Module, kind: str, cfg: OptimConfig) -> torch.optim.Optimizer:
@@ -64,7 +64,7 @@ def build_optimizer(model: torch.nn.Module, kind: str, cfg: OptimConfig) -> torc
     if kind == "fused":
         groups = optim.param_groups(model, cfg.weight_decay)
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=True)
-    raise ValueError(f"unknown optimizer {kind!r}; known: platform, fused")
+    raise ConfigError(f"unknown optimizer {kind!r}; known: platform, fused")
 
 
 @dataclass
@@ -218,7 +218,7 @@ def run_step_bench(
         echo: Where per-round lines go.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown {dtype!r}; known: {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype: unknown {dtype!r}; known: {', '.join(DTYPES)}")
     torch.manual_seed(seed)
     dev = resolve_device(device)
     amp_dtype = DTYPES[dtype]

@@ -54,27 +54,23 @@ def bench_step(
     """A full training step (AIM loss, backward, AdamW) against a matmul peak, side by side."""
     from aim_platform.bench.step import run_step_bench
 
-    try:
-        result = run_step_bench(
-            size=size,
-            blocks=None if full else blocks,
-            head_blocks=None if full else head_blocks,
-            batch=batch,
-            dtype=dtype,
-            device=device,
-            compile=compile_,
-            activation_checkpointing=activation_checkpointing,
-            attention_backend=attention_backend,
-            optimizer=optimizer,
-            rounds=rounds,
-            steps_per_round=steps_per_round,
-            warmup=warmup,
-            matmul_n=matmul_n,
-            echo=lambda line: console.print(line, soft_wrap=True),
-        )
-    except ValueError as exc:
-        console.print(f"error: {exc}", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    result = run_step_bench(
+        size=size,
+        blocks=None if full else blocks,
+        head_blocks=None if full else head_blocks,
+        batch=batch,
+        dtype=dtype,
+        device=device,
+        compile=compile_,
+        activation_checkpointing=activation_checkpointing,
+        attention_backend=attention_backend,
+        optimizer=optimizer,
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+        warmup=warmup,
+        matmul_n=matmul_n,
+        echo=lambda line: console.print(line, soft_wrap=True),
+    )
     console.print(result.summary(), markup=False, soft_wrap=True)
 
 
@@ -90,19 +86,15 @@ def bench_attention(
     """Prefix-causal attention fwd+bwd as the model runs it vs causal and bidirectional SDPA."""
     from aim_platform.bench.attention import run_attention_bench
 
-    try:
-        result = run_attention_bench(
-            size=size,
-            batch=batch,
-            dtype=dtype,
-            device=device,
-            rounds=rounds,
-            iters=iters,
-            echo=lambda line: console.print(line, soft_wrap=True),
-        )
-    except ValueError as exc:
-        console.print(f"error: {exc}", markup=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    result = run_attention_bench(
+        size=size,
+        batch=batch,
+        dtype=dtype,
+        device=device,
+        rounds=rounds,
+        iters=iters,
+        echo=lambda line: console.print(line, soft_wrap=True),
+    )
     for line in result.summary():
         console.print(line, markup=False, soft_wrap=True)
 
