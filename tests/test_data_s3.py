@@ -85,3 +85,20 @@ def test_endpoint_from_options_or_environment(s3_endpoint, monkeypatch) -> None:
         "key": REDACTED,
         "client_kwargs": {"aws_secret_access_key": REDACTED},
     }
+
+
+def test_s3_tars_read_by_file_match_local(s3_endpoint, tmp_path: Path) -> None:
+    from test_data_by_file import write_class_per_tar
+
+    labels = write_class_per_tar(tmp_path / "wds")
+    bucket = s3_endpoint["bucket"]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint["endpoint_url"]})
+    fs.put(str(tmp_path / "wds"), f"{bucket}/raw/wds", recursive=True)
+    kw = {"val_fraction": 0.25, "shard_size_mb": 0.05}
+    local = ingest(str(tmp_path / "wds"), str(tmp_path / "local"), **kw)
+    url = f"s3://{bucket}/ingested/wds"
+    remote = ingest(f"s3://{bucket}/raw/wds/part-{{000..003}}.tar", url, **kw)
+    assert remote["settings"]["order"] == local["settings"]["order"] == "files"
+    assert remote["counts"] == local["counts"] and remote["shards"] == local["shards"]
+    assert shard_rows(url) == shard_rows(str(tmp_path / "local"))
+    assert len(shard_rows(url)) == len(labels)

@@ -84,13 +84,16 @@ def write_hf_parquet(path: Path, n: int, binary: bool = False) -> None:
 def test_hf_parquet_image_struct_and_binary_column(ray_session, tmp_path: Path) -> None:
     write_hf_parquet(tmp_path / "hf" / "train-00000-of-00002.parquet", 6)
     write_hf_parquet(tmp_path / "hf" / "train-00001-of-00002.parquet", 5)
-    m = ingest(str(tmp_path / "hf"), str(tmp_path / "out"), val_fraction=0.0)
-    assert m["settings"]["order"] == "source" and m["label_names"] == ["cat", "dog"]
-    assert m["counts"]["train"] == 11 and not m["rejected"]
-    table = pq.read_table(tmp_path / "out" / "train")
-    first = table.filter(pa.compute.equal(table.column("id"), "train-00001-of-00002/00000003"))
-    assert first.column("image")[0].as_py() == jpeg(16, 20, seed=3)  # bytes kept as they were
-    assert first.column("label")[0].as_py() == 1
+    for order in ("auto", "source"):  # auto: by file, read in the tasks; source: row by row
+        out = tmp_path / f"out-{order}"
+        m = ingest(str(tmp_path / "hf"), str(out), val_fraction=0.0, order=order)
+        assert m["settings"]["order"] == ("files" if order == "auto" else "source")
+        assert m["label_names"] == ["cat", "dog"]
+        assert m["counts"]["train"] == m["counts"]["listed"] == 11 and not m["rejected"]
+        table = pq.read_table(out / "train")
+        first = table.filter(pa.compute.equal(table["id"], "train-00001-of-00002/00000003"))
+        assert first["image"][0].as_py() == jpeg(16, 20, seed=3)  # bytes kept as they were
+        assert first["label"][0].as_py() == 1
     write_hf_parquet(tmp_path / "bin.parquet", 3, binary=True)
     listing = list_source(str(tmp_path / "bin.parquet"))
     assert listing.options == {"image_column": "img"} and len(listing.items) == 3

@@ -205,7 +205,9 @@ def ingest(
     max_pixels: int = typer.Option(MAX_PIXELS, help="larger images are rejected as bombs"),
     source: str = typer.Option("", help="value of the `source` column (default: SRC's name)"),
     force: bool = typer.Option(False, help="re-ingest even if DEST is up to date"),
-    order: str = typer.Option("auto", help="row order: hash (mixes classes), source, auto"),
+    order: str = typer.Option(
+        "auto", help="row order: hash (mixes classes), source, files (tars/Parquet), auto"
+    ),
     order_seed: int = typer.Option(0, help="seed of the hash order"),
     label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
     image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),

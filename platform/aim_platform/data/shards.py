@@ -13,8 +13,9 @@ re-encoded), ``label`` (int32, null when unlabelled), ``source`` (string), ``wid
 The ingest job (:mod:`aim_platform.jobs.ingest`) lists the source, orders the items
 (:func:`order_items`: a seeded hash of their ids, so every shard mixes classes), cuts them
 into groups (:func:`group_items`) and runs :func:`write_group` on each in a Ray Data task:
-it reads and validates each image, writes the group's ``train`` and ``val`` shard, then a
-marker ``_progress/<fingerprint>/group-NNNNN.json`` with the group's results
+it reads and validates each image (an item may be a whole ``.tar`` or ``.parquet`` file,
+read front to back), writes the group's ``train`` and ``val`` shards, then a marker
+``_progress/<fingerprint>/group-NNNNN.json`` with the group's results
 (:func:`finished_groups` reads them back, so an interrupted ingest resumes).
 :func:`build_manifest` and :func:`remove_stale` finish it. The split is deterministic: an
 image goes to ``val`` when ``hash(id) < val_fraction`` (:func:`split_of`)."""
@@ -26,6 +27,7 @@ import io
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from aim_platform.data import storage
-from aim_platform.data.sources import Item, Listing, load_item
+from aim_platform.data.sources import FILE_KINDS, Item, Listing, iter_file, load_item
 from aim_platform.data.transforms import (
     ImageRejected,
     hash_unit,
@@ -46,7 +48,7 @@ MANIFEST = "_manifest.json"
 SPLITS = ("train", "val")
 SPLIT_SALT = "aim-split:"
 ORDER_SALT = "aim-order:"
-ORDERS = ("auto", "hash", "source")
+ORDERS = ("auto", "hash", "source", "files")
 PROGRESS = "_progress"  # DEST/_progress/<fingerprint>/group-NNNNN.json: finished groups
 SCHEMA = pa.schema(
     [
@@ -58,7 +60,8 @@ SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
-RESULT_COLUMNS = ("id", "split", "shard", "reason", "label", "width", "height", "nbytes")
+# Result rows of a group: a shard written (shard, rows, nbytes) or an image rejected (id, reason).
+RESULT_COLUMNS = ("id", "split", "shard", "reason", "rows", "nbytes")
 
 
 def split_of(sample_id: str, val_fraction: float) -> str:
@@ -92,8 +95,10 @@ def group_items(items: list[Item], shard_bytes: int) -> list[list[Item]]:
     return groups
 
 
-def shard_path(split: str, group: int) -> str:
-    """Relative path of one group's shard of one split."""
+def shard_path(split: str, group: int, part: int = 0) -> str:
+    """Relative path of one group's shard of one split (``part``: past the first)."""
+    if part:
+        return f"{split}/part-{group:05d}-{part:03d}.parquet"
     return f"{split}/part-{group:05d}.parquet"
 
 
@@ -130,52 +135,38 @@ def write_group(
     val_fraction: float,
     max_pixels: int,
     fingerprint: str,
+    split_bytes: int = 0,
+    shuffle_seed: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Ray task body: read, validate and write one group's shards; one result row per item.
+    """Ray task body: read, validate and write one group's shards; returns its result rows.
 
-    Once the shards are written, a marker with the group's result rows lands under
+    A group's rows of one split go to ``part-GGGGG.parquet`` and, with ``split_bytes`` and
+    past it, on to ``part-GGGGG-KKK.parquet`` (a whole-file item can be larger than a shard). With
+    ``shuffle_seed`` each shard's rows are written in a seeded hashed order of their ids
+    (whole-file items: the images of a file then spread over the shard). Result rows
+    (:data:`RESULT_COLUMNS`) are one per shard written (``rows``, ``nbytes``) and one per
+    rejected image (``id``, ``reason``): the driver holds counts, not a row per image. Once
+    the shards are written, a marker with the group's result rows lands under
     ``_progress/``: an interrupted ingest resumes from these markers.
     """
     fs, root = storage.filesystem(dest, storage_options)
     out: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
     for group, payload in zip(batch["group"], batch["items"], strict=True):
-        rows: dict[str, dict[str, list]] = {s: {n: [] for n in SCHEMA.names} for s in SPLITS}
-        mine: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
+        writer = _GroupShards(fs, root, int(group), split_bytes, shuffle_seed)
         for d in json.loads(payload):
-            item = Item(**d)
-            split = split_of(item.id, val_fraction)
-            reason, width, height, data = "", 0, 0, b""
-            try:
-                data = load_item(item, storage_options, options)
-                width, height = inspect_image(data, max_pixels)
-            except ImageRejected as exc:
-                reason = str(exc)
-            except Exception as exc:  # noqa: BLE001 - an unreadable file is a reason too
-                reason = f"unreadable: {type(exc).__name__}: {exc}"
-            if not reason:
-                r = rows[split]
-                for name, value in zip(
-                    SCHEMA.names, (item.id, data, item.label, source, width, height), strict=True
-                ):
-                    r[name].append(value)
-            values = (
-                item.id,
-                split,
-                "" if reason else shard_path(split, int(group)),
-                reason,
-                -1 if item.label is None else item.label,
-                width,
-                height,
-                len(data) if not reason else 0,
-            )
-            for name, value in zip(RESULT_COLUMNS, values, strict=True):
-                mine[name].append(value)
-        for split in SPLITS:
-            path = storage.join(root, shard_path(split, int(group)))
-            if rows[split]["id"]:
-                _write_shard(fs, path, pa.table(rows[split], schema=SCHEMA))
-            elif fs.exists(path):
-                fs.rm(path)  # an earlier run put rows here; now this group has none
+            for sample_id, label, data, reason in _images(Item(**d), storage_options, options):
+                split = split_of(sample_id, val_fraction)
+                width = height = 0
+                if not reason:
+                    try:
+                        width, height = inspect_image(data, max_pixels)
+                    except ImageRejected as exc:
+                        reason = str(exc)
+                if reason:
+                    writer.reject(sample_id, split, reason)
+                else:
+                    writer.add(split, (sample_id, data, label, source, width, height))
+        mine = writer.close()
         marker = {"fingerprint": fingerprint, "group": int(group), "results": mine}
         write_atomic(
             fs,
@@ -184,14 +175,75 @@ def write_group(
         )
         for c in RESULT_COLUMNS:
             out[c].extend(mine[c])
-    return _result_arrays(out)
-
-
-def _result_arrays(out: dict[str, list]) -> dict[str, np.ndarray]:
     return {
         c: np.asarray(out[c], dtype=object if c in RESULT_COLUMNS[:4] else np.int64)
         for c in RESULT_COLUMNS
     }
+
+
+def _images(
+    item: Item, storage_options: dict[str, Any] | None, options: dict[str, Any]
+) -> Iterator[tuple[str, int | None, bytes, str]]:
+    """``(id, label, bytes, reason)`` of each image an item stands for; a read that fails
+    gives a reason (a whole file that breaks half way: its images so far, then one row
+    with the file's id and the reason)."""
+    if item.kind not in FILE_KINDS:
+        try:
+            yield item.id, item.label, load_item(item, storage_options, options), ""
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is a reason too
+            yield item.id, item.label, b"", f"unreadable: {type(exc).__name__}: {exc}"
+        return
+    try:
+        for sample_id, label, data in iter_file(item, storage_options, options):
+            yield sample_id, label, data, "" if data else "empty: no image bytes"
+    except Exception as exc:  # noqa: BLE001 - a broken tar or Parquet file
+        yield item.id, None, b"", f"unreadable file: {type(exc).__name__}: {exc}"
+
+
+class _GroupShards:
+    """One group's shard writer: rows buffered per split, flushed every ``split_bytes`` (0:
+    once, at the end)."""
+
+    def __init__(
+        self, fs: Any, root: str, group: int, split_bytes: int, shuffle_seed: int | None
+    ) -> None:
+        self.fs, self.root, self.group = fs, root, group
+        self.split_bytes, self.shuffle_seed = split_bytes, shuffle_seed
+        self.rows: dict[str, list[tuple]] = {s: [] for s in SPLITS}
+        self.bytes = dict.fromkeys(SPLITS, 0)
+        self.parts = dict.fromkeys(SPLITS, 0)
+        self.results: dict[str, list] = {c: [] for c in RESULT_COLUMNS}
+
+    def add(self, split: str, row: tuple) -> None:
+        self.rows[split].append(row)
+        self.bytes[split] += len(row[1])
+        if self.split_bytes and self.bytes[split] >= self.split_bytes:
+            self._flush(split)
+
+    def reject(self, sample_id: str, split: str, reason: str) -> None:
+        for name, value in zip(RESULT_COLUMNS, (sample_id, split, "", reason, 0, 0), strict=True):
+            self.results[name].append(value)
+
+    def close(self) -> dict[str, list]:
+        for split in SPLITS:
+            self._flush(split)
+        return self.results
+
+    def _flush(self, split: str) -> None:
+        rows = self.rows[split]
+        if not rows:
+            return
+        if self.shuffle_seed is not None:
+            salt = f"{ORDER_SALT}{self.shuffle_seed}:"
+            rows.sort(key=lambda r: (id_hash(r[0], salt), r[0]))
+        path = shard_path(split, self.group, self.parts[split])
+        columns = {name: [r[i] for r in rows] for i, name in enumerate(SCHEMA.names)}
+        _write_shard(self.fs, storage.join(self.root, path), pa.table(columns, schema=SCHEMA))
+        values = ("", split, path, "", len(rows), self.bytes[split])
+        for name, value in zip(RESULT_COLUMNS, values, strict=True):
+            self.results[name].append(value)
+        self.rows[split], self.bytes[split] = [], 0
+        self.parts[split] += 1
 
 
 def finished_groups(fs: Any, root: str, fingerprint: str) -> dict[int, list[dict[str, Any]]]:
@@ -210,6 +262,8 @@ def finished_groups(fs: Any, root: str, fingerprint: str) -> dict[int, list[dict
         if marker.get("fingerprint") != fingerprint:
             continue
         res = marker["results"]
+        if set(res) != set(RESULT_COLUMNS):
+            continue  # written by an older version: redo that group
         n = len(res["id"])
         done[int(marker["group"])] = [{c: res[c][i] for c in RESULT_COLUMNS} for i in range(n)]
     return done
@@ -240,7 +294,7 @@ def build_manifest(
     settings: dict[str, Any],
     fingerprint: str,
 ) -> dict[str, Any]:
-    results.sort(key=lambda r: r["id"])
+    results.sort(key=lambda r: (r["id"], r["shard"]))
     shards: dict[str, dict[str, dict[str, int]]] = {s: {} for s in SPLITS}
     rejected = []
     for r in results:
@@ -248,7 +302,7 @@ def build_manifest(
             rejected.append({"id": r["id"], "reason": r["reason"]})
             continue
         s = shards[r["split"]].setdefault(r["shard"], {"rows": 0, "bytes": 0})
-        s["rows"] += 1
+        s["rows"] += r["rows"]
         s["bytes"] += r["nbytes"]
     counts = {split: sum(s["rows"] for s in shards[split].values()) for split in SPLITS}
     return {
@@ -261,7 +315,7 @@ def build_manifest(
         "options": listing.options,
         "columns": {f.name: str(f.type) for f in SCHEMA},
         "counts": {
-            "listed": len(listing.items),
+            "listed": counts["train"] + counts["val"] + len(rejected),
             "train": counts["train"],
             "val": counts["val"],
             "rejected": len(rejected),

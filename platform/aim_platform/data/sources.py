@@ -2,7 +2,11 @@
 
 Listing happens on the driver and yields small :class:`Item` locators (no image bytes);
 :func:`load_item` fetches or generates one item's encoded bytes inside a Ray task, so the
-bytes never pass through the driver.
+bytes never pass through the driver. Sources made of ``.tar`` or ``.parquet`` files can be
+listed by file (``by_file=True``, what ingest does by default): one item per file, which the
+ingest task opens and reads front to back with :func:`iter_file` (one sequential read a file,
+not one request an image), so the driver lists files, never the images inside them (a 2B-image
+set in 200k tars is 200k items on the driver).
 
 - folder: every non-hidden file under the URL; when the root holds only sub-folders, the
   first path component is the class (ImageFolder), labels in sorted class order, or as a
@@ -10,7 +14,8 @@ bytes never pass through the driver.
   ``LOC_synset_mapping.txt``; see :func:`read_label_map`).
 - WebDataset ``.tar`` shards (uncompressed): one ``.tar``, a folder holding only tars, or
   a pattern (``shards-{0000..0146}.tar``, ``/data/*.tar``, braces and globs). Each image
-  member is an item read by byte range; members are grouped by their ``__key__`` (the path
+  member is an item read by byte range (by file: read in stream); members are grouped by
+  their ``__key__`` (the path
   up to the first dot of the file name) and ``key.cls`` gives the label of the sample;
   ``.txt``/``.json`` members are skipped. With several tars, ids are ``<tar stem>/<member>``.
 - Parquet (Hugging Face ``datasets`` style): one file, a folder holding only ``.parquet``
@@ -34,6 +39,7 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
@@ -48,6 +54,8 @@ from aim_platform.errors import DataError
 
 BUILTINS = ("builtin:digits", "builtin:photos")
 _META_EXT = (".cls", ".txt", ".json")
+FILE_KINDS = ("tarfile", "parquetfile")  # items that stand for a whole file of images
+_READ_BLOCK = 16 * 2**20  # bytes per request when a file is read front to back
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,8 @@ class Item:
     """Where one image comes from (no bytes): what ingest tasks receive."""
 
     id: str
-    kind: str  # "file", "tar", "parquet" (start: row group, index: row), "digits", "photos"
+    kind: str  # "file", "tar", "parquet" (start: row group, index: row), "digits", "photos",
+    # or one of FILE_KINDS (id: the file's id prefix, size: the file's bytes)
     path: str = ""
     start: int = 0
     size: int = 0  # bytes (an estimate for generated items)
@@ -75,7 +84,7 @@ class Listing:
     items: list[Item]
     label_names: list[str] = field(default_factory=list)
     options: dict[str, Any] = field(default_factory=dict)
-    ordered_reads: bool = False  # items are cheap only in listing order (Parquet row groups)
+    by_file: bool = False  # items are whole files (FILE_KINDS), opened by the ingest tasks
 
 
 def source_name(src: str) -> str:
@@ -97,6 +106,7 @@ def list_source(
     label_map: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    by_file: bool = False,
 ) -> Listing:
     """List a source's items (sorted by id).
 
@@ -106,6 +116,8 @@ def list_source(
         image_size: Side of the upscaled digits (``builtin:digits``).
         num_photos: Number of crops (``builtin:photos``).
         photo_seed: Seed of the crops (``builtin:photos``).
+        by_file: Sources of ``.tar`` or ``.parquet`` files: one item per file (only the
+            files are listed; ``listing.by_file`` says it happened). Other sources ignore it.
 
     Raises:
         ValueError: unknown built-in, missing path, compressed tar, or nothing to ingest.
@@ -134,14 +146,14 @@ def list_source(
         files = expand_pattern(fs, path)
         if not files:
             raise DataError(f"source: {src!r} matches no files")
-        return _list_files(fs, files, name, src, image_column, label_column)
+        return _list_files(fs, files, name, src, image_column, label_column, by_file)
     if not fs.exists(path):
         raise DataError(f"source: {src!r} does not exist")
     if fs.isfile(path):
-        return _list_files(fs, [path], name, src, image_column, label_column)
+        return _list_files(fs, [path], name, src, image_column, label_column, by_file)
     shard_files = _shard_files(fs, path)
     if shard_files:
-        return _list_files(fs, shard_files, name, src, image_column, label_column)
+        return _list_files(fs, shard_files, name, src, image_column, label_column, by_file)
     return _list_folder(fs, path, name, label_map, storage_options)
 
 
@@ -196,16 +208,21 @@ def _list_files(
     src: str,
     image_column: str | None,
     label_column: str | None,
+    by_file: bool = False,
 ) -> Listing:
     """WebDataset ``.tar`` shards or Parquet files (one kind per source)."""
     for f in files:
         if f.endswith((".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")):
             raise DataError(f"source: {f!r} is compressed; only uncompressed .tar is supported")
     if all(f.endswith(".parquet") for f in files):
-        return _list_parquet(fs, files, name, image_column, label_column)
+        return _list_parquet(fs, files, name, image_column, label_column, by_file)
     others = [f for f in files if not f.endswith(".tar")]
     if others:
         raise DataError(f"source: {others[0]!r} is neither a .tar nor a .parquet file")
+    if by_file:
+        stems = [f.rsplit("/", 1)[-1].removesuffix(".tar") for f in files]
+        items = _file_items(fs, files, stems, "tarfile")
+        return Listing(name, items, [], {"prefixed": len(files) > 1}, by_file=True)
     items: list[Item] = []
     for f in files:
         prefix = "" if len(files) == 1 else f.rsplit("/", 1)[-1].removesuffix(".tar") + "/"
@@ -359,13 +376,31 @@ def _image_bytes_type(t: pa.DataType) -> bool:
     return pa.types.is_struct(t) and any(t.field(i).name == "bytes" for i in range(t.num_fields))
 
 
+def _file_items(fs: Any, files: list[str], ids: list[str], kind: str) -> list[Item]:
+    """One item per file, its size from one listing of each parent folder (no request a file)."""
+    sizes: dict[str, int] = {}
+    for parent in sorted({f.rsplit("/", 1)[0] for f in files}):
+        for info in fs.ls(parent, detail=True):
+            sizes[fs._strip_protocol(info["name"])] = int(info.get("size") or 0)
+    return [
+        Item(i, kind, path=fs.unstrip_protocol(f), size=sizes.get(f) or int(fs.size(f) or 0))
+        for f, i in sorted(zip(files, ids, strict=True), key=lambda fi: fi[1])
+    ]
+
+
 def _list_parquet(
-    fs: Any, files: list[str], name: str, image_column: str | None, label_column: str | None
+    fs: Any,
+    files: list[str],
+    name: str,
+    image_column: str | None,
+    label_column: str | None,
+    by_file: bool = False,
 ) -> Listing:
     """Parquet files with an image-bytes column (HF ``Image``: struct {bytes, path}; or binary).
 
     Ids are ``<file stem>/<row number>``; items keep the file order (row groups are read
-    once each when consecutive items share them)."""
+    once each when consecutive items share them). By file, only the first file's schema is
+    read here."""
     first = pq.ParquetFile(fs.open(files[0], "rb"))
     schema = first.schema_arrow
     if image_column is None:
@@ -387,10 +422,14 @@ def _list_parquet(
     elif label_column not in schema.names:
         raise DataError(f"label_column: {label_column!r} not in {', '.join(schema.names)}")
     label_names = _hf_class_names(schema, label_column) if label_column else []
-    items: list[Item] = []
     stems = [f.rsplit("/", 1)[-1].removesuffix(".parquet") for f in files]
     if len(set(stems)) < len(stems):
         stems = [f.removesuffix(".parquet").replace("/", "_") for f in files]
+    if by_file:
+        options = {"image_column": image_column, "label_column": label_column}
+        items = _file_items(fs, files, stems, "parquetfile")
+        return Listing(name, items, label_names, options, by_file=True)
+    items: list[Item] = []
     for f, stem in zip(files, stems, strict=True):
         with fs.open(f, "rb") as fh:
             pf = pq.ParquetFile(fh)
@@ -417,7 +456,7 @@ def _list_parquet(
                     )
                 row += n
     options = {"image_column": image_column}
-    return Listing(name, items, label_names, options, ordered_reads=True)
+    return Listing(name, items, label_names, options)
 
 
 def _hf_class_names(schema: pa.Schema, label_column: str) -> list[str]:
@@ -484,6 +523,8 @@ def photo_jpeg(index: int, seed: int = 0, size: tuple[int, int] = (1024, 768)) -
 
 def load_item(item: Item, storage_options: dict[str, Any] | None, options: dict[str, Any]) -> bytes:
     """The encoded bytes of one item (read by range, or generated for built-ins)."""
+    if item.kind in FILE_KINDS:
+        raise ValueError(f"{item.id!r} is a whole file: read it with iter_file")
     if item.kind == "digits":
         return digit_png(item.index, int(options["image_size"]))
     if item.kind == "photos":
@@ -517,3 +558,55 @@ def _parquet_cell(
     if not value:
         raise DataError(f"row {row} of row group {group} has no image bytes")
     return bytes(value)
+
+
+def iter_file(
+    item: Item, storage_options: dict[str, Any] | None, options: dict[str, Any]
+) -> Iterator[tuple[str, int | None, bytes]]:
+    """``(id, label, encoded bytes)`` of each image in a whole-file item, read front to back.
+
+    Ids are those the per-image listing gives: ``<member>`` (``<stem>/<member>`` when
+    ``options["prefixed"]``: a source of several tars) and ``<stem>/<row number>`` for Parquet. A tar
+    is read as a stream in blocks of 16 MiB; a sample's label is the ``key.cls`` member
+    next to its image (WebDataset keeps a sample's members together).
+    """
+    fs, path = storage.filesystem(item.path, storage_options)
+    if item.kind == "parquetfile":
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            image_col, label_col = options["image_column"], options.get("label_column")
+            columns = [image_col] + ([label_col] if label_col else [])
+            row = 0
+            for g in range(pf.num_row_groups):
+                table = pf.read_row_group(g, columns=columns)
+                labels = table.column(1).to_pylist() if label_col else [None] * table.num_rows
+                for value, lab in zip(table.column(0).to_pylist(), labels, strict=True):
+                    data = value.get("bytes") if isinstance(value, dict) else value
+                    label = int(lab) if isinstance(lab, int) and lab >= 0 else None
+                    yield f"{item.id}/{row:08d}", label, bytes(data or b"")
+                    row += 1
+        return
+    prefix = f"{item.id}/" if options.get("prefixed") else ""
+    key, label, pending = None, None, []  # the current sample's images
+    with (
+        fs.open(path, "rb", block_size=_READ_BLOCK) as f,
+        tarfile.open(fileobj=f, mode="r|") as tar,
+    ):
+        for m in tar:
+            if not m.isfile():
+                continue
+            k, ext = _sample_key(m.name)
+            if k != key:
+                yield from ((i, label, d) for i, d in pending)
+                key, label, pending = k, None, []
+            data = tar.extractfile(m).read()  # type: ignore[union-attr]
+            if ext == "cls":
+                text = data.decode(errors="replace").strip()
+                label = int(text) if text.lstrip("-").isdigit() else None
+            elif not m.name.endswith(_META_EXT) and not k.startswith("_"):
+                pending.append((prefix + m.name, data))
+        end = tar.offset  # after the last member; a whole tar has 2 zero blocks after it
+    yield from ((i, label, d) for i, d in pending)
+    if item.size and end + 2 * tarfile.BLOCKSIZE > item.size:
+        # tarfile ends quietly at a cut header: say so, or the rest would vanish unseen
+        raise DataError(f"{item.path}: truncated after {end} of {item.size} bytes")

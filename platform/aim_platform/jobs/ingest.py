@@ -2,9 +2,15 @@
 
 The driver lists the source (small locators, no bytes), puts the items in a seeded hashed
 order of their ids (``order="hash"``: every shard is a random sample of the source, so
-batches mix classes even when the source lists them class by class; Parquet sources keep
-their order by default) and cuts the list into groups of about ``shard_size_mb`` of input;
-one Ray Data task per group runs :func:`aim_platform.data.shards.write_group`. An
+batches mix classes even when the source lists them class by class) and cuts the list into
+groups of about ``shard_size_mb`` of input; one Ray Data task per group runs
+:func:`aim_platform.data.shards.write_group`. Sources of ``.tar`` or ``.parquet`` files are
+listed by file by default (``order="files"``): the driver lists only the files (a 2B-image
+set in 200k tars: 200k locators), the files go in a seeded hashed order into groups, and each
+task reads its files front to back (one sequential read a file, not one request an image)
+and writes each shard's rows in a hashed order. ``order="hash"`` lists such a source image
+by image on the driver (for tars written class by class). The driver receives one result
+row per shard and per rejected image, never one per image. An
 interrupted ingest, run again with the same source and options, keeps the groups that left
 a marker (their shards are not rewritten) and does only the rest; the markers are deleted
 once the manifest is written. Shard names derive from the group number, so a re-run into the
@@ -75,7 +81,7 @@ def ingest(
     source: str | None = None,
     cpus_per_task: float = 1.0,
     force: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
     order: str = "auto",
     order_seed: int = 0,
     label_map: str | None = None,
@@ -98,11 +104,14 @@ def ingest(
         source: Value of the ``source`` column; default the source's name.
         cpus_per_task: Logical CPUs each ingest task reserves.
         force: Re-ingest even when the manifest says DEST is up to date.
-        progress: Called as ``progress(done, total)`` while images complete.
+        progress: Called as ``progress(done, total)`` while images complete (``total``
+            None when files are listed, not the images in them).
         order: Row order across shards: ``"hash"`` (a seeded hash of the id: every shard
-            mixes classes), ``"source"`` (the listing's order), or ``"auto"`` (``source``
-            for Parquet sources, whose rows are read by row group, else ``hash``).
-        order_seed: Seed of the ``hash`` order.
+            mixes classes), ``"source"`` (the listing's order), ``"files"`` (``.tar`` or
+            ``.parquet`` sources: files in a hashed order, read whole by the tasks, rows
+            hashed within each shard) or ``"auto"`` (``files`` for such sources, else
+            ``hash``).
+        order_seed: Seed of the ``hash`` and ``files`` orders.
         label_map: ImageNet-style folders: a file mapping folder names to class indices
             and names (see :func:`aim_platform.data.sources.read_label_map`).
         image_column: Parquet sources: the image column (default: found by name/type).
@@ -132,9 +141,12 @@ def ingest(
         label_map=label_map,
         image_column=image_column,
         label_column=label_column,
+        by_file=order in ("auto", "files"),
     )
+    if order == "files" and not listing.by_file:
+        raise DataError(f"order: files needs a source of .tar or .parquet files, not {src!r}")
     if order == "auto":
-        order = "source" if listing.ordered_reads else "hash"
+        order = "files" if listing.by_file else "hash"
     name = source or listing.name
     settings = {
         "schema_version": SCHEMA_VERSION,
@@ -155,13 +167,14 @@ def ingest(
     if force and fs.exists(storage.join(root, PROGRESS)):
         fs.rm(storage.join(root, PROGRESS), recursive=True)
 
-    groups = group_items(order_items(listing.items, order, order_seed), int(shard_size_mb * 2**20))
+    shard_bytes = int(shard_size_mb * 2**20)
+    groups = group_items(order_items(listing.items, order, order_seed), shard_bytes)
     finished = finished_groups(fs, root, fingerprint)
     results: list[dict[str, Any]] = []
-    for g, done in list(finished.items()):
-        shard_files = {r["shard"] for r in done if r["shard"]}
+    for g, earlier in list(finished.items()):
+        shard_files = {r["shard"] for r in earlier if r["shard"]}
         if g < len(groups) and all(fs.exists(storage.join(root, p)) for p in shard_files):
-            results.extend(done)
+            results.extend(earlier)
         else:
             del finished[g]  # a shard went missing: redo the group
     rows = [
@@ -169,9 +182,10 @@ def ingest(
         for g, items in enumerate(groups)
         if g not in finished
     ]
-    total = len(listing.items)
+    total = None if listing.by_file else len(listing.items)  # images in files: not listed
+    done = sum(_images_in(r) for r in results)
     if progress:
-        progress(len(results), total)
+        progress(done, total)
     if rows:
         ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
             write_group,
@@ -185,22 +199,33 @@ def ingest(
                 "val_fraction": val_fraction,
                 "max_pixels": max_pixels,
                 "fingerprint": fingerprint,
+                # a whole file can exceed a shard: split its rows; listed images were sized
+                "split_bytes": shard_bytes if listing.by_file else 0,
+                "shuffle_seed": order_seed if order == "files" else None,
             },
             **_remote_env(src, dest),
         )
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             n = len(batch["id"])
-            results.extend({c: _py(batch[c][i]) for c in RESULT_COLUMNS} for i in range(n))
+            new = [{c: _py(batch[c][i]) for c in RESULT_COLUMNS} for i in range(n)]
+            results.extend(new)
+            done += sum(_images_in(r) for r in new)
             if progress:
-                progress(len(results), total)
+                progress(done, total)
 
     manifest = build_manifest(src, name, listing, results, settings, fingerprint)
+    if manifest["counts"]["listed"] == 0:
+        raise DataError(f"source: {src!r} holds no images")
     manifest["resumed_groups"] = len(finished)
     remove_stale(fs, root, manifest)
     write_atomic(fs, storage.join(root, MANIFEST), json.dumps(manifest, indent=1).encode())
     if fs.exists(storage.join(root, PROGRESS)):
         fs.rm(storage.join(root, PROGRESS), recursive=True)
     return manifest
+
+
+def _images_in(result: dict[str, Any]) -> int:
+    return int(result["rows"]) if result["shard"] else 1  # a shard's rows, or one rejected
 
 
 def _py(value: Any) -> Any:
