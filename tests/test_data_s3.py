@@ -102,3 +102,15 @@ def test_s3_tars_read_by_file_match_local(s3_endpoint, tmp_path: Path) -> None:
     assert remote["counts"] == local["counts"] and remote["shards"] == local["shards"]
     assert shard_rows(url) == shard_rows(str(tmp_path / "local"))
     assert len(shard_rows(url)) == len(labels)
+
+
+def test_bench_tar_reads_counts_requests_over_http(s3_endpoint) -> None:
+    from aim_platform.bench.tar_reads import compare
+
+    size, per_image, by_file, ratio = compare(
+        s3_endpoint["endpoint_url"], tars=2, per_tar=5, bucket=s3_endpoint["bucket"], create=False
+    )
+    assert per_image["images"] == by_file["images"] == 10 and size["tars"] == 2
+    assert per_image["task_gets"] == 10  # one ranged GET an image
+    assert by_file["task_gets"] == 2  # one stream a tar (each under 16 MiB)
+    assert ratio["requests_ratio"] > 1

@@ -14,6 +14,11 @@ in this process, no Ray) over all of them twice, side by side, writing to local 
 Prints one JSON line per way: S3 requests (by operation), seconds of listing and of the task,
 and the ratio. Loopback moto answers in well under a millisecond; a real S3 GET costs 10-50 ms
 of first-byte latency, which the request counts turn into time.
+
+``--driver-files N`` measures instead what the ingest driver holds for a source of N tars of
+1 GB listed by file (no Ray, no S3): the locators, hashed order, groups and JSON payloads, then
+5 result rows a tar (256 MB shards: 4 train, 1 val) and the manifest built from them, with
+``tracemalloc`` peaks.
 """
 
 from __future__ import annotations
@@ -103,12 +108,64 @@ def _one_way(url: str, opts: dict[str, Any], by_file: bool, out: Path) -> dict[s
     }
 
 
+def driver_cost(files: int) -> dict[str, Any]:
+    """What the ingest driver holds for ``files`` tars of 1 GB listed by file."""
+    import tracemalloc
+
+    from aim_platform.data.shards import build_manifest, fingerprint_of, group_items, order_items
+    from aim_platform.data.sources import Item, Listing
+
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    items = [
+        Item(f"shards-{i:06d}", "tarfile", path=f"s3://b/dfn/shards-{i:06d}.tar", size=10**9)
+        for i in range(files)
+    ]
+    listing = Listing("dfn", items, [], {"prefixed": True}, by_file=True)
+    fingerprint = fingerprint_of(listing, {})
+    groups = group_items(order_items(items, "files", 0), 256 * 2**20)
+    payloads = [json.dumps([it.to_dict() for it in g]) for g in groups]
+    listed_s = time.perf_counter() - t0
+    listing_peak = tracemalloc.get_traced_memory()[1]
+    results = []
+    for g in range(len(groups)):
+        for split, part, rows in [("train", k, 2400) for k in range(4)] + [("val", 0, 500)]:
+            shard = f"{split}/part-{g:05d}" + (f"-{part:03d}" if part else "") + ".parquet"
+            results.append(
+                {
+                    "id": "",
+                    "split": split,
+                    "shard": shard,
+                    "reason": "",
+                    "rows": rows,
+                    "nbytes": rows * 10**5,
+                }
+            )
+    t0 = time.perf_counter()
+    manifest = build_manifest("s3://b/dfn", "dfn", listing, results, {}, fingerprint)
+    text = json.dumps(manifest, indent=1)
+    return {
+        "files": files,
+        "groups": len(payloads),
+        "shard_rows": len(results),
+        "list_order_group_s": round(listed_s, 1),
+        "listing_peak_mib": round(listing_peak / 2**20),
+        "manifest_s": round(time.perf_counter() - t0, 1),
+        "peak_mib": round(tracemalloc.get_traced_memory()[1] / 2**20),
+        "manifest_json_mib": round(len(text) / 2**20),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tars", type=int, default=8)
     p.add_argument("--per-tar", type=int, default=250)
     p.add_argument("--endpoint", default="", help="S3 endpoint URL (default: a local moto)")
+    p.add_argument("--driver-files", type=int, default=0, help="measure the driver instead")
     args = p.parse_args()
+    if args.driver_files:
+        print(json.dumps(driver_cost(args.driver_files)))
+        return
     server = None
     endpoint = args.endpoint
     if not endpoint:
@@ -124,6 +181,19 @@ def main() -> None:
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
         server.start()
         endpoint = f"http://127.0.0.1:{port}"
+    try:
+        for row in compare(endpoint, args.tars, args.per_tar, bucket="bench", create=bool(server)):
+            print(json.dumps(row))
+    finally:
+        if server:
+            server.stop()
+
+
+def compare(
+    endpoint: str, tars: int, per_tar: int, bucket: str = "bench", create: bool = True
+) -> list[dict[str, Any]]:
+    """Write the tars under ``s3://bucket/wds`` and run both ways; a size row, one row a
+    way (per image, by file) and the ratios."""
     import os
 
     import s3fs
@@ -132,36 +202,26 @@ def main() -> None:
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench-secret")
     opts = {"endpoint_url": endpoint}
     fs = s3fs.S3FileSystem(client_kwargs=opts)
-    if server:
-        fs.mkdir("bench")
-    nbytes = _write_tars(fs, "bench/wds", args.tars, args.per_tar)
-    print(json.dumps({"tars": args.tars, "per_tar": args.per_tar, "mib": round(nbytes / 2**20)}))
-    url = "s3://bench/wds"
-    rows = []
+    if create:
+        fs.mkdir(bucket)
+    nbytes = _write_tars(fs, f"{bucket}/wds", tars, per_tar)
+    rows: list[dict[str, Any]] = [
+        {"tars": tars, "per_tar": per_tar, "mib": round(nbytes / 2**20, 1)}
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         for by_file in (False, True):
             s3fs.S3FileSystem.clear_instance_cache()
-            rows.append(_one_way(url, opts, by_file, Path(tmp) / str(by_file)))
-            print(json.dumps(rows[-1]))
-    per_image, by_file_row = rows
-    print(
-        json.dumps(
-            {
-                "requests_ratio": round(
-                    (per_image["list_requests"] + per_image["task_requests"])
-                    / max(by_file_row["list_requests"] + by_file_row["task_requests"], 1),
-                    1,
-                ),
-                "seconds_ratio": round(
-                    (per_image["list_s"] + per_image["task_s"])
-                    / max(by_file_row["list_s"] + by_file_row["task_s"], 1e-9),
-                    2,
-                ),
-            }
-        )
+            rows.append(_one_way(f"s3://{bucket}/wds", opts, by_file, Path(tmp) / str(by_file)))
+    per_image, by_file_row = rows[1:]
+    requests = [r["list_requests"] + r["task_requests"] for r in (per_image, by_file_row)]
+    seconds = [r["list_s"] + r["task_s"] for r in (per_image, by_file_row)]
+    rows.append(
+        {
+            "requests_ratio": round(requests[0] / max(requests[1], 1), 1),
+            "seconds_ratio": round(seconds[0] / max(seconds[1], 1e-9), 2),
+        }
     )
-    if server:
-        server.stop()
+    return rows
 
 
 if __name__ == "__main__":
