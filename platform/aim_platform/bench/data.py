@@ -421,6 +421,34 @@ def first_batch(root: str, cpus: int, batch_size: int = 64) -> dict[str, float]:
     }
 
 
+def first_batch_s3(root: Path, cpus: int) -> dict[str, float]:
+    """:func:`first_batch` with the ingest root ``root`` copied to an S3 endpoint over HTTP
+    (a moto server on 127.0.0.1 started here): the pipeline reads it with s3fs/pyarrow."""
+    import logging
+    import os
+
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    from aim_platform.services import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    for key, value in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench-s")):
+        os.environ.setdefault(key, value)
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # Ray's local workers inherit it
+    try:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
+        fs.mkdir("bench")
+        fs.put(str(root), f"bench/{root.name}", recursive=True)
+        return first_batch(f"s3://bench/{root.name}", cpus)
+    finally:
+        server.stop()
+
+
 def _scale_main() -> None:
     """``python -m aim_platform.bench.data scale ...``: the ingest / start-up measurements."""
     p = argparse.ArgumentParser(prog="bench scale")
@@ -431,6 +459,7 @@ def _scale_main() -> None:
     p.add_argument("--shards", type=int, default=50)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--shard-size-mb", type=float, default=64.0)
+    p.add_argument("--s3", action="store_true", help="first-batch: read PATH through S3 (moto)")
     a = p.parse_args()
     if a.what == "write-jpegs":
         t0 = time.perf_counter()
@@ -440,6 +469,8 @@ def _scale_main() -> None:
         print(ingest_throughput(a.path, a.dest, a.cpus, a.shard_size_mb))
     elif a.what == "tiny-shards":
         write_tiny_shards(Path(a.path), a.shards, a.n)
+    elif a.s3:
+        print(first_batch_s3(Path(a.path), a.cpus))
     else:
         print(first_batch(a.path, a.cpus))
 
