@@ -9,6 +9,7 @@ Usage: .venv/bin/python jobs/study_summary.py runs/studies [--tracking-uri URI]
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -27,13 +28,12 @@ def main(argv: list[str]) -> int:
     client = MlflowClient(tracking_uri=uri)
     for folder in sorted(p for p in args.studies.iterdir() if (p / "table.md").is_file()):
         print(folder.joinpath("table.md").read_text())
-        experiments = [e.experiment_id for e in client.search_experiments()]
-        parents = client.search_runs(experiments, f"attributes.run_name = 'study-{folder.name}'")
-        if not parents:
+        marker = folder / "parent_run.json"  # this folder's study run (names repeat)
+        if not marker.is_file():
             continue
+        parent = client.get_run(json.loads(marker.read_text())["run_id"])
         trials = client.search_runs(
-            [parents[0].info.experiment_id],
-            f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'",
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
         )
         points = [
             (m["val/loss"], m["probe/linear/top1"], m["probe/attentive/top1"])
