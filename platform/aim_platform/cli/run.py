@@ -250,7 +250,8 @@ def ingest(
         state = "up to date" if m.get("skipped") else "written"
         term.print(
             f"{dest}: {state}; train {c['train']}, val {c['val']}, rejected {c['rejected']}, "
-            f"shards {len(m['shards']['train'])}+{len(m['shards']['val'])}",
+            f"shards {len(m['shards']['train'])}+{len(m['shards']['val'])}, "
+            f"order {m['settings']['order']}",
             markup=False,
             highlight=False,
         )
