@@ -162,6 +162,8 @@ def write_group(
                         width, height = inspect_image(data, max_pixels)
                     except ImageRejected as exc:
                         reason = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - a bad image never stops an ingest
+                        reason = f"unreadable: {type(exc).__name__}: {exc}"
                 if reason:
                     writer.reject(sample_id, split, reason)
                 else:
