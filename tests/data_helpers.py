@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,10 @@ def write_class_sorted_folder(root: Path, classes: int = 100, per_class: int = 2
             (root / fn).write_bytes(png(8, 8, seed=c * per_class + i))
             ids.append(fn)
     return sorted(ids)
+
+
+def add_tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """Append a regular file ``name`` holding ``data`` to an open tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

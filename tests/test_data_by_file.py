@@ -4,7 +4,6 @@ an image), and the result is the same rows the image-by-image listing gives."""
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import jpeg
+from data_helpers import add_tar_member, jpeg
 from fsspec.implementations.local import LocalFileSystem
 
 from aim_platform.data import sources
@@ -31,14 +30,9 @@ def write_class_per_tar(root: Path) -> dict[str, int]:
         with tarfile.open(root / f"part-{t:03d}.tar", "w") as tar:
             for i in range(PER_TAR):
                 key = f"s{t}{i:04d}"
-                for name, data in (
-                    (f"{key}.jpg", jpeg(20, 24, seed=100 * t + i)),
-                    (f"{key}.cls", str(t).encode()),
-                    (f"{key}.json", b"{}"),
-                ):
-                    info = tarfile.TarInfo(name)
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
+                add_tar_member(tar, f"{key}.jpg", jpeg(20, 24, seed=100 * t + i))
+                add_tar_member(tar, f"{key}.cls", str(t).encode())
+                add_tar_member(tar, f"{key}.json", b"{}")
                 labels[f"part-{t:03d}/{key}.jpg"] = t
     return labels
 
@@ -155,9 +149,7 @@ def test_ingest_by_file_splits_big_tars_and_matches_per_image(tmp_path: Path, mo
     empty = tmp_path / "empty"
     empty.mkdir()
     with tarfile.open(empty / "only-meta.tar", "w") as tar:
-        info = tarfile.TarInfo("x.json")
-        info.size = 2
-        tar.addfile(info, io.BytesIO(b"{}"))
+        add_tar_member(tar, "x.json", b"{}")
     with pytest.raises(DataError, match="holds no images"):
         ingest(str(empty / "only-meta.tar"), str(tmp_path / "none"))
     folder = tmp_path / "folder" / "cat"

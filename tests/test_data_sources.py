@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from pathlib import Path
@@ -10,16 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import jpeg, png
+from data_helpers import add_tar_member, jpeg, png
 
 from aim_platform.data.sources import expand_braces, list_source, read_label_map
 from aim_platform.jobs.ingest import ingest
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def write_wds(root: Path, shards: int = 3, per_shard: int = 4) -> dict[str, int]:
@@ -30,13 +23,13 @@ def write_wds(root: Path, shards: int = 3, per_shard: int = 4) -> dict[str, int]
         with tarfile.open(root / f"shard-{s:04d}.tar", "w") as tar:
             for i in range(per_shard):
                 key = f"sample{s}{i:03d}"
-                _add(tar, f"{key}.jpg", jpeg(20, 24, seed=10 * s + i))
+                add_tar_member(tar, f"{key}.jpg", jpeg(20, 24, seed=10 * s + i))
                 labels[f"shard-{s:04d}/{key}.jpg"] = (s + i) % 3
                 if i == 0:
-                    _add(tar, f"{key}.seg.png", png(20, 24, seed=99))  # same __key__
+                    add_tar_member(tar, f"{key}.seg.png", png(20, 24, seed=99))  # same __key__
                     labels[f"shard-{s:04d}/{key}.seg.png"] = (s + i) % 3
-                _add(tar, f"{key}.cls", str((s + i) % 3).encode())
-                _add(tar, f"{key}.json", b"{}")
+                add_tar_member(tar, f"{key}.cls", str((s + i) % 3).encode())
+                add_tar_member(tar, f"{key}.json", b"{}")
     return labels
 
 
