@@ -17,6 +17,7 @@ import torch
 from aim_platform.config import ModelConfig
 from aim_platform.models.aim import AIMTrunk, pixels_to_input
 from aim_platform.models.layers import AttentionKind, attention_mask, patchify
+from aim_platform.models.patterns import pattern_order
 
 
 def load_trunk(
@@ -48,28 +49,50 @@ def load_trunk(
     return trunk, cfg
 
 
+def sequence_order(cfg: ModelConfig) -> torch.Tensor | None:
+    """The trunk's pre-training order: (K,) raster index of each sequence position, None for
+    raster (the identity). A causal probe must run in this order (paper Table 3b)."""
+    if cfg.pattern == "raster":
+        return None
+    return pattern_order(cfg.pattern, cfg.grid_size, cfg.pattern_seed)
+
+
 def block_outputs(
     trunk: AIMTrunk,
     pixels: torch.Tensor,
     layers: Sequence[int],
     attention: AttentionKind = "bidirectional",
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw outputs of the chosen blocks for uint8 patch sequences.
+
+    With ``order`` the trunk runs in its pre-training sequence order, as in pre-training:
+    patches and their position embeddings permuted by ``order`` and, for ``causal``, the mask
+    over that order (a spiral trunk's first position sees only the spiral's first patch). The
+    outputs come back in raster order either way, so token k is always raster patch k.
 
     Args:
         trunk: A trunk (frozen or not).
         pixels: (B, K, P) uint8 patch sequences in raster order.
         layers: Block indices (ascending, non-negative).
-        attention: ``bidirectional`` (downstream default) or ``causal`` (Table 3d).
+        attention: ``bidirectional`` (downstream default) or ``causal`` (Tables 3b, 3d).
+        order: (K,) raster index of each sequence position (:func:`sequence_order`); None:
+            raster.
 
     Returns:
-        (B, L, K, D) with L = len(layers).
+        (B, L, K, D) with L = len(layers), tokens in raster order.
     """
-    x = pixels_to_input(pixels)  # (B, K, P) float
+    x = pixels_to_input(pixels)  # (B, K, P) float, raster order
+    if order is not None:
+        order = order.to(x.device)
+        x = x[:, order]  # (B, K, P) in sequence order
     mask = attention_mask(attention, x.shape[1])
     mask = None if mask is None else mask.to(x.device)
-    _, outs = trunk(x, mask=mask, num_blocks=max(layers) + 1)
-    return torch.stack([outs[i] for i in layers], dim=1)  # (B, L, K, D)
+    _, outs = trunk(x, mask=mask, positions=order, num_blocks=max(layers) + 1)
+    feats = torch.stack([outs[i] for i in layers], dim=1)  # (B, L, K, D) in sequence order
+    if order is None:
+        return feats
+    return feats[:, :, torch.argsort(order)]  # (B, L, K, D) back in raster order
 
 
 def _to_patches(images: Any, cfg: ModelConfig) -> torch.Tensor:
@@ -129,6 +152,7 @@ def embed(
     outs = []
     with torch.no_grad():
         for start in range(0, len(patches), batch_size):
-            feats = block_outputs(trunk, patches[start : start + batch_size], idx).mean(1)
+            batch = patches[start : start + batch_size]  # (B, K, P)
+            feats = block_outputs(trunk, batch, idx, order=sequence_order(cfg)).mean(1)
             outs.append(feats.mean(1) if pool else feats)  # (B, D) or (B, K, D)
     return torch.cat(outs)

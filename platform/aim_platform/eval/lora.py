@@ -143,8 +143,12 @@ def fit_lora_probe(
     val: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     cfg: ProbeConfig,
+    order: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction."""
+    """Train adapters + attentive probe on uint8 patches; top-1/top-5 and trained fraction.
+
+    ``order``: the trunk's pre-training sequence order (None: raster), see
+    :func:`aim_platform.eval.features.block_outputs`."""
     from aim_platform.eval.features import block_outputs
     from aim_platform.eval.probe import chunks, random_batches, train_classifier
 
@@ -153,7 +157,7 @@ def fit_lora_probe(
     probe = AttentiveProbe(trunk.embed_dim, num_classes, trunk.blocks[0].attn.num_heads)
 
     def logits_of(pixels: torch.Tensor) -> torch.Tensor:
-        feats = block_outputs(trunk, pixels, layers, cfg.attention).mean(1)  # (B, K, D)
+        feats = block_outputs(trunk, pixels, layers, cfg.attention, order).mean(1)  # (B, K, D)
         return probe(feats)
 
     (tx, ty), (vx, vy) = train, val

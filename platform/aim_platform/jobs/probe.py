@@ -16,7 +16,7 @@ import torch
 from aim_platform.config import DataConfig, DataSource, ProbeConfig
 from aim_platform.errors import DataError
 from aim_platform.eval.cache import FeatureCache
-from aim_platform.eval.features import block_outputs, load_trunk
+from aim_platform.eval.features import block_outputs, load_trunk, sequence_order
 from aim_platform.eval.lora import fit_lora_probe
 from aim_platform.eval.probe import ProbeReport, probe_cached, probe_inputs, report_metrics
 from aim_platform.tracking import Tracker
@@ -25,7 +25,8 @@ from aim_platform.tracking import Tracker
 class FeatureActor:
     """Ray Data callable class: holds one frozen trunk, maps ``patches`` to block outputs.
 
-    Rows whose image failed to decode (``valid`` False) and, when ``keep_ids`` is given,
+    The trunk runs in its own pre-training order (:func:`sequence_order`): a causal probe
+    of a spiral trunk sees patches as the spiral did. Rows whose image failed to decode (``valid`` False) and, when ``keep_ids`` is given,
     rows whose ``id`` is not in it are dropped here rather than by a separate ``filter``
     (a filter is its own 1-CPU task that may never be scheduled beside the actor on a small
     machine). Output columns: ``features`` float16 (L, K, D) per row, ``label`` and ``id``.
@@ -41,7 +42,8 @@ class FeatureActor:
         keep_ids: set[str] | None = None,
     ) -> None:
         torch.set_num_threads(threads)
-        self.trunk, _ = load_trunk(trunk_path, storage_options)
+        self.trunk, cfg = load_trunk(trunk_path, storage_options)
+        self.order = sequence_order(cfg)  # (K,) or None (raster)
         self.layers = list(layers)
         self.attention = attention
         self.keep_ids = keep_ids
@@ -52,7 +54,7 @@ class FeatureActor:
             keep &= np.array([str(i) in self.keep_ids for i in batch["id"]], dtype=bool)
         pixels = torch.from_numpy(np.stack(batch["patches"])[keep])  # (B', K, P) uint8
         with torch.no_grad():
-            feats = block_outputs(self.trunk, pixels, self.layers, self.attention)
+            feats = block_outputs(self.trunk, pixels, self.layers, self.attention, self.order)
         return {
             "features": feats.to(torch.float16).numpy(),  # (B', L, K, D)
             "label": np.asarray(batch["label"])[keep],
@@ -129,9 +131,11 @@ def run_lora_probe(
 ) -> dict[str, float]:
     """LoRA + attentive probe on the probe job's datasets (materialized: small label sets)."""
 
-    trunk, _ = load_trunk(trunk_path, storage_options)
+    trunk, model_cfg = load_trunk(trunk_path, storage_options)
     train, val = _materialize(train_ds, keep_ids), _materialize(val_ds, None)
-    return fit_lora_probe(trunk, layers, train, val, num_classes, cfg)
+    return fit_lora_probe(
+        trunk, layers, train, val, num_classes, cfg, order=sequence_order(model_cfg)
+    )
 
 
 def select_labelled(
