@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
             s = proxy.stats()
             print(f"requests {s['requests']}, faults {s['faults']}", flush=True)
     except KeyboardInterrupt:
+        s = proxy.stats()
+        print(f"requests {s['requests']}, faults {s['faults']} (final)", flush=True)
         proxy.stop()
 
 

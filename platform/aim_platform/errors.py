@@ -16,3 +16,7 @@ class MissingInput(PlatformError, FileNotFoundError):
 class DataError(PlatformError, ValueError):
     """Data that cannot be used as asked: a source that does not exist or holds no images, a
     bad label map, an empty split, bad storage options."""
+
+
+class StorageError(PlatformError, OSError):
+    """Object storage failed past every retry (a checkpoint whose upload never completed)."""

@@ -7,7 +7,9 @@ through the config, torch) saves about a second of start-up per worker.
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -15,6 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
+
+log = logging.getLogger(__name__)
+READ_ATTEMPTS = 5  # whole-shard reopenings, on top of each request's own retries
+READ_BACKOFF_S = 2.0  # first wait before reopening; doubles each time
 
 
 def draw_counts(
@@ -129,20 +135,55 @@ def read_and_decode(
     Yields:
         Row batches with the pipeline's columns.
     """
-    import pyarrow.parquet as pq
-
     for epoch, src, path in zip(batch["epoch"], batch["source"], batch["path"], strict=True):
         name, rate, fs = sources[int(src)]
-        with fs.open_input_file(str(path)) as f:
-            reader = pq.ParquetFile(f)
-            for rb in reader.iter_batches(batch_size=chunk_rows, columns=["id", "image", "label"]):
-                table = pa.Table.from_batches([rb])
-                if train:
-                    yield decode_train_table(
-                        table, source=name, rate=rate, model=model, seed=seed,
-                        epoch=int(epoch), aug=aug,
-                    )  # fmt: skip
-                else:
-                    yield decode_val_table(
-                        table, source=name, model=model, max_pixels=aug["max_pixels"]
-                    )
+        for table in read_chunks(fs, str(path), chunk_rows):
+            if train:
+                yield decode_train_table(
+                    table, source=name, rate=rate, model=model, seed=seed,
+                    epoch=int(epoch), aug=aug,
+                )  # fmt: skip
+            else:
+                yield decode_val_table(
+                    table, source=name, model=model, max_pixels=aug["max_pixels"]
+                )
+
+
+def read_chunks(
+    fs: Any,
+    path: str,
+    chunk_rows: int,
+    *,
+    attempts: int = READ_ATTEMPTS,
+    backoff_s: float = READ_BACKOFF_S,
+) -> Iterator[pa.Table]:
+    """A shard's ``id``, ``image``, ``label`` columns in chunks of ``chunk_rows`` rows.
+
+    A read that fails with an I/O error (the store throttled, reset or timed out past the
+    client's own retries) reopens the shard and goes on after the last chunk handed out:
+    no row is lost or repeated. After ``attempts`` failures the error is raised (the task,
+    then the dataset, fails: an error, never silently missing rows).
+    """
+    import pyarrow.parquet as pq
+
+    done = 0  # chunks handed out
+    for attempt in range(1, attempts + 1):
+        try:
+            with fs.open_input_file(path) as f:
+                batches = pq.ParquetFile(f).iter_batches(
+                    batch_size=chunk_rows, columns=["id", "image", "label"]
+                )
+                for i, rb in enumerate(batches):
+                    if i >= done:
+                        yield pa.Table.from_batches([rb])
+                        done += 1
+            return
+        except OSError as exc:
+            if attempt == attempts:
+                raise
+            wait = backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "reading %s failed after %d chunks (%s); reopening in %.0f s (attempt %d of %d)",
+                path, done, exc, wait, attempt + 1, attempts,
+            )  # fmt: skip
+            time.sleep(wait)

@@ -4,18 +4,24 @@ consolidated trunk.
 A checkpoint folder holds the DCP shards (``__{rank}_0.distcp`` from every rank, ``.metadata``
 from rank 0), ``train_state.json`` (step, epoch, data seed) and ``config.yaml`` (the resolved
 job config: YAML, never a pickled object). Each rank writes its own files into a local folder
-and hands it to ``ray.train.report``, which merges the ranks' files into one checkpoint folder
-in storage and registers it only once every rank's upload finished: a crash during a save
-leaves the previous registered checkpoint as the one to resume from.
+and hands it to ``ray.train.report`` with :func:`upload` as the upload function: each rank
+copies its files into the one checkpoint folder in storage, checks that every file arrived
+whole (its size, listed back from the store) and copies again if not; Ray Train registers the
+checkpoint only once every rank's upload returned, and the job writes ``latest.json`` only
+after that. A crash or an upload that fails past its retries during a save leaves the
+previous checkpoint as the one to resume from.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
@@ -27,8 +33,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
+from aim_platform.errors import StorageError
+
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
+UPLOAD_ATTEMPTS = 4  # whole uploads, on top of each request's own retries
+UPLOAD_BACKOFF_S = 5.0  # first wait before uploading again; doubles each time
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -80,6 +91,59 @@ def load(folder: Path, app: AppState) -> TrainState:
     """Restore ``app`` in place from a checkpoint folder (collective) and return its state."""
     dcp.load({"app": app}, checkpoint_id=str(folder))
     return TrainState(**json.loads((folder / TRAIN_STATE).read_text()))
+
+
+def upload(
+    local: Path,
+    fs: pafs.FileSystem,
+    dest: str,
+    *,
+    attempts: int = UPLOAD_ATTEMPTS,
+    backoff_s: float = UPLOAD_BACKOFF_S,
+) -> None:
+    """Copy this rank's checkpoint files from ``local`` into ``dest`` on ``fs`` and check
+    that each one is there whole; copy again (up to ``attempts`` times) if not.
+
+    Raises:
+        StorageError: the files are still not all there after the last attempt.
+    """
+    sizes = {
+        p.relative_to(local).as_posix(): p.stat().st_size for p in local.rglob("*") if p.is_file()
+    }
+    problem = ""
+    for attempt in range(1, attempts + 1):
+        try:
+            fs.create_dir(dest, recursive=True)
+            pafs.copy_files(
+                str(local),
+                dest,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=fs,
+            )
+            missing = _not_whole(fs, dest, sizes)
+            if not missing:
+                return
+            problem = f"{len(missing)} file(s) missing or short after the copy: {missing[:3]}"
+        except OSError as exc:
+            problem = str(exc)
+        if attempt < attempts:
+            wait = backoff_s * 2 ** (attempt - 1)
+            log.warning(
+                "checkpoint upload to %s failed (%s); again in %.0f s (attempt %d of %d)",
+                dest, problem, wait, attempt + 1, attempts,
+            )  # fmt: skip
+            time.sleep(wait)
+    raise StorageError(f"checkpoint upload to {dest} failed {attempts} times: {problem}")
+
+
+def _not_whole(fs: pafs.FileSystem, dest: str, sizes: dict[str, int]) -> list[str]:
+    """The files of ``sizes`` that are not in ``dest`` with that size."""
+    infos = fs.get_file_info([f"{dest}/{name}" for name in sizes])
+    return [
+        name
+        for (name, size), info in zip(sizes.items(), infos, strict=True)
+        if info.type != pafs.FileType.File or info.size != size
+    ]
 
 
 def full_trunk_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

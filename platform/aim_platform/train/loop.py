@@ -104,6 +104,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     lo, hi = job.model.prefix_range
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+    upload = _checkpoint_upload(args.paths, tc.storage_options)
 
     dropped = 0
     last_val: dict[str, float] = {}
@@ -180,6 +181,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
                     report,
                     checkpoint=ray.train.Checkpoint.from_directory(tmp),
                     checkpoint_dir_name=RunPaths.checkpoint_name(state.step),
+                    checkpoint_upload_fn=upload,
                 )
             _commit_latest(args.paths, tc.storage_options, state, rank)
         else:
@@ -193,6 +195,24 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
         logger.close()
+
+
+def _checkpoint_upload(paths: RunPaths, storage_options: dict[str, Any]) -> Any:
+    """The ``checkpoint_upload_fn`` of ``ray.train.report``: :func:`ckpt.upload` (copy,
+    check every file, copy again) into ``<run folder>/<checkpoint name>``, the folder Ray
+    Train's own upload would use."""
+    import ray.train
+
+    from aim_platform.data.storage import pyarrow_filesystem
+
+    fs, root = pyarrow_filesystem(paths.root, storage_options)
+
+    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+        dest = f"{root}/{dir_name}"
+        ckpt.upload(Path(checkpoint.path), fs, dest)
+        return ray.train.Checkpoint(path=dest, filesystem=fs)
+
+    return upload
 
 
 def _commit_latest(
