@@ -269,7 +269,18 @@ class TrainConfig(StrictModel):
     checkpoint_every: int = Field(50, ge=1, description="checkpoint every N steps (and at the end)")
     keep_checkpoints: int = Field(2, ge=1, description="keep the latest k checkpoints")
     log_every: int = Field(10, ge=1)
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts; -1: unlimited")
+    max_failures: int = Field(
+        0, ge=-1, description="restarts from the last checkpoint after a failure; -1: unlimited"
+    )
+    min_workers: int = Field(
+        1,
+        ge=1,
+        description="a restart after a lost node goes on with as few as this many workers "
+        "(num_workers: wait for the lost CPUs instead)",
+    )
+    restart_wait_s: float = Field(
+        600.0, ge=0, description="how long a restart waits for CPUs for min_workers"
+    )
     storage_path: str = Field("./runs", description="any fsspec URL: folder or s3://bucket/x")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -281,6 +292,10 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
+        if self.min_workers > self.num_workers:
+            raise ValueError(
+                f"min_workers: {self.min_workers} is more than num_workers={self.num_workers}"
+            )
         per_step = self.micro_batch_size * self.num_workers
         if self.global_batch_size % per_step:
             raise ValueError(

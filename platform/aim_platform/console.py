@@ -182,6 +182,10 @@ class TrainDisplay:
             self.console.print(self.line(), markup=False, highlight=False)
             self.last_printed = key
 
+    def notice(self, text: str) -> None:
+        """A line about the run outside the steps (a lost node, a restart), kept on screen."""
+        self.console.print(f"{self.name}: {text}", markup=False, highlight=False)
+
     def close(self) -> None:
         if self.live is not None:
             self.live.update(self._render())

@@ -56,7 +56,9 @@ def pretrain(
     with run_console("pre-training", header, log, address=address, token_file=token_file) as term:
         display = TrainDisplay(term, job.name, tc.steps)
         try:
-            result = run_pretrain(job, address=address, on_progress=display.update)
+            result = run_pretrain(
+                job, address=address, on_progress=display.update, on_event=display.notice
+            )
         finally:
             display.close()
         for line in summary(result):

@@ -8,6 +8,7 @@ then log the artifacts and print a summary. The per-worker loop is :mod:`.loop`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import threading
@@ -20,6 +21,7 @@ from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
 from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
 from aim_platform.errors import DataError
+from aim_platform.jobs import restarts
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
 from aim_platform.train.loop import LoopArgs
@@ -114,6 +116,7 @@ def pretrain(
     track: bool = True,
     callbacks: list[Any] | None = None,
     on_progress: Callable[[Snapshot], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
 ) -> PretrainResult:
     """Run (or resume) a pre-training job and return where everything went.
 
@@ -131,9 +134,15 @@ def pretrain(
         callbacks: Ray Train callbacks (a Tune trial passes ``TuneReportCallback``).
         on_progress: Called about twice a second, from a thread, with rank 0's latest
             :class:`~aim_platform.train.progress.Snapshot` (a console display).
+        on_event: Called with a line to show when something happens outside the steps (a
+            lost node, a restart, waiting for CPUs).
+
+    Failed training (a worker or node lost) restarts from the last checkpoint up to
+    ``train.max_failures`` times on what fits (:mod:`aim_platform.jobs.restarts`).
     """
     import ray
     import ray.train
+    from ray.exceptions import RayActorError
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aim_platform.data.pipeline import execution_options
@@ -177,48 +186,86 @@ def pretrain(
                 )
             }
         )
+    own_datasets = datasets is None
     if datasets is None:
         datasets = default_datasets(job, start_epoch)
     board = create_board(tc.steps) if on_progress is not None else None
     storage_fs, storage_path = None, storage
     if is_remote(storage):  # pyarrow's S3 client with the endpoint override (e.g. MinIO)
         storage_fs, storage_path = pyarrow_filesystem(storage, tc.storage_options)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=LoopArgs(
-            job=job.model_dump(mode="json"),
-            paths=paths,
-            tracking_uri=uri,
-            run_id=run_id,
-            progress=board,
-        ),
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=tc.num_workers,
-            use_gpu=tc.use_gpu,
-            resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},
-            placement_strategy=tc.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=job.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=ray.train.FailureConfig(max_failures=tc.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            callbacks=callbacks,
-        ),
-        datasets=dict(datasets),
-        # Ray Train would reset each dataset's execution options (dropping preserve_order).
-        dataset_config=ray.train.DataConfig(execution_options=execution_options(job.data)),
-        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+    loop_args = LoopArgs(
+        job=job.model_dump(mode="json"),
+        paths=paths,
+        tracking_uri=uri,
+        run_id=run_id,
+        progress=board,
     )
+
+    def trainer(workers: int, datasets: Mapping[str, Any]) -> TorchTrainer:
+        return TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_args,
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers,
+                use_gpu=tc.use_gpu,
+                resources_per_worker={
+                    "CPU": tc.cpus_per_worker,
+                    **({"GPU": 1} if tc.use_gpu else {}),
+                },
+                placement_strategy=tc.placement_strategy,
+            ),
+            run_config=ray.train.RunConfig(
+                name=job.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                # Restarts are this function's (see restarts.py): Ray Train's own would refill
+                # the surviving nodes and starve the data pipeline.
+                failure_config=ray.train.FailureConfig(max_failures=0),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+                callbacks=callbacks,
+            ),
+            datasets=dict(datasets),
+            # Ray Train would reset each dataset's execution options (dropping preserve_order).
+            dataset_config=ray.train.DataConfig(execution_options=execution_options(job.data)),
+            torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        )
+
     result = PretrainResult(name=job.name, storage=root, run_id=run_id, tracking_uri=uri)
+    say = on_event or (lambda text: None)
+    workers, restarted = tc.num_workers, 0
     try:
-        with _polling(board, on_progress):
-            fit = trainer.fit()
-    except Exception as exc:  # a failed fit still closes the MLflow run, then re-raises
+        while True:
+            nodes = set(restarts.alive_node_cpus())
+            if restarted and board is not None and read_board(board) is None:  # on a lost node
+                board = create_board(tc.steps)
+                loop_args = dataclasses.replace(loop_args, progress=board)
+            try:
+                with _polling(board, on_progress):
+                    fit = trainer(workers, datasets).fit()
+                break
+            except (ray.train.TrainingFailedError, RayActorError) as exc:
+                if tc.max_failures != -1 and restarted >= tc.max_failures:
+                    raise
+                restarted += 1
+                at_step = (read_board(board) or Snapshot()).step if board is not None else None
+                previous = latest_train_state(job)
+                workers = restarts.restart(
+                    job,
+                    exc,
+                    nodes=nodes,
+                    count=restarted,
+                    at_step=at_step,
+                    from_step=previous["step"] if previous else 0,
+                    say=say,
+                    tracker=tracker,
+                    run_id=run_id,
+                )
+                if own_datasets:
+                    datasets = default_datasets(job, previous["epoch"] if previous else 0)
+    except Exception:  # a failed fit still closes the MLflow run, then re-raises
         if tracker and run_id:
             tracker.finish(run_id, "FAILED")
-        raise exc
+        raise
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None

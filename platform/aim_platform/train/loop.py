@@ -63,6 +63,9 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     tc = job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if world != tc.num_workers:  # restarted on fewer workers (a lost node): same global batch
+        tc = tc.model_copy(update={"num_workers": world})
+        job = job.model_copy(update={"train": tc})
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
@@ -155,6 +158,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             "train/lr": lr,
             "train/grad_norm": grad_norm,
             "train/epoch": float(state.epoch),
+            "train/workers": float(world),
             "data/dropped_images": dropped_total,
             **meter.metrics(prefix="perf/"),
             # share of wall time spent waiting for data: > ~0.1 means the pipeline is the

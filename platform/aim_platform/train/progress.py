@@ -52,10 +52,13 @@ class ProgressBoard:
 
 
 def create_board(total: int) -> Any:
-    """A :class:`ProgressBoard` actor on this driver's Ray (no CPU reserved)."""
+    """A :class:`ProgressBoard` actor on this driver's node (no CPU reserved): it lives as
+    long as the driver, whatever node is lost."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(ProgressBoard).remote(total)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, scheduling_strategy=here)(ProgressBoard).remote(total)
 
 
 def read_board(board: Any, timeout: float = 5.0) -> Snapshot | None:
