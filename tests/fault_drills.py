@@ -9,7 +9,8 @@ the MLflow run's steps, images dropped and restarts; on S3, the faults each phas
 
 The killing drills strike once the console shows step 40 and the step-30 checkpoint is in
 (``train.checkpoint_every=30``). Each kills only what it started. Run from the repository
-root with the venv's python; a run takes a few minutes on 2 cores.
+root with the venv's python; a run takes a few minutes on 2 cores. The jobs run from the
+repository root, as ``make demo`` does (the S3 runs' logs go to the ignored ``./runs``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,15 @@ BIN = Path(sys.executable).parent
 STEP = re.compile(r": step (\d+)/\d+")
 KILL_AT_STEP, CHECKPOINT_EVERY = 40, 30
 OnLine = Callable[[float, str, subprocess.Popen], None]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment without Ray's and AWS's variables, with this checkout's
+    ``platform/`` first on ``PYTHONPATH`` (the venv may hold another checkout's editable
+    install: the driver, the nodes and the Ray workers must all run this code)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+    path = [str(REPO / "platform"), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(path), **extra}
 
 
 def _say(t: float, text: str) -> None:
@@ -143,8 +153,26 @@ def mlflow_facts(tracking_uri: str, run_id: str) -> str:
     )  # fmt: skip
 
 
+def _same_curves(a: dict[str, str], b: dict[str, str]) -> str:
+    """Whether two MLflow runs (``{"tracking_uri", "run_id"}``) logged the same values at the
+    same steps: the same rows in the same order went into both."""
+    from mlflow.tracking import MlflowClient
+
+    out = []
+    for key in ("train/loss", "val/loss", "data/dropped_images", "train/epoch"):
+        curves = [
+            sorted((m.step, m.value) for m in MlflowClient(r["tracking_uri"]).get_metric_history(
+                r["run_id"], key))
+            for r in (a, b)
+        ]  # fmt: skip
+        out.append(f"{key} at {len(curves[0])} steps equal: {curves[0] == curves[1]}")
+    return "; ".join(out)
+
+
 def _run_facts(work: Path, name: str = "demo") -> str:
     marker = work / "runs" / name / "mlflow_run_id.json"
+    if not marker.exists():
+        return "MLFLOW: no run (the job never started one)"
     saved = json.loads(marker.read_text())
     return mlflow_facts(saved["tracking_uri"], saved["run_id"])
 
@@ -156,10 +184,9 @@ def lost_node(work: Path) -> int:
 
     head_dir = tempfile.mkdtemp(prefix="aimh", dir="/tmp")  # short: unix socket paths
     node_dir = tempfile.mkdtemp(prefix="aimn", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(
+    env = _env(
         RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(24), HOME=head_dir,
-        PATH=f"{BIN}{os.pathsep}{env['PATH']}", RAY_USAGE_STATS_ENABLED="0",
+        PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
     )  # fmt: skip
     port = free_port()
@@ -210,8 +237,7 @@ def killed_worker(work: Path) -> int:
         os.kill(workers[-1], signal.SIGKILL)
         return f"training worker {workers[-1]} (of {len(workers)})"
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(RAY_AUTH_MODE="disabled", AIM_DATA_CACHE=str(work / "cache"))
+    env = _env(RAY_AUTH_MODE="disabled", AIM_DATA_CACHE=str(work / "cache"))
     watch = KillAfterCheckpoint(work / "runs" / "demo" / "latest.json", kill)
     sets = {"train.max_failures": 1, "train.checkpoint_every": CHECKPOINT_EVERY}
     rc, wall = _console(_demo(work, sets), env, watch)
@@ -242,8 +268,7 @@ def s3(work: Path, rate: float, kinds: str, read_timeout: float) -> int:
     from s3_fault_proxy import FaultProxy
 
     creds = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
-    env.update(
+    env = _env(
         RAY_AUTH_MODE="disabled", AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
         AWS_DEFAULT_REGION="us-east-1", AIM_DATA_CACHE=str(work / "cache"),
     )  # fmt: skip
@@ -268,18 +293,20 @@ def s3(work: Path, rate: float, kinds: str, read_timeout: float) -> int:
         proxy.start()
         opts = json.dumps({"endpoint_url": proxy.url, "read_timeout": read_timeout})
         print(f"S3: moto at {store}, fault proxy {proxy.url}, storage options {opts}", flush=True)
-        manifests = {}
+        manifests: dict[str, Any] = {}
+        runs: dict[str, Any] = {}
         for name, r in (("clean", 0.0), ("faulty", rate)):
             proxy.configure(rate=r)
             print(f"--- {name}: {r:.0%} of all S3 requests fail ({kinds})", flush=True)
-            seen = len(proxy.stats()["faulted_paths"])  # type: ignore[arg-type]
+            before: dict[str, Any] = proxy.stats()
+            seen = len(before["faulted_paths"])
             data = f"s3://aim/{name}/digits"
             ingest = [str(BIN / "aimctl"), "ingest", "builtin:digits", data, "--image-size", "64",
                       "--val-fraction", "0.05", "--shard-size-mb", "0.5", "--storage-options", opts]  # fmt: skip
             rc_i, t_i = _console(ingest, env)
             stats: dict[str, Any] = proxy.stats()
             ingest_faults = stats["faulted_paths"][seen:]
-            requests_i = stats["requests"]
+            requests_i = stats["requests"] - before["requests"]
             sets = {
                 "name": name,
                 "data.sources.0.url": data,
@@ -304,8 +331,9 @@ def s3(work: Path, rate: float, kinds: str, read_timeout: float) -> int:
                 f"SUMMARY {name} ({r:.0%}): ingest {t_i:.1f} s (exit {rc_i}), counts "
                 f"{manifest['counts']}, {len(ingest_faults)} faults ({_fault_kinds(ingest_faults)}); "
                 f"pretrain {t_p:.1f} s (exit {rc_p}), {len(run_faults)} faults "
-                f"({_fault_kinds(run_faults)}); proxy total {stats['requests']} requests "
-                f"({requests_i} by then after ingest), faults {stats['faults']}; latest "
+                f"({_fault_kinds(run_faults)}); requests: ingest {requests_i}, pretrain "
+                f"{stats['requests'] - before['requests'] - requests_i}; faults so far "
+                f"{stats['faults']}; latest "
                 f"{latest['checkpoint']}; files per checkpoint {dict(per_ckpt)}",
                 flush=True,
             )  # fmt: skip
@@ -315,11 +343,13 @@ def s3(work: Path, rate: float, kinds: str, read_timeout: float) -> int:
                 ].read()
             )
             print(mlflow_facts(saved["tracking_uri"], saved["run_id"]), flush=True)
+            runs[name] = saved
         if len(manifests) == 2:
             same = all(
                 manifests["clean"][k] == manifests["faulty"][k] for k in ("counts", "shards")
             )
             print(f"SUMMARY ingest: faulty manifest counts and shards equal clean: {same}")
+            print(f"SUMMARY pretrain: {_same_curves(runs['clean'], runs['faulty'])}", flush=True)
         proxy.stop()
     finally:
         moto.terminate()
