@@ -223,6 +223,10 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._closed.set()
+        try:  # close() alone does not wake a thread blocked in accept(): shutdown() does
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         try:
             self._server.close()
         except OSError:
