@@ -1,4 +1,4 @@
-"""Fault drills behind BENCHMARKS.md's fault table: the demo job under one fault, its console
+"""Fault drills behind BENCHMARKS.md's fault table: a job under one fault, its console
 with a time stamp on each line, then what it cost (SUMMARY lines: time lost, steps redone;
 the MLflow run's steps, images dropped and restarts; on S3, the faults each phase met).
 
@@ -6,6 +6,8 @@ the MLflow run's steps, images dropped and restarts; on S3, the faults each phas
     python tests/fault_drills.py lost-node       # 2-node loopback cluster, node 2's raylet killed
     python tests/fault_drills.py s3 --rate 0.1   # ingest + demo on S3 through the fault proxy:
                                                  # 0% first, then --rate
+    python tests/fault_drills.py half-checkpoint # a half-written checkpoint, the job run again
+    python tests/fault_drills.py killed-ingest   # an ingest SIGKILLed, run again
 
 The killing drills strike once the console shows step 40 and the step-30 checkpoint is in
 (``train.checkpoint_every=30``). Each kills only what it started. Run from the repository
@@ -37,6 +39,7 @@ from net_helpers import REPO, free_port  # noqa: E402
 BIN = Path(sys.executable).parent
 STEP = re.compile(r": step (\d+)/\d+")
 KILL_AT_STEP, CHECKPOINT_EVERY = 40, 30
+PHOTOS = 600  # the killed ingest's
 OnLine = Callable[[float, str, subprocess.Popen], None]
 
 
@@ -246,6 +249,77 @@ def killed_worker(work: Path) -> int:
     return rc
 
 
+def half_checkpoint(work: Path) -> int:
+    """The demo for 20 steps; then a checkpoint that crashed half way (rank 0's train state
+    and a partial ``.metadata``, no shards, never named by ``latest.json``) beside it; then the
+    same config by name for 30 steps."""
+    env = _env(RAY_AUTH_MODE="disabled", AIM_DATA_CACHE=str(work / "cache"))
+    sets: dict[str, object] = {"train.checkpoint_every": 10, "train.val_every": 10}
+    rc1, t1 = _console(_demo(work, {**sets, "train.steps": 20}), env)
+    half = work / "runs" / "demo" / "checkpoint_00000099"
+    half.mkdir()
+    (half / "train_state.json").write_text(json.dumps({"step": 99, "epoch": 9, "data_seed": 0}))
+    (half / ".metadata").write_bytes(b"partial")
+    latest = (work / "runs" / "demo" / "latest.json").read_text()
+    print(f"PLANTED {half.name} (train state at step 99, no shards); latest.json {latest}")
+    rc2, t2 = _console(_demo(work, {**sets, "train.steps": 30}), env)
+    print(f"SUMMARY: first run {t1:.1f} s (exit {rc1}), second {t2:.1f} s (exit {rc2})")
+    print(_run_facts(work), flush=True)
+    return max(rc1, rc2)
+
+
+def killed_ingest(work: Path) -> int:
+    """``aimctl ingest`` of 600 photos SIGKILLed (with its Ray) once 20 groups are done, run
+    again, then a clean ingest of the same photos for the time it takes."""
+    import pyarrow.parquet as pq
+
+    env = _env(RAY_AUTH_MODE="disabled", AIM_DATA_CACHE=str(work / "cache"))
+
+    def ingest(dest: Path) -> list[str]:
+        return [str(BIN / "aimctl"), "ingest", "builtin:photos", str(dest), "--num-photos",
+                str(PHOTOS), "--shard-size-mb", "0.3", "--val-fraction", "0.1"]  # fmt: skip
+
+    dest = work / "photos"
+    markers = dest / "_progress"
+    state: dict[str, float] = {}
+
+    def kill_after_groups(driver: subprocess.Popen, groups: int = 20) -> None:
+        while driver.poll() is None and len(list(markers.glob("*/group-*.json"))) < groups:
+            time.sleep(0.05)
+        state["groups"] = len(list(markers.glob("*/group-*.json")))
+        if driver.poll() is not None:
+            raise RuntimeError("the ingest ended before the kill: give it more photos")
+        os.killpg(driver.pid, signal.SIGKILL)  # the CLI and the Ray it started
+
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        ingest(dest), cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    kill_after_groups(proc)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        print(f"[ before kill] {line.rstrip()}", flush=True)
+    proc.wait()
+    t_kill = time.monotonic() - t0
+    _say(t_kill, f"KILLED the ingest and its Ray: {state['groups']:.0f} group(s) were done")
+    time.sleep(3)  # a worker mid-task may still finish its group
+    groups = len(list(markers.glob("*/group-*.json")))
+    print(f"{groups} group(s) done once the killed ingest's workers stopped", flush=True)
+    rc, t_again = _console(ingest(dest), env)
+    manifest = json.loads((dest / "_manifest.json").read_text())
+    ids = [i for s in ("train", "val") for i in pq.read_table(dest / s).column("id").to_pylist()]
+    rc_clean, t_clean = _console(ingest(work / "clean"), env)
+    print(
+        f"SUMMARY: killed after {t_kill:.1f} s; run again {t_again:.1f} s (exit {rc}), "
+        f"resumed_groups {manifest['resumed_groups']}, counts {manifest['counts']}, {len(ids)} "
+        f"ids ({len(set(ids))} distinct, {PHOTOS} expected); a clean ingest {t_clean:.1f} s "
+        f"(exit {rc_clean}): time lost {t_kill + t_again - t_clean:.1f} s",
+        flush=True,
+    )
+    return max(rc, rc_clean)
+
+
 def _fault_kinds(entries: list[str]) -> str:
     """``faulted_paths`` entries (``kind METHOD path``) grouped: data reads, checkpoint
     uploads, other run files, ingest writes."""
@@ -360,14 +434,19 @@ def s3(work: Path, rate: float, kinds: str, read_timeout: float) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("drill", choices=["lost-node", "killed-worker", "s3"])
+    drills = ["killed-worker", "lost-node", "s3", "half-checkpoint", "killed-ingest"]
+    ap.add_argument("drill", choices=drills)
     ap.add_argument("--rate", type=float, default=0.1, help="s3: fraction of requests that fail")
     ap.add_argument("--kinds", default="slowdown,reset,cut,timeout", help="s3: fault kinds")
     ap.add_argument("--read-timeout", type=float, default=5.0, help="s3: read_timeout option")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix=f"drill-{a.drill}-"))
     print(f"work folder: {work}", flush=True)
-    if a.drill == "lost-node":
+    if a.drill == "half-checkpoint":
+        rc = half_checkpoint(work)
+    elif a.drill == "killed-ingest":
+        rc = killed_ingest(work)
+    elif a.drill == "lost-node":
         rc = lost_node(work)
     elif a.drill == "killed-worker":
         rc = killed_worker(work)
