@@ -290,7 +290,8 @@ def build_train_dataset(
 def build_val_dataset(data: DataConfig, model: ModelConfig) -> ray.data.Dataset:
     """The validation stream: resize + centre crop of every ``val`` row, fixed order.
 
-    Reads the ``val`` split of ``data.val_url`` when set, else of every source.
+    Reads the ``val`` split of ``data.val_url`` when set, else of every source; with
+    ``data.val_limit`` only its first rows (ingest writes rows in a hashed order: a sample).
 
     Returns:
         Same columns as :func:`build_train_dataset` (``epoch`` is 0, ``valid`` as there).
@@ -304,7 +305,8 @@ def build_val_dataset(data: DataConfig, model: ModelConfig) -> ray.data.Dataset:
         raise DataError("val_url: no validation rows (ingest with --val-fraction > 0)")
     items = [{"epoch": 0, "source": i, "path": p} for i, s in enumerate(shards) for p in s.paths]
     rates = [1.0] * len(shards)
-    return _decode_dataset(items, shards, rates, data, model, train=False, seed=0)
+    ds = _decode_dataset(items, shards, rates, data, model, train=False, seed=0)
+    return ds.limit(data.val_limit) if data.val_limit else ds
 
 
 def execution_options(data: DataConfig) -> Any:

@@ -23,6 +23,10 @@ set in 200k tars is 200k items on the driver).
   feature) or plain binary (found by name/type, or ``image_column``); the label column is
   ``label`` (or ``label_column``), class names from the HF ``ClassLabel`` metadata. Ids
   are ``<file stem>/<row number>``.
+- split folders (``split_folders=True``): a folder holding ``train/`` and ``val/`` (or
+  ``test/``), each a folder of class folders (ImageNet's train/val trees, CIFAR-10 as JPEG
+  folders): the images of each go to that split, with one class index over both; ids keep
+  the split folder (``train/cat/0001.jpg``), ``options["val_prefix"]`` names the val one.
 - ``builtin:digits``: scikit-learn's 1797 real handwritten digits (labelled 0-9), upscaled
   bicubically to ``image_size`` and stored as grayscale PNG.
 - ``builtin:photos``: the real photos scikit-learn and matplotlib ship (china, flower,
@@ -40,7 +44,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -107,6 +111,7 @@ def list_source(
     image_column: str | None = None,
     label_column: str | None = None,
     by_file: bool = False,
+    split_folders: bool = False,
 ) -> Listing:
     """List a source's items (sorted by id).
 
@@ -118,6 +123,8 @@ def list_source(
         photo_seed: Seed of the crops (``builtin:photos``).
         by_file: Sources of ``.tar`` or ``.parquet`` files: one item per file (only the
             files are listed; ``listing.by_file`` says it happened). Other sources ignore it.
+        split_folders: ``src`` is a folder of ``train/`` and ``val/`` or ``test/`` image
+            folders that give the splits (see the module docstring).
 
     Raises:
         ValueError: unknown built-in, missing path, compressed tar, or nothing to ingest.
@@ -142,6 +149,8 @@ def list_source(
     if src.startswith("builtin:"):
         raise DataError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
     fs, path = storage.filesystem(src, storage_options)
+    if split_folders:
+        return _list_split_folders(fs, path, name, label_map, storage_options)
     if any(ch in path for ch in "*?[{") and not fs.exists(path):
         files = expand_pattern(fs, path)
         if not files:
@@ -329,6 +338,44 @@ def _list_folder(
         for r, size in sorted(rel.items())
     ]
     return Listing(name, items, classes)
+
+
+VAL_FOLDERS = ("val", "test")
+
+
+def _list_split_folders(
+    fs: Any, root: str, name: str, label_map: str | None, storage_options: dict[str, Any] | None
+) -> Listing:
+    """``root/train`` and ``root/val`` (or ``root/test``) image folders as the two splits."""
+    if not fs.isdir(root):
+        raise DataError(f"source: {root!r} is not a folder (--split-folders needs one)")
+    subs = sorted(
+        p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)
+    )
+    subs = [s for s in subs if not s.startswith((".", "_"))]
+    val = [s for s in subs if s in VAL_FOLDERS]
+    if "train" not in subs or len(val) != 1 or len(subs) != 2:
+        raise DataError(
+            f"source: {root!r} must hold exactly train/ and one of val/ or test/ for "
+            f"--split-folders (it holds {', '.join(subs) or 'no folders'})"
+        )
+    train = _list_folder(fs, f"{root}/train", name, label_map, storage_options)
+    held = _list_folder(fs, f"{root}/{val[0]}", name, label_map, storage_options)
+    if not train.label_names or not held.label_names:
+        raise DataError(f"source: {root!r}: train/ and {val[0]}/ must be folders of class folders")
+    index = {c: i for i, c in enumerate(train.label_names) if c}
+    unknown = sorted(set(held.label_names) - set(index))
+    if unknown and not label_map:
+        raise DataError(
+            f"source: {root!r}: {val[0]}/ has classes train/ lacks: {', '.join(unknown[:3])}"
+        )
+    items = [replace(it, id=f"train/{it.id}") for it in train.items]
+    for it in held.items:
+        label = it.label if label_map else index[held.label_names[it.label]]  # type: ignore[index]
+        items.append(replace(it, id=f"{val[0]}/{it.id}", label=label))
+    return Listing(
+        name, sorted(items, key=lambda it: it.id), train.label_names, {"val_prefix": f"{val[0]}/"}
+    )
 
 
 def _sample_key(member: str) -> tuple[str, str]:
