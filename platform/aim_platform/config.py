@@ -334,6 +334,11 @@ class DataConfig(StrictModel):
         default_factory=lambda: [DataSource(url="builtin:digits")], min_length=1
     )
     val_url: str | None = Field(None, description="ingest root for validation; None: sources")
+    val_limit: int | None = Field(
+        None,
+        ge=1,
+        description="validate on the first N val rows (a hashed, class-mixed sample); None: all",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (endpoint_url, ...); no secrets here"
     )
@@ -457,7 +462,8 @@ class JobConfig(StrictModel):
     probe: ProbeConfig | None = Field(None, description="probe after (and during) pre-training")
 
 
-Scale = Literal["tiny", "small", "paper"]
+Scale = Literal["tiny", "small", "cifar10", "paper"]
+SCALES: tuple[str, ...] = ("tiny", "small", "cifar10", "paper")
 
 
 class StudySpec(StrictModel):
@@ -482,6 +488,11 @@ class StudySpec(StrictModel):
     paper: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="row (linear/attentive) -> variant -> paper top-1"
     )
+    directions: dict[Literal["linear", "attentive", "val_loss"], list[str]] = Field(
+        default_factory=dict,
+        description="row -> 'a > b' (a better: higher top-1, lower loss): what the paper's "
+        "text says where its table has no numbers (Table 3d, Fig. 1)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
@@ -492,6 +503,14 @@ class StudySpec(StrictModel):
             unknown = set(cols) - set(self.variants)
             if unknown:
                 raise ValueError(f"paper: row {row!r} names unknown variants {sorted(unknown)}")
+        for row, texts in self.directions.items():
+            for text in texts:
+                parts = [p.strip() for p in text.split(">")]
+                if len(parts) != 2 or not set(parts) <= set(self.variants) or len(set(parts)) < 2:
+                    raise ValueError(
+                        f"directions: {row}: {text!r} must read 'a > b' with two of the "
+                        f"variants ({', '.join(self.variants)})"
+                    )
         for scale, by_variant in self.variant_scales.items():
             unknown = set(by_variant) - set(self.variants)
             if unknown:

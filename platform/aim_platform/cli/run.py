@@ -68,7 +68,7 @@ def pretrain(
 @app.command()
 def study(
     spec: Path = typer.Argument(..., help="study spec (jobs/studies/*.yaml)"),
-    scale: str = typer.Option("tiny", help="budget preset: tiny, small or paper"),
+    scale: str = typer.Option("tiny", help="budget preset: tiny, small, cifar10 or paper"),
     set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
     address: str = _CLUSTER_OPT,
     token_file: Path | None = _TOKEN_OPT,
@@ -80,18 +80,21 @@ def study(
     seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
     concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
     variants: str = typer.Option("", help="only these variants, comma-separated"),
+    floor: bool = typer.Option(
+        True, help="also probe randomly initialized trunks (the table's floor row)"
+    ),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
     from aim_platform import tracking
-    from aim_platform.config import ConfigError
+    from aim_platform.config import SCALES, ConfigError
     from aim_platform.console import StudyDisplay, log_path
     from aim_platform.jobs.study import load_study, run_study, select_variants
     from aim_platform.jobs.study_table import trial_name
     from aim_platform.train.paths import storage_url
 
-    if scale not in ("tiny", "small", "paper"):
-        raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
+    if scale not in SCALES:
+        raise ConfigError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
     parsed = load_study(spec)
@@ -119,6 +122,7 @@ def study(
                 on_trial=display.trial,
                 seeds=seeds,
                 concurrent=concurrent,
+                floor=floor,
             )
         finally:
             display.close()
@@ -212,6 +216,9 @@ def ingest(
     label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
     image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),
     label_column: str = typer.Option("", help="Parquet: label column (default: label)"),
+    split_folders: bool = typer.Option(
+        False, help="SRC holds train/ and val/ (or test/) class folders: they are the splits"
+    ),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent, resumable)."""
@@ -245,6 +252,7 @@ def ingest(
                 label_map=label_map or None,
                 image_column=image_column or None,
                 label_column=label_column or None,
+                split_folders=split_folders,
             )
         c = m["counts"]
         state = "up to date" if m.get("skipped") else "written"

@@ -20,8 +20,14 @@ import yaml
 from ray import tune
 
 from aim_platform import tracking
-from aim_platform.config import ConfigError, Scale, StudySpec
-from aim_platform.jobs.study_table import StudyResult, TrialOutcome, seed_overrides, trial_name
+from aim_platform.config import ConfigError, JobConfig, Scale, StudySpec
+from aim_platform.jobs.study_table import (
+    StudyResult,
+    TrialOutcome,
+    probe_recipe,
+    seed_overrides,
+    trial_name,
+)
 from aim_platform.models.losses import VAL_CHUNKS
 
 STUDIES_DIR = Path(__file__).resolve().parents[3] / "jobs" / "studies"
@@ -104,6 +110,18 @@ def merge_defaults(defaults: dict[str, Any], spec: dict[str, Any]) -> dict[str, 
     return merged
 
 
+def trial_job(
+    spec: StudySpec, variant: str, scale: Scale, extra: list[str], seed: int, seeds: int
+) -> JobConfig:
+    """The job of one trial: the variant at the scale, with seed index ``seed``'s seeds and,
+    with several seeds, its own run folder."""
+    job = spec.job(variant, scale, extra)
+    if seeds == 1:
+        return job
+    shifted = seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)
+    return spec.job(variant, scale, [*extra, *shifted, f"name={job.name}-s{seed}"])
+
+
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: pre-train the variant (TorchTrainer), probe it, report to Tune."""
     import ray.tune
@@ -113,13 +131,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     spec = StudySpec.model_validate(config["spec"])
     variant, seed, seeds = config["variant"], config.get("seed", 0), config.get("seeds", 1)
-    job = spec.job(variant, config["scale"], config["extra"])
-    if seeds > 1:  # its own seeds and run folder
-        extra = [
-            *config["extra"],
-            *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed),
-        ]
-        job = spec.job(variant, config["scale"], [*extra, f"name={job.name}-s{seed}"])
+    job = trial_job(spec, variant, config["scale"], config["extra"], seed, seeds)
     tags = {"study": spec.name, "variant": variant, "table": spec.table}
     if seeds > 1:
         tags["seed_index"] = str(seed)
@@ -145,6 +157,7 @@ def run_study(
     on_trial: Callable[[str, str, dict[str, Any]], None] | None = None,
     seeds: int = 1,
     concurrent: int | None = None,
+    floor: bool = True,
 ) -> StudyResult:
     """Run (or resume) a study; every trial's failure is reported, not fatal.
 
@@ -164,6 +177,8 @@ def run_study(
         seeds: Trials per variant, seed index i adding i to the job's and the probe's seed
             (the table then shows mean +/- std).
         concurrent: Trials at once; None: the spec's ``max_concurrent_trials``.
+        floor: Also probe a randomly initialized trunk of every variant with every seed
+            (shared where trunks and probes are the same): the table's floor row.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
@@ -247,11 +262,100 @@ def run_study(
         run_id = (r.metrics or {}).get("run_id") or None
         error = str(r.error) if r.error else None
         trials.append(TrialOutcome(variant, run_id, metrics, error, seed))
-    result = StudyResult(spec, scale, parent, uri, trials)
+    floors = (
+        random_trunk_floor(spec, scale, extra, seeds, root, tracker, parent, first, on_trial)
+        if floor
+        else {}
+    )
+    assert first.probe is not None
+    recipe = probe_recipe(first.probe)
+    result = StudyResult(spec, scale, parent, uri, trials, floors, recipe)
     (root / "table.md").write_text(result.markdown())
     (root / "table.csv").write_text(result.csv())
     _log_study(result, tracker)
     return result
+
+
+def floor_key(job: JobConfig) -> str:
+    """What a random trunk's probe depends on: the trunk's shapes, its sequence order (for a
+    causal probe), the init seed, the probe settings and data. Variants equal in these share
+    one floor (the head study's three variants: one random trunk a seed)."""
+    m, probe = job.model, job.probe
+    assert probe is not None
+    trunk = {
+        k: getattr(m, k)
+        for k in ("img_size", "patch_size", "embed_dim", "num_blocks", "num_heads", "mlp_ratio")
+    }
+    if probe.attention == "causal":
+        trunk["order"] = [m.pattern, m.pattern_seed]
+    data = job.probe.dataset or job.data.sources[0].url
+    return json.dumps([trunk, job.seed, probe.model_dump(mode="json"), data], sort_keys=True)
+
+
+def random_trunk_floor(
+    spec: StudySpec,
+    scale: Scale,
+    extra: list[str],
+    seeds: int,
+    root: Path,
+    tracker: tracking.Tracker,
+    parent: str,
+    first: JobConfig,
+    on_trial: Callable[[str, str, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[int, dict[str, float]]]:
+    """Probe metrics of a randomly initialized trunk per variant and seed index: the trunk
+    each trial starts from, never trained, probed exactly as the trial's. Each distinct
+    floor (:func:`floor_key`) is probed once, logged as a probe run under the study run and
+    kept in ``<root>/floor.json`` (a resumed study does not redo it); a floor that fails is
+    left out, with a tag on the study run. ``on_trial`` sees each as a row
+    ``random trunk <trial>``."""
+    import tempfile
+
+    import torch
+
+    from aim_platform.eval.probe import report_metrics
+    from aim_platform.jobs.probe import log_probe, run_probe
+    from aim_platform.models.aim import build_trunk
+    from aim_platform.train.export import write_trunk
+
+    store = root / "floor.json"
+    done: dict[str, dict[str, float]] = json.loads(store.read_text()) if store.exists() else {}
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    for variant in spec.variants:
+        for seed in range(seeds):
+            job = trial_job(spec, variant, scale, extra, seed, seeds)
+            if job.probe is None:
+                continue
+            key = floor_key(job)
+            if key not in done:
+                dataset = job.probe.dataset or job.data.sources[0].url
+                name = trial_name(variant, seed, seeds)
+                show = on_trial or (lambda *args: None)
+                show(f"random trunk {name}", "running", {})
+                try:
+                    with tempfile.TemporaryDirectory(prefix="aim-random-trunk-") as folder:
+                        torch.manual_seed(job.seed)
+                        write_trunk(build_trunk(job.model).state_dict(), job, folder)
+                        report = run_probe(folder, job.probe, dataset=dataset)
+                except Exception as exc:  # noqa: BLE001 - a floor is reported, never fatal
+                    show(f"random trunk {name}", "failed", {})
+                    tracker.set_tags(parent, {f"floor_failed.{name}": str(exc)[:500]})
+                    continue
+                done[key] = report_metrics(report)
+                store.write_text(json.dumps(done))
+                show(f"random trunk {name}", "done", done[key])
+                log_probe(
+                    tracker,
+                    report,
+                    job.probe,
+                    experiment=first.tracking.experiment,
+                    run_name=f"random-trunk-{name}",
+                    trunk_path="random init",
+                    dataset=dataset,
+                    parent_run_id=parent,
+                )
+            out.setdefault(variant, {})[seed] = done[key]
+    return out
 
 
 # Trial-event listeners by id: Tune pickles its callbacks with the experiment state, and a
@@ -303,6 +407,12 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
     assert parent is not None
     tracker.log_text(parent, result.markdown(), "table.md")
     tracker.log_text(parent, result.csv(), "table.csv")
+    verdicts = {}
+    for v in result.verdicts():  # e.g. verdict.linear.mlp-vs-none: agrees +2.6 [+0.4, +4.8] n=3
+        ours = v.cells()[2]
+        verdicts[f"verdict.{v.row}.{v.a}-vs-{v.b}"] = f"{v.verdict} {ours}"[:500]
+    if verdicts:
+        tracker.set_tags(parent, verdicts)
     per_variant: dict[str, list[list[float]]] = {}
     for t in result.trials:
         chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(VAL_CHUNKS)]
