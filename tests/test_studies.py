@@ -227,7 +227,7 @@ def test_seeds_give_mean_std_and_a_paired_verdict_per_pair_beside_the_paper() ->
     assert verdicts[("linear", "s0.4", "random trunk")].verdict == "above floor"
     md = result.markdown()
     assert "over 4 seeds" in md and "| linear | s0.4 − s1.0 | +10.0 [+7.5, +12.5] (n=3)" in md
-    assert "linear: of 3 pairs the paper orders, 2 agrees, 0 opposite, 1 inconclusive" in md
+    assert "linear: of 3 pair(s) the paper orders, 2 agrees, 0 opposite, 1 inconclusive" in md
     assert "linear: 3 of 3 variants above the random-trunk floor" in md
     lines = csv_rows(result.csv())
     assert ["row", "a", "b", "n", "mean", "low", "high", "paper", "verdict", "seeds"] in lines
@@ -321,7 +321,7 @@ def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_pat
     assert res.exit_code == 0, out
     assert "| random trunk (linear) |" in out and "| random trunk (attentive) |" in out
     assert "| linear | mlp − none |" in out  # the paper's better variant first
-    assert "(n=2)" in out and "of 1 pairs the paper orders" in out
+    assert "(n=2)" in out and "of 1 pair(s) the paper orders" in out
     assert "above the random-trunk floor" in out and "one fixed recipe for every variant" in out
     table = (tmp_path / "runs" / "studies" / "head-cifar10" / "table.csv").read_text()
     assert "verdict" in table and "random trunk" in table

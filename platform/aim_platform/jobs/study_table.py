@@ -50,12 +50,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def probe_recipe(cfg: ProbeConfig) -> str:
     """How the table's probes were trained, for the note under it: one fixed recipe for
     every variant and the floor, nothing chosen on the split that scores them."""
-    labels = "every" if cfg.labels_per_class is None else f"{cfg.labels_per_class} a class of"
+    labels = (
+        "every train label"
+        if cfg.labels_per_class is None
+        else f"{cfg.labels_per_class} train labels a class"
+    )
+    views = "1 view" if cfg.views == 1 else f"{cfg.views} augmented views"
     text = (
         f"Probes: one fixed recipe for every variant and the random trunk (lr {cfg.lr:g}, "
         f"{cfg.steps} steps, batch {cfg.batch_size}, weight decay {cfg.weight_decay:g}, "
-        f"{cfg.views} view(s), {labels} train label(s)), trained on the train split and scored "
-        "once on the val split: no setting is chosen on the split that scores them."
+        f"{views}, {labels}), trained on the train split and scored once on the val split: "
+        "no setting is chosen on the split that scores them."
     )
     if cfg.sweep:
         text += " (The per-block sweep's best block, not in this table, is picked on it.)"
@@ -122,7 +127,10 @@ class Verdict:
         else:
             paper = "-"
         need = self.seeds_needed
-        resolve = "-" if self.diff.mean == 0 else (str(need) if need else "> 1000")
+        if d.n < 2 or d.mean == 0:
+            resolve = "-"  # no spread to extrapolate from, or no difference to resolve
+        else:
+            resolve = str(need) if need else "> 1000"
         return [
             self.row.replace("_", " "),
             f"{self.a} − {self.b}",
@@ -276,7 +284,7 @@ class StudyResult:
             if mine:
                 counts = {s: sum(v.verdict == s for v in mine) for s in VERDICTS}
                 out.append(
-                    f"{row.replace('_', ' ')}: of {len(mine)} pairs the paper orders, "
+                    f"{row.replace('_', ' ')}: of {len(mine)} pair(s) the paper orders, "
                     + ", ".join(f"{n} {s}" for s, n in counts.items())
                 )
             floors = [v for v in verdicts if v.row == row and v.b == FLOOR]
