@@ -80,7 +80,7 @@ def test_tables_without_numbers_in_the_text_say_so() -> None:
         assert "paper (" not in md and "has no numbers" in md
 
 
-@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("scale", ["tiny", "small", "cifar10", "paper"])
 def test_head_shape_is_two_sweeps_at_every_scale(scale: str) -> None:
     """Table 4: widths 1/4, 1/2, 1 of the full head at full depth; depths 1/2, 2/3, 1 at
     full width; the paper scale has the paper's values."""
