@@ -488,10 +488,16 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
     assert rows[0] == "| probe | none | mlp |"
     assert [r.split("|")[1].strip() for r in rows[1:3]] == ["linear", "attentive"]
     assert all("**" in r for r in rows[1:3])  # the best of each row is marked
-    children = client.search_runs(
+    nested = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
+    # under the study run: its trials and the random-trunk floor's probe runs (one random
+    # trunk for both heads: the trunk and its probe do not depend on the head)
+    children = [r for r in nested if r.data.tags.get("kind") != "probe"]
+    floors = [r for r in nested if r.data.tags.get("kind") == "probe"]
     assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none"]
+    assert [r.info.run_name for r in floors] == ["random-trunk-none"]
+    assert "probe/linear/top1" in floors[0].data.metrics
     for child in children:  # each trial pre-trained on digits and probed its trunk
         variant = child.data.tags["variant"]
         assert variant in child.info.run_name and child.data.tags["git_commit"]
