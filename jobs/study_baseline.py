@@ -20,7 +20,7 @@ from aim_platform.jobs.probe import run_probe
 from aim_platform.jobs.study import load_study
 from aim_platform.jobs.study_table import mean_std, seed_overrides
 from aim_platform.models.aim import build_trunk
-from aim_platform.train.export import write_trunk
+from aim_platform.models.trunk_file import write_trunk
 
 
 def main(argv: list[str]) -> int:

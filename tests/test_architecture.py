@@ -15,13 +15,15 @@ import aim_platform
 
 PACKAGE = Path(aim_platform.__file__).resolve().parent
 LIBRARY = ("models", "data", "train", "eval")
-# What a library package may not import: the layers above it (and, for models/data/train, the
-# evaluation and the jobs; eval may read train's exported-trunk format, not the other way).
+# What a library package may not import: the layers above it, and its siblings where both
+# sides need a third thing. Files every layer reads live below all of them: URLs in
+# ``aim_platform.storage``, the trunk file (train writes, eval reads) and the codebook file in
+# ``models``. So models never import data, and eval never imports train.
 FORBIDDEN = {
-    "models": {"train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
+    "models": {"data", "train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
     "data": {"train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
     "train": {"eval", "jobs", "cli", "submit", "services", "bench"},
-    "eval": {"jobs", "cli", "submit", "services", "bench"},
+    "eval": {"train", "jobs", "cli", "submit", "services", "bench"},
 }
 
 

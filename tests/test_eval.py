@@ -22,7 +22,7 @@ from aim_platform.eval.probe import (
 )
 from aim_platform.jobs.probe import log_probe
 from aim_platform.models.aim import build_trunk
-from aim_platform.train.export import write_trunk
+from aim_platform.models.trunk_file import write_trunk
 
 CFG = ModelConfig(size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4)
 

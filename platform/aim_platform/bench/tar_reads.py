@@ -71,7 +71,7 @@ def _counting(fs: Any) -> Counter[str]:
 
 
 def _one_way(url: str, opts: dict[str, Any], by_file: bool, out: Path) -> dict[str, Any]:
-    from aim_platform.data import storage
+    from aim_platform import storage
     from aim_platform.data.shards import write_group
     from aim_platform.data.sources import list_source
 

@@ -218,8 +218,8 @@ def ingest(
     from rich.progress import Progress
 
     from aim_platform.console import log_path
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.ingest import ingest as run_ingest
+    from aim_platform.storage import parse_storage_options
 
     log = None if verbose else log_path(Path("runs").resolve(), "ingest")
     with run_console("ingest", f"ingesting {src} -> {dest}", log) as term:
@@ -277,9 +277,9 @@ def tokenizer_fit(
     """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.tokenizer import fit_tokenizer
     from aim_platform.models.tokenizer import Tokenizer
+    from aim_platform.storage import parse_storage_options
 
     sizes = {"img_size": image_size, "patch_size": patch_size}
     try:

@@ -18,10 +18,10 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
 from aim_platform.errors import DataError
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
+from aim_platform.storage import filesystem, is_remote, pyarrow_filesystem
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board

@@ -244,7 +244,7 @@ class Tokenizer:
 
     def save(self, url: str, storage_options: dict[str, Any] | None = None) -> str:
         """Write the codebook file to a local path or fsspec URL; returns ``url``."""
-        from aim_platform.data.storage import filesystem  # fsspec and pyarrow: only when used
+        from aim_platform.storage import filesystem  # fsspec: only when used
 
         fs, path = filesystem(url, storage_options)
         parent = posixpath.dirname(path)
@@ -262,7 +262,7 @@ class Tokenizer:
                 "tokenizer: 'auto' is a request for the launcher to fit a codebook into the "
                 "run's storage; give a codebook path or URL here"
             )
-        from aim_platform.data.storage import filesystem
+        from aim_platform.storage import filesystem
 
         fs, path = filesystem(url, storage_options)
         if not fs.exists(path):

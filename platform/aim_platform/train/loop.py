@@ -209,7 +209,7 @@ def _commit_latest(
         return
     import json
 
-    from aim_platform.data.storage import filesystem
+    from aim_platform.storage import filesystem
 
     fs, latest = filesystem(paths.latest, storage_options)
     body = json.dumps({"checkpoint": RunPaths.checkpoint_name(state.step), **vars(state)})
@@ -224,6 +224,6 @@ def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None,
     trunk = ckpt.full_trunk_state_dict(model)
     if rank != 0 or not final_dir:
         return
-    from aim_platform.train.export import write_trunk
+    from aim_platform.models.trunk_file import write_trunk
 
     write_trunk(trunk, job, final_dir)
