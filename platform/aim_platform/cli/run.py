@@ -294,8 +294,8 @@ def tokenizer_fit(
     info = tok.fitted_on
     console.print(
         f"{out}: {tok.num_tokens} tokens x {tok.patch_dim} values, fitted on {info['patches']} "
-        f"patches of {info['images']} images; mean squared distance "
-        f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
+        f"patches of {info['images']} images; mean squared distance {info['inertia']:.4g} "
+        f"after {info['iterations']} Lloyd iterations"
     )
 
 
