@@ -518,9 +518,9 @@ def test_drivers_join_a_token_cluster_like_submit_does(
     """`aimctl pretrain/study/probe --address` find the token as submit does: no RAY_AUTH_MODE."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)
-    script = (
-        "from aim_platform.cluster import connect; import ray; "
-        f"connect('{ray_head['gcs']}'); print('CPUS', ray.cluster_resources()['CPU'])"
+    script = (  # a driver joins first: Ray reads the token from the environment on import
+        "from aim_platform.cluster import connect; "
+        f"connect('{ray_head['gcs']}'); import ray; print('CPUS', ray.cluster_resources()['CPU'])"
     )
     ok = subprocess.run(
         [sys.executable, "-c", script],

@@ -18,6 +18,7 @@ from aim_platform.cli.app import (
     load_or_fail,
     run_console,
 )
+from aim_platform.cluster import use_token
 from aim_platform.config import MAX_PIXELS
 
 
@@ -38,6 +39,7 @@ def pretrain(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, log_path
     from aim_platform.jobs.pretrain import latest_train_state, summary
@@ -83,6 +85,7 @@ def study(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform import tracking
     from aim_platform.config import ConfigError
     from aim_platform.console import StudyDisplay, log_path
@@ -152,6 +155,7 @@ def probe(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform import tracking
     from aim_platform.config import ProbeConfig
     from aim_platform.console import PhaseDisplay, log_path
@@ -275,6 +279,7 @@ def tokenizer_fit(
     token_file: Path | None = _TOKEN_OPT,
 ) -> None:
     """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
     from aim_platform.jobs.tokenizer import fit_tokenizer
