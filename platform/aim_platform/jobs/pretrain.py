@@ -18,6 +18,7 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
+from aim_platform.console import root_cause
 from aim_platform.errors import DataError
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
@@ -222,7 +223,7 @@ def pretrain(
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
-    result.error = str(fit.error) if fit.error else None
+    result.error = root_cause(fit.error) if fit.error else None  # one line; tracebacks: log
     final = paths.final_trunk
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
