@@ -125,6 +125,9 @@ def _process(pid: int, proc_start: float | None = None) -> psutil.Process | None
         pass
     try:
         proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    try:
         if proc.status() == psutil.STATUS_ZOMBIE:
             return None
         if proc_start is not None and abs(proc.create_time() - proc_start) > START_TOLERANCE_S:
@@ -132,7 +135,7 @@ def _process(pid: int, proc_start: float | None = None) -> psutil.Process | None
     except psutil.NoSuchProcess:
         return None
     except psutil.AccessDenied:  # another user's process: alive, but never one we started
-        return None if proc_start is not None else psutil.Process(pid)
+        return None if proc_start is not None else proc
     return proc
 
 
