@@ -17,8 +17,10 @@ import aim_platform
 
 PACKAGE = Path(aim_platform.__file__).resolve().parent
 PROJECT = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
-# Imported only where the feature is used, and installed by the extra that names it.
+# Imported only where the feature is used, and installed by the extra that names it (boto3
+# through moto, which requires it; see pyproject.toml).
 OPTIONAL = {"dev-s3": {"moto", "boto3"}}
+EXTRA_PROVIDES = {"moto": {"boto3"}}
 # A distribution that provides another's modules: infra/pillow_simd.sh swaps Pillow-SIMD in.
 PROVIDES = {"pillow-simd": "pillow"}
 LIBRARY = ("models", "data", "train", "eval")
@@ -215,7 +217,12 @@ def test_every_imported_package_is_declared() -> None:
                 undeclared.add(f"{module}: {name} ({', '.join(sorted(dists)) or 'not installed'})")
     assert sorted(undeclared) == []
     for extra, names in OPTIONAL.items():
-        assert names <= extras[extra], f"extra {extra} lacks {names - extras[extra]}"
+        installed = extras[extra].union(*(EXTRA_PROVIDES.get(d, set()) for d in extras[extra]))
+        assert names <= installed, f"extra {extra} lacks {names - installed}"
+    from importlib.metadata import requires
+
+    moto_needs = _requirement_names([r for r in requires("moto") or [] if "extra" not in r])
+    assert EXTRA_PROVIDES["moto"] <= moto_needs
 
 
 def test_requires_python_is_what_the_tests_need() -> None:
