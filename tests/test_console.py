@@ -82,6 +82,30 @@ def test_captured_output_sends_everything_else_to_the_log(tmp_path: Path) -> Non
     assert os.write(2, b"") == 0  # descriptors restored and usable
 
 
+def test_a_log_handler_made_during_the_capture_still_works_after_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ray makes its log handler when it is imported, keeping the stderr of that moment: one
+    made inside the capture must write to the log then and to stderr after, never to the
+    closed log file (a `--- Logging error ---` on the terminal)."""
+    import logging
+
+    log = tmp_path / "capture.log"
+    logger = logging.getLogger("aim-test-capture")
+    logger.propagate = False
+    with captured_output(log):
+        handler = logging.StreamHandler()  # takes sys.stderr now, as Ray's does
+        logger.addHandler(handler)
+        logger.warning("inside")
+    capfd.readouterr()
+    try:
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+    assert log.read_text() == "inside\n"
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_mlflow_ui_line_is_one_copyable_command_at_any_width() -> None:
     uri = "sqlite:////very/long/path/" + "x" * 80 + "/runs/mlflow.db"
     console, out = _plain(width=30)
@@ -128,16 +152,16 @@ def test_a_failing_job_shuts_its_ray_down_still_captured_and_a_failed_start_is_o
     from aim_platform import cluster
     from aim_platform.cli.app import run_console
 
-    streams: list[object] = []
     monkeypatch.setattr(cluster, "connect", lambda address, token_file: True)
-    monkeypatch.setattr(ray, "shutdown", lambda: streams.append(sys.stdout))
+    monkeypatch.setattr(ray, "shutdown", lambda: print("(RayTrainWorker pid=7) Traceback ..."))
     log = tmp_path / "job.log"
     terminal = io.StringIO()
     monkeypatch.setattr(sys, "stdout", terminal)
     with pytest.raises(typer.Exit):
         with run_console("the job", "running the job", log):
             raise RuntimeError("the bucket is empty")
-    assert len(streams) == 1 and getattr(streams[0], "name", None) == str(log)
+    assert "(RayTrainWorker pid=7) Traceback ..." in log.read_text()
+    assert "RayTrainWorker" not in terminal.getvalue()
 
     def no_start(address: object, token_file: object) -> bool:
         raise Exception("The current node timed out during startup.")

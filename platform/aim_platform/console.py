@@ -69,10 +69,17 @@ def captured_output(log_file: Path | None) -> Iterator[Console]:
     with open(log_file, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        sys.stdout = sys.stderr = log
+        # Streams over the descriptors, not the log file itself: a logging handler made in
+        # here (Ray makes one on import) keeps its stream, which must not be a file that is
+        # closed below; these follow descriptors 1 and 2 back to the terminal.
+        out = open(1, "w", buffering=1, closefd=False)  # never closed
+        err = open(2, "w", buffering=1, closefd=False)
+        sys.stdout, sys.stderr = out, err
         try:
             yield console
         finally:
+            out.flush()
+            err.flush()
             log.flush()
             sys.stdout, sys.stderr = saved_streams
             for fd, saved in zip((1, 2), saved_fds, strict=True):
