@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import sys
+import traceback
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
-from aim_platform.console import StudyDisplay, TrainDisplay, captured_output
+from aim_platform.console import StudyDisplay, TrainDisplay, captured_output, root_cause
 from aim_platform.tracking import ui_command
 from aim_platform.train.progress import Snapshot
 
@@ -79,6 +82,30 @@ def test_captured_output_sends_everything_else_to_the_log(tmp_path: Path) -> Non
     assert os.write(2, b"") == 0  # descriptors restored and usable
 
 
+def test_a_log_handler_made_during_the_capture_still_works_after_it(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Ray makes its log handler when it is imported, keeping the stderr of that moment: one
+    made inside the capture must write to the log then and to stderr after, never to the
+    closed log file (a `--- Logging error ---` on the terminal)."""
+    import logging
+
+    log = tmp_path / "capture.log"
+    logger = logging.getLogger("aim-test-capture")
+    logger.propagate = False
+    with captured_output(log):
+        handler = logging.StreamHandler()  # takes sys.stderr now, as Ray's does
+        logger.addHandler(handler)
+        logger.warning("inside")
+    capfd.readouterr()
+    try:
+        logger.warning("after")
+    finally:
+        logger.removeHandler(handler)
+    assert log.read_text() == "inside\n"
+    assert capfd.readouterr().err == "after\n"
+
+
 def test_mlflow_ui_line_is_one_copyable_command_at_any_width() -> None:
     uri = "sqlite:////very/long/path/" + "x" * 80 + "/runs/mlflow.db"
     console, out = _plain(width=30)
@@ -105,9 +132,89 @@ def test_a_failing_job_shows_one_line_and_keeps_the_traceback_in_the_log(tmp_pat
         sys.stdout = saved
     assert exit_info.value.exit_code == 1
     shown = terminal.getvalue().splitlines()
-    assert shown == [
-        f"running the job; log: {log}",
-        "the job failed: RuntimeError: the bucket is empty",
-        f"the whole story is in the log: {log}",
-    ]
+    assert len(shown) == 3 and shown[0] == f"running the job; log: {log}"
+    assert re.fullmatch(
+        r"the job failed: RuntimeError: the bucket is empty \(raised at tests/test_console.py:\d+\)",
+        shown[1],
+    ), shown[1]
+    assert shown[2] == f"the whole story is in the log: {log}"
     assert "Traceback" in log.read_text() and "the bucket is empty" in log.read_text()
+
+
+def test_a_failing_job_shuts_its_ray_down_still_captured_and_a_failed_start_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ray prints the workers' last lines (a failure's tracebacks) when it shuts down: that
+    happens inside the capture, into the log, not at exit onto the terminal."""
+    import ray
+    import typer
+
+    from aim_platform import cluster
+    from aim_platform.cli.app import run_console
+
+    monkeypatch.setattr(cluster, "connect", lambda address, token_file: True)
+    monkeypatch.setattr(ray, "shutdown", lambda: print("(RayTrainWorker pid=7) Traceback ..."))
+    log = tmp_path / "job.log"
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", terminal)
+    with pytest.raises(typer.Exit):
+        with run_console("the job", "running the job", log):
+            raise RuntimeError("the bucket is empty")
+    assert "(RayTrainWorker pid=7) Traceback ..." in log.read_text()
+    assert "RayTrainWorker" not in terminal.getvalue()
+
+    def no_start(address: object, token_file: object) -> bool:
+        raise Exception("The current node timed out during startup.")
+
+    monkeypatch.setattr(cluster, "connect", no_start)
+    terminal.seek(0)
+    terminal.truncate()
+    with pytest.raises(typer.Exit):
+        with run_console("the job", "running the job", log):
+            raise AssertionError("never reached")
+    shown = terminal.getvalue().splitlines()
+    assert len(shown) == 3 and "The current node timed out during startup." in shown[1]
+    assert "never reached" not in log.read_text()
+
+
+def _empty_shard_error(tmp_path: Path) -> tuple[BaseException, str]:
+    """What the read task raises on a 0-byte Parquet shard (through the real task body), and
+    the traceback text Ray keeps of it."""
+    import numpy as np
+    import pyarrow.fs as pafs
+
+    from aim_platform.data.tasks import read_and_decode
+
+    shard = tmp_path / "train" / "part-00003.parquet"
+    shard.parent.mkdir()
+    shard.write_bytes(b"")
+    batch = {"epoch": np.array([0]), "source": np.array([0]), "path": np.array([str(shard)])}
+    sources = [("digits", 1.0, pafs.LocalFileSystem())]
+    try:
+        next(read_and_decode(batch, sources=sources, train=False, model={}, seed=0,
+                             chunk_rows=8, aug={"max_pixels": 1}))  # fmt: skip
+    except Exception as exc:
+        return exc, traceback.format_exc()
+    raise AssertionError("an empty shard was read")
+
+
+def test_root_cause_digs_the_failure_out_of_rays_layers(tmp_path: Path) -> None:
+    """Ray Train's WorkerGroupError holds each rank's error; a read task's error arrives as a
+    RayTaskError whose text is the remote traceback. One line names the innermost exception,
+    the shard, the rank, the task and where it was raised (no Ray is started here)."""
+    from ray.exceptions import RayTaskError
+    from ray.train import WorkerGroupError
+
+    cause, remote_traceback = _empty_shard_error(tmp_path)
+    task = RayTaskError(
+        "read_and_decode", remote_traceback, cause,
+        proctitle="ray::MapBatches(read_and_decode)", pid=7, ip="10.0.0.2",
+    ).as_instanceof_cause()  # fmt: skip
+    wrapped = WorkerGroupError("[Rank 1 Error Snippet]:\n" + str(task)[:500], {1: task})
+    line = root_cause(wrapped)
+    shard = tmp_path / "train" / "part-00003.parquet"
+    assert line.startswith(f"ArrowInvalid: Parquet file size is 0 bytes; reading shard {shard} (")
+    assert "worker rank 1" in line and "Ray task MapBatches(read_and_decode)" in line
+    assert "from aim_platform/data/tasks.py:" in line and "in read_and_decode" in line
+    assert "\n" not in line
+    assert len(str(wrapped).splitlines()) > 5  # what the console used to show a line of

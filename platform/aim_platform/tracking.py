@@ -162,7 +162,7 @@ def dataset_info(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     None when there is no manifest."""
     from aim_platform.data.pipeline import resolve_url
     from aim_platform.data.shards import read_manifest
-    from aim_platform.data.storage import public_url
+    from aim_platform.storage import public_url
 
     opts = dict(storage_options or {})
     root = resolve_url(url)

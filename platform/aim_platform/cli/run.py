@@ -18,6 +18,7 @@ from aim_platform.cli.app import (
     load_or_fail,
     run_console,
 )
+from aim_platform.cluster import use_token
 from aim_platform.config import MAX_PIXELS
 
 
@@ -38,6 +39,7 @@ def pretrain(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, log_path
     from aim_platform.jobs.pretrain import latest_train_state, summary
@@ -86,6 +88,7 @@ def study(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform import tracking
     from aim_platform.config import SCALES, ConfigError
     from aim_platform.console import StudyDisplay, log_path
@@ -156,6 +159,7 @@ def probe(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform import tracking
     from aim_platform.config import ProbeConfig
     from aim_platform.console import PhaseDisplay, log_path
@@ -225,8 +229,8 @@ def ingest(
     from rich.progress import Progress
 
     from aim_platform.console import log_path
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.ingest import ingest as run_ingest
+    from aim_platform.storage import parse_storage_options
 
     log = None if verbose else log_path(Path("runs").resolve(), "ingest")
     with run_console("ingest", f"ingesting {src} -> {dest}", log) as term:
@@ -283,11 +287,12 @@ def tokenizer_fit(
     token_file: Path | None = _TOKEN_OPT,
 ) -> None:
     """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.tokenizer import fit_tokenizer
     from aim_platform.models.tokenizer import Tokenizer
+    from aim_platform.storage import parse_storage_options
 
     sizes = {"img_size": image_size, "patch_size": patch_size}
     try:
@@ -302,8 +307,8 @@ def tokenizer_fit(
     info = tok.fitted_on
     console.print(
         f"{out}: {tok.num_tokens} tokens x {tok.patch_dim} values, fitted on {info['patches']} "
-        f"patches of {info['images']} images; mean squared distance "
-        f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
+        f"patches of {info['images']} images; mean squared distance {info['inertia']:.4g} "
+        f"after {info['iterations']} Lloyd iterations"
     )
 
 

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aim_platform.data import storage
+from aim_platform import storage
 from aim_platform.data.sources import FILE_KINDS, Item, Listing, iter_file, load_item
 from aim_platform.data.transforms import (
     ImageRejected,

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from aim_platform.data import storage
+from aim_platform import storage
 from aim_platform.errors import DataError
 
 BUILTINS = ("builtin:digits", "builtin:photos")

@@ -133,16 +133,22 @@ def read_and_decode(
 
     for epoch, src, path in zip(batch["epoch"], batch["source"], batch["path"], strict=True):
         name, rate, fs = sources[int(src)]
-        with fs.open_input_file(str(path)) as f:
-            reader = pq.ParquetFile(f)
-            for rb in reader.iter_batches(batch_size=chunk_rows, columns=["id", "image", "label"]):
-                table = pa.Table.from_batches([rb])
-                if train:
-                    yield decode_train_table(
-                        table, source=name, rate=rate, model=model, seed=seed,
-                        epoch=int(epoch), aug=aug,
-                    )  # fmt: skip
-                else:
-                    yield decode_val_table(
-                        table, source=name, model=model, max_pixels=aug["max_pixels"]
-                    )
+        try:
+            with fs.open_input_file(str(path)) as f:
+                reader = pq.ParquetFile(f)
+                for rb in reader.iter_batches(
+                    batch_size=chunk_rows, columns=["id", "image", "label"]
+                ):
+                    table = pa.Table.from_batches([rb])
+                    if train:
+                        yield decode_train_table(
+                            table, source=name, rate=rate, model=model, seed=seed,
+                            epoch=int(epoch), aug=aug,
+                        )  # fmt: skip
+                    else:
+                        yield decode_val_table(
+                            table, source=name, model=model, max_pixels=aug["max_pixels"]
+                        )
+        except Exception as exc:  # which shard: the one thing the error itself may not say
+            exc.add_note(f"reading shard {path}")
+            raise

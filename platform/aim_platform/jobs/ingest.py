@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from aim_platform.data import storage
+from aim_platform import storage
 from aim_platform.data.pipeline import BUILTIN_INGEST, resolve_url
 from aim_platform.data.shards import (
     MANIFEST,

@@ -18,10 +18,11 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
+from aim_platform.console import root_cause
 from aim_platform.errors import DataError
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
+from aim_platform.storage import filesystem, is_remote, pyarrow_filesystem
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board
@@ -222,7 +223,7 @@ def pretrain(
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
-    result.error = str(fit.error) if fit.error else None
+    result.error = root_cause(fit.error) if fit.error else None  # one line; tracebacks: log
     final = paths.final_trunk
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None

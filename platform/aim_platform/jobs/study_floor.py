@@ -52,7 +52,7 @@ def random_trunk_floor(
     from aim_platform.eval.probe import report_metrics
     from aim_platform.jobs.probe import log_probe, run_probe
     from aim_platform.models.aim import build_trunk
-    from aim_platform.train.export import write_trunk
+    from aim_platform.models.trunk_file import write_trunk
 
     store = root / "floor.json"
     done: dict[str, dict[str, float]] = json.loads(store.read_text()) if store.exists() else {}

@@ -52,10 +52,8 @@ def train_loop_per_worker(args: LoopArgs) -> None:
 
     from aim_platform.train.metrics import (
         Throughput,
-        device_name,
         flops_per_image,
-        measure_matmul_peak,
-        peak_flops,
+        job_peak_flops,
         synchronize,
     )
 
@@ -90,14 +88,10 @@ def train_loop_per_worker(args: LoopArgs) -> None:
 
     config_yaml = dump_config(job)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak = peak_flops(device_name(device), dtype, override=tc.peak_flops)
-    if peak is None:  # a CPU: no table entry, so measure this worker's matmul peak once
-        peak = measure_matmul_peak(device, dtype, n=1024, iters=2, repeats=2)
     meter = Throughput(
         flops_per_image=flops_per_image(job.model),
         patches_per_image=job.model.num_patches,
-        peak_flops=peak,
-        num_devices=world,
+        peak_flops=job_peak_flops(device, dtype, override=tc.peak_flops),  # all ranks, collective
         warmup_steps=tc.warmup_throughput_steps,
     )
     probe_steps = set(job.probe.at_steps) if job.probe else set()
@@ -209,7 +203,7 @@ def _commit_latest(
         return
     import json
 
-    from aim_platform.data.storage import filesystem
+    from aim_platform.storage import filesystem
 
     fs, latest = filesystem(paths.latest, storage_options)
     body = json.dumps({"checkpoint": RunPaths.checkpoint_name(state.step), **vars(state)})
@@ -224,6 +218,6 @@ def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None,
     trunk = ckpt.full_trunk_state_dict(model)
     if rank != 0 or not final_dir:
         return
-    from aim_platform.train.export import write_trunk
+    from aim_platform.models.trunk_file import write_trunk
 
     write_trunk(trunk, job, final_dir)

@@ -1,5 +1,8 @@
 """Filesystems from URLs: fsspec for ingest and small files, pyarrow for Ray Data reads.
 
+Below every layer (as :mod:`aim_platform.config` and :mod:`aim_platform.errors` are): data,
+models (the trunk and codebook files), training and evaluation all read and write URLs here.
+
 A URL is a local path (``/data/x``, ``./x``, ``file:///x``) or any fsspec URL
 (``s3://bucket/prefix``, ...). For S3 the endpoint comes from ``storage_options``
 (``endpoint_url`` or ``client_kwargs.endpoint_url``), else from ``$AWS_ENDPOINT_URL``;
@@ -11,13 +14,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import fsspec
-import pyarrow.fs as pafs
 
 from aim_platform.errors import DataError
+
+if TYPE_CHECKING:  # pyarrow is imported where its filesystems are made, not by every reader
+    import pyarrow.fs as pafs
 
 
 def is_remote(url: str) -> bool:
@@ -74,6 +79,8 @@ def pyarrow_filesystem(
     (options, else ``AWS_*`` variables; otherwise pyarrow's default chain on each host);
     other remote protocols are wrapped fsspec filesystems; local paths ``LocalFileSystem``.
     """
+    import pyarrow.fs as pafs
+
     if not is_remote(url):
         return pafs.LocalFileSystem(), filesystem(url)[1]
     parsed = urlparse(url)

@@ -1,7 +1,9 @@
-"""The consolidated trunk: one safetensors file plus the config it was trained with.
+"""The consolidated trunk file: one safetensors file plus the config it was trained with.
 
-This is what probes, feature extraction and sharing read; it holds no optimizer state and
-no pickled objects. ``folder`` is any fsspec URL (local folder or ``s3://``).
+Pre-training writes it (``train/loop.py``); probes, feature extraction and sharing read it
+(``eval/features.py``). It lives with the model, below both, so neither reaches into the
+other. It holds no optimizer state and no pickled objects. ``folder`` is any fsspec URL
+(local folder or ``s3://``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from aim_platform.config import JobConfig, dump_config
-from aim_platform.data.storage import filesystem
 from aim_platform.errors import MissingInput
 from aim_platform.models.aim import AIMTrunk, build_trunk
+from aim_platform.storage import filesystem
 
 TRUNK_FILE = "trunk.safetensors"
 CONFIG_FILE = "config.yaml"
