@@ -297,10 +297,17 @@ class TrainConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage."""
+    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage.
+
+    Writes wait in a queue that training never waits on: ``buffer_size`` writes (one per
+    logged step, plus system metrics) are held while the server does not answer, more are
+    dropped and counted; at the end, queued writes get ``flush_timeout_s`` seconds.
+    """
 
     tracking_uri: str | None = None
     experiment: str = Field("aim-pretrain", min_length=1)
+    buffer_size: int = Field(10_000, ge=1)
+    flush_timeout_s: float = Field(60.0, ge=0)
 
 
 class DataSource(StrictModel):

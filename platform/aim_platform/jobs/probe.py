@@ -272,6 +272,7 @@ def log_probe(
         params,
         {"kind": "probe", "pretrain_step": str(step)},
         parent_run_id,
+        defer=True,  # MLflow down: the run is created once it answers (background trackers)
     )
     log_datasets(tracker, run_id, [dataset], cfg.storage_options, context="probe")
     metrics = report_metrics(report)
