@@ -86,8 +86,10 @@ def study(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    import yaml
+
     from aim_platform import tracking
-    from aim_platform.config import ConfigError
+    from aim_platform.config import ConfigError, yaml_problem
     from aim_platform.console import StudyDisplay, log_path
     from aim_platform.jobs.study import load_study, run_study, select_variants
     from aim_platform.jobs.study_table import trial_name
@@ -97,7 +99,10 @@ def study(
         raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
-    parsed = load_study(spec)
+    try:
+        parsed = load_study(spec)
+    except yaml.YAMLError as exc:  # safe_load: a Python-object tag is only ever this error
+        raise ConfigError(f"study spec {spec}: not valid YAML: {yaml_problem(exc)}") from None
     if variants:
         parsed = select_variants(parsed, [v.strip() for v in variants.split(",") if v.strip()])
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from aim_platform.data.safety import require_plain_columns
 from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
 
 
@@ -135,6 +136,7 @@ def read_and_decode(
         name, rate, fs = sources[int(src)]
         with fs.open_input_file(str(path)) as f:
             reader = pq.ParquetFile(f)
+            require_plain_columns(reader.schema_arrow, str(path))  # no pickled columns
             for rb in reader.iter_batches(batch_size=chunk_rows, columns=["id", "image", "label"]):
                 table = pa.Table.from_batches([rb])
                 if train:

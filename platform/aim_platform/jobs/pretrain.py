@@ -18,8 +18,8 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
-from aim_platform.errors import DataError
+from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem, read_json
+from aim_platform.errors import DataError, UnsafeFile
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
 from aim_platform.train.loop import LoopArgs
@@ -55,8 +55,10 @@ def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
     fs, latest = filesystem(run_paths(job).latest, job.train.storage_options)
     if not fs.exists(latest):
         return None
-    with fs.open(latest, "r") as f:
-        return json.loads(f.read())
+    state = read_json(fs, latest, "a latest-checkpoint record")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UnsafeFile(f"{latest}: not a latest-checkpoint record (no integer step)")
+    return state
 
 
 def _reuse_or_start_run(
@@ -72,9 +74,10 @@ def _reuse_or_start_run(
     fs, root = filesystem(paths.root, job.train.storage_options)
     marker = filesystem(paths.run_id_file, job.train.storage_options)[1]
     if fs.exists(marker):
-        with fs.open(marker, "r") as f:
-            saved = json.loads(f.read())
-        if saved.get("tracking_uri") == uri:
+        saved = read_json(fs, marker, "a run-id record")
+        if isinstance(saved, dict) and saved.get("tracking_uri") == uri:
+            if not isinstance(saved.get("run_id"), str):
+                raise UnsafeFile(f"{marker}: not a run-id record (no run_id)")
             return saved["run_id"]
     from aim_platform.security import redact
 
