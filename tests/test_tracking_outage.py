@@ -43,6 +43,36 @@ def test_a_step_never_waits_for_a_server_that_does_not_answer() -> None:
     assert status.written == 0
 
 
+def test_a_server_down_at_the_start_is_one_line_not_minutes_of_retries() -> None:
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(tracking.TrackingUnavailable) as exc:
+        tracking.Tracker(uri).start_run("outage", "never")
+    message = str(exc.value)
+    assert "\n" not in message and message.startswith(f"MLflow at {uri} does not answer")
+    assert "aimctl services up" in message
+
+
+def test_a_study_names_the_trials_whose_writes_mlflow_missed() -> None:
+    from types import SimpleNamespace
+
+    from aim_platform.cli.run import _study_tracking_lines
+    from aim_platform.jobs.study_table import TrialOutcome
+
+    missed = {tracking.DROPPED_METRIC: 3, "tracking/unwritten_writes": 2}
+    result = SimpleNamespace(
+        trials=[
+            TrialOutcome("mlp", "r1", {"tracking/unwritten_writes": 0}, None, 0),
+            TrialOutcome("none", "r2", missed, None, 0),
+        ],
+        tracking_uri=f"http://127.0.0.1:{free_port()}",  # the server is gone at the end
+        parent_run_id="p",
+    )
+    lines = _study_tracking_lines(result, seeds=1)
+    assert lines[0] == "trial none: 5 MLflow writes dropped or not written"
+    assert lines[1].startswith("the study run's table and plots may be missing in MLflow")
+    assert len(lines) == 2
+
+
 def _mlflow_up(state: Path, port: int) -> str:
     return services.mlflow_up(state, port=port, timeout=600).url
 
@@ -58,6 +88,7 @@ def _report() -> ProbeReport:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # two server starts: minutes each on a loaded machine
 def test_a_probe_logged_while_mlflow_is_down_lands_when_it_returns(tmp_path: Path) -> None:
     state, port = tmp_path / "services", free_port()
     uri = _mlflow_up(state, port)
@@ -129,13 +160,14 @@ def _aimctl(*args: str, env: dict[str, str]) -> str:
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.timeout(5400)  # three server starts, Ray and 40 steps on a shared 2-core machine
 def test_pretrain_goes_on_while_the_mlflow_server_is_down(tmp_path: Path) -> None:
     """The journey: `aimctl services up`, `aimctl pretrain`, the server stopped (`aimctl
     services down`) at a logged step and started again later on the same port and store."""
     state, port = tmp_path / "services", free_port()
     env = {**os.environ, "AIM_SERVICES_DIR": str(state)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    up = _aimctl("services", "up", "--mlflow-port", str(port), env=env)
+    up = _aimctl("services", "up", "--mlflow-port", str(port), "--timeout", "900", env=env)
     uri = re.search(r"export MLFLOW_TRACKING_URI=(\S+)", up)[1]
     steps, log_every = 40, 2
     config = tmp_path / "job.yaml"
@@ -175,7 +207,9 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
         # training reaches later steps while the server is down
         while int(_wait_for(lines, seen, r"step (\d+)/.*MLflow down since")[1]) < stopped_at + 8:
             pass
-        _aimctl("services", "up", "--mlflow-port", str(port), env=env)  # same port and store
+        _aimctl(
+            "services", "up", "--mlflow-port", str(port), "--timeout", "900", env=env
+        )  # same port and store
         while (line := lines.get(timeout=1800)) is not None:
             seen.append(line)
         assert proc.wait(timeout=600) == 0, "\n".join(seen)
@@ -186,11 +220,12 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
             [sys.executable, "-c", AIMCTL, "services", "down"], env=env, capture_output=True
         )
     console = "\n".join(seen)
+    (tmp_path / "console.txt").write_text(console)  # what the user saw, for the record
     assert len(re.findall(r"unreachable since", console)) == 1, console  # said once
     assert re.search(r"MLflow was unreachable 1 time\(s\)", console), console
     assert "not written" not in console and "writes dropped" not in console
     run_id = re.search(r"MLflow run (\w+):", console)[1]
-    _aimctl("services", "up", "--mlflow-port", str(port), env=env)
+    _aimctl("services", "up", "--mlflow-port", str(port), "--timeout", "900", env=env)
     try:
         reader = tracking.Tracker(uri)
         logged = [s for s, _ in reader.metric_history(run_id, "train/loss")]

@@ -221,8 +221,9 @@ def probe(
         for key, value in sorted(report_metrics(report).items()):
             term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
         end, _ = tracker.close()
-        run_id = tracker.created(run_id) or run_id
-        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False)
+        created = tracker.created(run_id)  # None: its creation never reached the server
+        if created is not None:
+            term.print(f"MLflow run {created}: {tracking.ui_command(uri)}", markup=False)
         for line in tracking.TrackingReport.of([], [], end).lines(uri, tracker.flush_timeout):
             term.print(line, markup=False, highlight=False)
 
