@@ -42,6 +42,8 @@ class OutboxStatus:
             outage; None while the service answers.
         outages: How many times the service became unreachable.
         down_seconds: Total time of the outages that ended.
+        first_down: When the first outage began (``time.time()``), None if none did.
+        last_up: When the last outage that ended, ended.
         last_error: The last error, one line.
     """
 
@@ -52,6 +54,8 @@ class OutboxStatus:
     down_since: float | None = None
     outages: int = 0
     down_seconds: float = 0.0
+    first_down: float | None = None
+    last_up: float | None = None
     last_error: str = ""
 
     @property
@@ -105,6 +109,8 @@ class Outbox(Generic[W]):
         self._closed = False
         self._written = self._dropped = self._failed = self._outages = 0
         self._down_since: float | None = None
+        self._first_down: float | None = None
+        self._last_up: float | None = None
         self._down_seconds = 0.0
         self._last_error = ""
         self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
@@ -131,6 +137,8 @@ class Outbox(Generic[W]):
                 down_since=self._down_since,
                 outages=self._outages,
                 down_seconds=self._down_seconds,
+                first_down=self._first_down,
+                last_up=self._last_up,
                 last_error=self._last_error,
             )
 
@@ -181,6 +189,7 @@ class Outbox(Generic[W]):
                     if transient:
                         if self._down_since is None:
                             self._down_since = time.time()
+                            self._first_down = self._first_down or self._down_since
                             self._outages += 1
                         self._cond.notify_all()
                         self._cond.wait_for(lambda: self._closed, timeout=wait)
@@ -197,7 +206,8 @@ class Outbox(Generic[W]):
                 self._queue.popleft()
                 self._written += 1
                 if self._down_since is not None:
-                    self._down_seconds += time.time() - self._down_since
+                    self._last_up = time.time()
+                    self._down_seconds += self._last_up - self._down_since
                     self._down_since = None
                 self._cond.notify_all()
             wait = self._min_wait

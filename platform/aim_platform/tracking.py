@@ -327,6 +327,13 @@ class Tracker:
         """The queue's counters (all zero for a synchronous tracker)."""
         return self._outbox.status() if self._outbox is not None else OutboxStatus()
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait up to ``timeout`` seconds (default ``flush_timeout``) for the queued writes;
+        True when every one got through (or was refused)."""
+        if self._outbox is None:
+            return True
+        return self._outbox.flush(self.flush_timeout if timeout is None else timeout)
+
     def close(self, timeout: float | None = None) -> tuple[OutboxStatus, list[Write]]:
         """Wait up to ``timeout`` seconds (default ``flush_timeout``) for the queued writes,
         then stop the queue.
@@ -614,18 +621,21 @@ class TrackingReport:
     workers were restarted) and the driver's, which also took rank 0's leftovers.
 
     Attributes:
-        outages: Times the server became unreachable.
-        down_seconds: Time it was unreachable (outages that ended).
+        outages: Times the server became unreachable (one outage seen by rank 0 and then by
+            the driver, which took over rank 0's writes while it lasted, counts once).
+        first_down: When the first outage began (``time.time()``).
+        last_up: When the server answered again after the last outage that ended.
         dropped: Writes dropped because the queue was full.
         failed: Writes the server refused (see ``last_error``).
         lost: Writes still queued in a rank 0 that was replaced (a worker failure).
         unwritten: Writes still queued when the end's flush ran out of time.
-        down_since: The server unreachable at the end: since when (``time.time()``).
+        down_since: The server unreachable at the end: since when.
         last_error: The last error seen, one line.
     """
 
     outages: int = 0
-    down_seconds: float = 0.0
+    first_down: float | None = None
+    last_up: float | None = None
     dropped: int = 0
     failed: int = 0
     lost: int = 0
@@ -641,9 +651,15 @@ class TrackingReport:
         went to the driver) and the driver's queue at the end."""
         every = [*replaced, *ranks, end]
         errors = [s.last_error for s in every if s.last_error]
+        outages = sum(s.outages for s in every)
+        if end.outages and any(s.down for s in ranks):  # the driver's first one continued it
+            outages -= 1
+        downs = [s.first_down for s in every if s.first_down is not None]
+        ups = [s.last_up for s in every if s.last_up is not None]
         return cls(
-            outages=sum(s.outages for s in every),
-            down_seconds=sum(s.down_seconds for s in every),
+            outages=outages,
+            first_down=min(downs) if downs else None,
+            last_up=max(ups) if ups else None,
             dropped=sum(s.dropped for s in every),
             failed=sum(s.failed for s in every),
             lost=sum(s.buffered for s in replaced),
@@ -667,12 +683,11 @@ class TrackingReport:
     def lines(self, uri: str, flush_timeout: float) -> list[str]:
         """What the summary says (nothing when there was nothing to say)."""
         out = []
-        if self.outages:
-            took = _duration(self.down_seconds)
+        if self.outages and self.down_since is None:
+            span = f"between {_clock(self.first_down)} and {_clock(self.last_up)}"
             out.append(
-                f"MLflow was unreachable {self.outages} time(s) ({took} in all); training went "
-                "on and the buffered writes went in afterwards"
-                + ("" if self.complete else ", except:")
+                f"MLflow was unreachable {self.outages} time(s), {span}; training went on"
+                + (", and every buffered write went in afterwards" if self.complete else "")
             )
         if self.dropped:
             out.append(
@@ -684,10 +699,9 @@ class TrackingReport:
         if self.failed:
             out.append(f"MLflow: {self.failed} writes refused by the server ({self.last_error})")
         if self.unwritten:
-            since = time.strftime("%H:%M:%S", time.localtime(self.down_since or time.time()))
             out.append(
-                f"MLflow at {uri}: {self.unwritten} writes not written, the server unreachable "
-                f"since {since} and the end's flush over after {flush_timeout:g}s "
+                f"MLflow at {uri} unreachable since {_clock(self.down_since)}: "
+                f"{self.unwritten} writes not written after waiting {flush_timeout:g}s "
                 "(tracking.flush_timeout_s); the run may show RUNNING there"
             )
         return out
@@ -701,21 +715,21 @@ def end_run(
     *,
     ranks: Sequence[OutboxStatus] = (),
     replaced: Sequence[OutboxStatus] = (),
+    wait: bool = True,
 ) -> TrackingReport:
     """A job's last writes into its run (the count of dropped writes at ``step``, then its
-    status), one flush of ``tracker`` within its time limit, and the report of everything
-    tracking delayed or lost (``ranks``/``replaced``: rank 0's queues, see
-    :meth:`TrackingReport.of`)."""
+    status), one flush of ``tracker`` within its time limit (none when ``wait`` is False: a
+    flush already ran out of time), and the report of everything tracking delayed or lost
+    (``ranks``/``replaced``: rank 0's queues, see :meth:`TrackingReport.of`)."""
     dropped = sum(s.dropped for s in [*ranks, *replaced]) + tracker.status().dropped
     tracker.log_metrics(run_id, {DROPPED_METRIC: dropped}, step=step)
     tracker.finish(run_id, status)
-    end, _ = tracker.close()
+    end, _ = tracker.close(None if wait else 0)
     return TrackingReport.of(replaced, ranks, end)
 
 
-def _duration(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
-    return f"{minutes}:{secs:02d}"
+def _clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t if t is not None else time.time()))
 
 
 class SystemMetrics:

@@ -247,29 +247,30 @@ def pretrain(
     result.final_trunk = final if fs.exists(path) else None
     if tracker and run_id:
         tracker.enqueue(take_handover(board).writes)  # rank 0's last writes go first
+        settled = tracker.flush()  # the one wait (tracking.flush_timeout_s) for MLflow
         try:
             _log_outputs(tracker, run_id, result)
         except tracking.TrackingUnavailable as exc:
             result.notes.append(f"no per-chunk loss plot: {exc}")
         if job.probe and result.final_trunk and not result.error:
             result.metrics.update(probe_checkpoints(job, result, tracker))
-        _end_tracking(tracker, run_id, board, result, "FAILED" if result.error else "FINISHED")
+        status = "FAILED" if result.error else "FINISHED"
+        _end_tracking(tracker, run_id, board, result, status, wait=settled)
     return result
 
 
 def _end_tracking(
-    tracker: tracking.Tracker, run_id: str, board: Any, result: PretrainResult, status: str
-) -> None:
+    tracker: tracking.Tracker, run_id: str, board: Any, result: PretrainResult, status: str,
+    wait: bool = True,
+) -> None:  # fmt: skip
     """Rank 0's leftovers, the run's dropped count and status, one flush within
-    ``tracking.flush_timeout_s``; what MLflow missed goes to the summary and to the metrics
-    (a study trial reports them)."""
-    handed = take_handover(board)
-    tracker.enqueue(handed.writes)
-    report = tracking.end_run(
-        tracker, run_id, result.steps, status, ranks=handed.ranks, replaced=handed.replaced
-    )
-    result.tracking = report
-    result.metrics.update(report.metrics())
+    ``tracking.flush_timeout_s`` (none when ``wait`` is False: the end already waited that
+    long); what MLflow missed goes to the summary and to the metrics a study trial reports."""
+    h = take_handover(board)
+    tracker.enqueue(h.writes)
+    args = (tracker, run_id, result.steps, status)
+    result.tracking = tracking.end_run(*args, ranks=h.ranks, replaced=h.replaced, wait=wait)
+    result.metrics.update(result.tracking.metrics())
 
 
 @contextlib.contextmanager
