@@ -53,7 +53,7 @@ def test_mlflow_outage_said_once_with_since_when_and_how_much_is_buffered() -> N
         (20, OutboxStatus(written=5, buffered=1, down_since=since, outages=1, last_error=error)),
         (30, OutboxStatus(written=5, buffered=11, down_since=since, outages=1, last_error=error)),
         (40, OutboxStatus(written=5, buffered=30, down_since=since, outages=1, dropped=2)),
-        (50, OutboxStatus(written=40, buffered=3, outages=1, dropped=2)),
+        (50, OutboxStatus(written=40, buffered=3, outages=1, dropped=2, last_up=since + 65)),
         (60, OutboxStatus(written=45, outages=1, dropped=2)),
     ]:
         metrics = {**metrics, "train/loss": 1.0 / step}
@@ -70,7 +70,10 @@ def test_mlflow_outage_said_once_with_since_when_and_how_much_is_buffered() -> N
     assert line30.endswith(f"| MLflow down since {clock}, 11 buffered")
     assert len([ln for ln in text.splitlines() if "writes are being dropped" in ln]) == 1
     (back,) = [ln for ln in text.splitlines() if "answers again" in ln]
-    assert back.endswith("3 buffered writes going in, in order")
+    back_at = time.strftime("%H:%M:%S", time.localtime(since + 65))
+    assert back.endswith(
+        f"answers again since {back_at} (down 1:05): 3 buffered writes still going in, in order"
+    )
     assert "MLflow down" not in text.splitlines()[-1]
 
 

@@ -243,12 +243,15 @@ class TrackingNotices:
                 "buffered so far, written in order once it answers"
             )
         elif not status.down and self.down_since is not None:
-            took = _duration(time.time() - self.down_since)
+            back = status.last_up or time.time()
+            took = _duration(back - self.down_since)
             self.down_since = None
-            self._say(
-                f"{self.where} answers again (down for about {took}): "
-                f"{status.buffered} buffered writes going in, in order"
+            rest = (
+                f"{status.buffered} buffered writes still going in, in order"
+                if status.buffered
+                else "every buffered write went in, in order"
             )
+            self._say(f"{self.where} answers again since {_clock(back)} (down {took}): {rest}")
         if status.dropped and not self.dropped:
             self._say(
                 f"{self.where}: the buffer is full, writes are being dropped "
