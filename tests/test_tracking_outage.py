@@ -67,6 +67,7 @@ def test_one_outage_seen_by_rank_0_then_the_driver_is_reported_once() -> None:
     replaced = OutboxStatus(buffered=2, dropped=3)  # a rank 0 that died with 2 writes queued
     report = tracking.TrackingReport.of([replaced], [rank0], down_at_end)
     assert (report.outages, report.unwritten, report.lost, report.dropped) == (1, 7, 2, 3)
+    assert report.down_since == 100.0  # since rank 0 saw it go, not since the driver did
     lines = report.lines("http://m:5000", 60)
     assert "MLflow: 3 writes dropped" in lines[0] and "2 buffered writes lost" in lines[1]
     assert "7 writes not written after waiting 60s" in lines[2]

@@ -654,6 +654,9 @@ class TrackingReport:
         outages = sum(s.outages for s in every)
         if end.outages and any(s.down for s in ranks):  # the driver's first one continued it
             outages -= 1
+        down_since = end.down_since  # still down at the end: since rank 0 first saw it
+        if down_since is not None:
+            down_since = min([down_since, *(s.down_since for s in ranks if s.down)])
         downs = [s.first_down for s in every if s.first_down is not None]
         ups = [s.last_up for s in every if s.last_up is not None]
         return cls(
@@ -664,7 +667,7 @@ class TrackingReport:
             failed=sum(s.failed for s in every),
             lost=sum(s.buffered for s in replaced),
             unwritten=end.buffered,
-            down_since=end.down_since,
+            down_since=down_since,
             last_error=errors[-1] if errors else "",
         )
 
