@@ -6,6 +6,7 @@ import io
 import os
 import re
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from rich.console import Console
 
 from aim_platform.console import StudyDisplay, TrainDisplay, captured_output, root_cause
+from aim_platform.outbox import OutboxStatus
 from aim_platform.tracking import ui_command
 from aim_platform.train.progress import Snapshot
 
@@ -39,6 +41,43 @@ def test_train_display_prints_a_line_per_logged_step_and_no_wrapping() -> None:
     assert len(lines) == 2, lines
     assert lines[0].startswith("demo: step 10/60 | loss 0.5785 | 128 img/s | MFU 50.2%")
     assert "step 20/60 | loss 0.4700" in lines[1] and "data wait 25%" in lines[1]
+
+
+def test_mlflow_outage_said_once_with_since_when_and_how_much_is_buffered() -> None:
+    """Rank 0's queue status arrives with each snapshot; the console says when MLflow stops
+    answering (once per outage), shows it on every progress line, and when it answers again."""
+    console, out = _plain(width=300)
+    display = TrainDisplay(console, "demo", total=60, tracking_uri="http://127.0.0.1:5000")
+    metrics = {"train/loss": 0.5}
+    error = "MlflowException: API request to http://127.0.0.1:5000/x failed: Connection refused"
+    since = 1_700_000_000.0
+    for step, status in [
+        (10, OutboxStatus(written=5)),
+        (20, OutboxStatus(written=5, buffered=1, down_since=since, outages=1, last_error=error)),
+        (30, OutboxStatus(written=5, buffered=11, down_since=since, outages=1, last_error=error)),
+        (40, OutboxStatus(written=5, buffered=30, down_since=since, outages=1, dropped=2)),
+        (50, OutboxStatus(written=40, buffered=3, outages=1, dropped=2, last_up=since + 65)),
+        (60, OutboxStatus(written=45, outages=1, dropped=2)),
+    ]:
+        metrics = {**metrics, "train/loss": 1.0 / step}
+        display.update(Snapshot(step, 60, 0, dict(metrics), phase="training", tracking=status))
+    display.close()
+    text = out.getvalue()
+    clock = time.strftime("%H:%M:%S", time.localtime(since))
+    down = [ln for ln in text.splitlines() if "unreachable since" in ln]
+    assert down == [
+        f"MLflow at http://127.0.0.1:5000 unreachable since {clock} (connection refused): "
+        "training goes on; 1 writes buffered so far, written in order once it answers"
+    ]
+    (line30,) = [ln for ln in text.splitlines() if "step 30/60" in ln]
+    assert line30.endswith(f"| MLflow down since {clock}, 11 buffered")
+    assert len([ln for ln in text.splitlines() if "writes are being dropped" in ln]) == 1
+    (back,) = [ln for ln in text.splitlines() if "answers again" in ln]
+    back_at = time.strftime("%H:%M:%S", time.localtime(since + 65))
+    assert back.endswith(
+        f"answers again since {back_at} (down 1:05): 3 buffered writes still going in, in order"
+    )
+    assert "MLflow down" not in text.splitlines()[-1]
 
 
 def test_study_display_one_line_per_state_change() -> None:

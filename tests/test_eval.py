@@ -227,6 +227,7 @@ def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_serve
             parent_run_id=parent,
             step=step,
         )
+    assert logger.close(timeout=600)[1] == []  # its queued val/loss points are written
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(child)
     assert run.data.tags["mlflow.parentRunId"] == parent

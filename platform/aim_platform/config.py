@@ -297,10 +297,17 @@ class TrainConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage."""
+    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage.
+
+    Writes wait in a queue that training never waits on: ``buffer_size`` writes (one per
+    logged step, plus system metrics) are held while the server does not answer, more are
+    dropped and counted; at the end, queued writes get ``flush_timeout_s`` seconds.
+    """
 
     tracking_uri: str | None = None
     experiment: str = Field("aim-pretrain", min_length=1)
+    buffer_size: int = Field(10_000, ge=1)
+    flush_timeout_s: float = Field(60.0, ge=0)
 
 
 class DataSource(StrictModel):
@@ -573,7 +580,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"override {item!r}: value is not valid YAML: {yaml_problem(exc)}"
+        ) from None
     return path, value
 
 
@@ -635,6 +644,18 @@ def build_config(
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what. Configs are read with ``yaml.safe_load``, so a
+    tag that would build a Python object (``!!python/object/apply:os.system``) is only ever
+    this error, never a call."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = (getattr(exc, "problem", None) or str(exc) or type(exc).__name__).strip()
+    problem = problem.splitlines()[0]
+    if "python/" in problem:
+        problem += " (tags that build Python objects are never loaded)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = JobConfig
 ) -> C:
@@ -647,7 +668,9 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                f"config file {str(p)!r} is not valid YAML: {yaml_problem(exc)}"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -16,3 +16,9 @@ class MissingInput(PlatformError, FileNotFoundError):
 class DataError(PlatformError, ValueError):
     """Data that cannot be used as asked: a source that does not exist or holds no images, a
     bad label map, an empty split, bad storage options."""
+
+
+class UnsafeFile(PlatformError, ValueError):
+    """A file refused before anything in it is used: one whose loading could run code (a
+    pickle of objects beyond tensors and plain containers), or one that is not what it should
+    be (a malformed checkpoint, config or codebook). The message names the file."""

@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import fsspec
 
-from aim_platform.errors import DataError
+from aim_platform.errors import DataError, UnsafeFile
 
 if TYPE_CHECKING:  # pyarrow is imported where its filesystems are made, not by every reader
     import pyarrow.fs as pafs
@@ -145,3 +145,22 @@ def public_url(url: str) -> str:
         return url
     netloc = parsed.netloc.rsplit("@", 1)[-1]
     return f"{parsed.scheme}://{netloc}{parsed.path}"
+
+
+def read_json(fs: Any, path: str, what: str) -> Any:
+    """A small JSON file (a marker, a state record) from ``fs``: JSON can only ever be data.
+
+    Args:
+        fs: The fsspec filesystem ``path`` is on.
+        path: The file.
+        what: What it should be, for the message (``the latest checkpoint record``).
+
+    Raises:
+        UnsafeFile: not JSON (a torn write, another kind of file): one line naming it.
+    """
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and undecodable bytes alike
+        raise UnsafeFile(f"{path}: not {what} (not JSON: {exc})") from None

@@ -40,10 +40,12 @@ def pretrain(
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
     use_token(address, token_file)  # before anything imports Ray
+    from aim_platform import tracking
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, log_path
     from aim_platform.jobs.pretrain import latest_train_state, summary
     from aim_platform.jobs.pretrain import pretrain as run_pretrain
+    from aim_platform.train.paths import storage_url
 
     job = load_or_fail(config, set_, JobConfig)
     tc = job.train
@@ -55,8 +57,9 @@ def pretrain(
     previous = latest_train_state(job)
     if previous:
         header += f"\nresuming from the checkpoint at step {previous['step']}"
+    uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, storage_url(tc.storage_path))
     with run_console("pre-training", header, log, address=address, token_file=token_file) as term:
-        display = TrainDisplay(term, job.name, tc.steps)
+        display = TrainDisplay(term, job.name, tc.steps, tracking_uri=uri)
         try:
             result = run_pretrain(job, address=address, on_progress=display.update)
         finally:
@@ -89,8 +92,10 @@ def study(
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
     use_token(address, token_file)  # before anything imports Ray
+    import yaml
+
     from aim_platform import tracking
-    from aim_platform.config import SCALES, ConfigError
+    from aim_platform.config import SCALES, ConfigError, yaml_problem
     from aim_platform.console import StudyDisplay, log_path
     from aim_platform.jobs.study import load_study, run_study, select_variants
     from aim_platform.jobs.study_table import trial_name
@@ -100,7 +105,10 @@ def study(
         raise ConfigError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
-    parsed = load_study(spec)
+    try:
+        parsed = load_study(spec)
+    except yaml.YAMLError as exc:  # safe_load: a Python-object tag is only ever this error
+        raise ConfigError(f"study spec {spec}: not valid YAML: {yaml_problem(exc)}") from None
     if variants:
         parsed = select_variants(parsed, [v.strip() for v in variants.split(",") if v.strip()])
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
@@ -141,6 +149,31 @@ def study(
             markup=False,
             highlight=False,
         )
+        for line in _study_tracking_lines(result, seeds):
+            term.print(line, markup=False, highlight=False)
+
+
+def _study_tracking_lines(result: Any, seeds: int) -> list[str]:
+    """What MLflow missed of a study: a trial's writes dropped or unwritten (its own
+    pre-training reported them), or the study run itself left unfinished."""
+    from aim_platform import tracking
+    from aim_platform.jobs.study_table import trial_name
+
+    lines = []
+    for t in result.trials:
+        missed = int(t.metrics.get("tracking/unwritten_writes", 0)) + int(
+            t.metrics.get(tracking.DROPPED_METRIC, 0)
+        )
+        if missed:
+            name = trial_name(t.variant, t.seed, seeds)
+            lines.append(f"trial {name}: {missed} MLflow writes dropped or not written")
+    try:
+        status = tracking.Tracker(result.tracking_uri).run_status(result.parent_run_id)
+    except tracking.TrackingUnavailable as exc:
+        return [*lines, f"the study run's table and plots may be missing in MLflow: {exc}"]
+    if status == "RUNNING":
+        lines.append("the study run's end was not written to MLflow (it shows RUNNING)")
+    return lines
 
 
 @app.command()
@@ -182,8 +215,9 @@ def probe(
         finally:
             phases.close()
         uri = tracking.resolve_tracking_uri(tracking_uri)
+        tracker = tracking.Tracker(uri, background=True)  # MLflow down: the results still show
         run_id = log_probe(
-            tracking.Tracker(uri),
+            tracker,
             report,
             cfg,
             experiment=experiment,
@@ -194,7 +228,12 @@ def probe(
         )
         for key, value in sorted(report_metrics(report).items()):
             term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
-        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False)
+        end, _ = tracker.close()
+        created = tracker.created(run_id)  # None: its creation never reached the server
+        if created is not None:
+            term.print(f"MLflow run {created}: {tracking.ui_command(uri)}", markup=False)
+        for line in tracking.TrackingReport.of([], [], end).lines(uri, tracker.flush_timeout):
+            term.print(line, markup=False, highlight=False)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from aim_platform.data.safety import require_plain_columns
 from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
 
 
@@ -136,6 +137,7 @@ def read_and_decode(
         try:
             with fs.open_input_file(str(path)) as f:
                 reader = pq.ParquetFile(f)
+                require_plain_columns(reader.schema_arrow, str(path))  # no pickled columns
                 for rb in reader.iter_batches(
                     batch_size=chunk_rows, columns=["id", "image", "label"]
                 ):

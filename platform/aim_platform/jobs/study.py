@@ -197,7 +197,8 @@ def run_study(
     prepare_sources(urls, first.data.storage_options)
     runs_dir = str(Path(storage_url(storage)).parent)
     uri = tracking.resolve_tracking_uri(tracking_uri or first.tracking.tracking_uri, runs_dir)
-    tracker = tracking.Tracker(uri)  # creates the store and the experiment before any trial
+    # creates the store and the experiment before any trial; its writes never wait for MLflow
+    tracker = tracking.Tracker(uri, background=True)
     extra.append(f"tracking.tracking_uri={uri}")
     marker = root / "parent_run.json"
     if resume and marker.exists():
@@ -285,7 +286,11 @@ def run_study(
     result = StudyResult(spec, scale, parent, uri, trials, floors, recipe)
     (root / "table.md").write_text(result.markdown())
     (root / "table.csv").write_text(result.csv())
-    _log_study(result, tracker)
+    try:
+        _log_study(result, tracker)
+    except tracking.TrackingUnavailable:  # no correlation; the table is queued (and on disk)
+        tracker.finish(parent, "FINISHED")
+    tracker.close()
     return result
 
 

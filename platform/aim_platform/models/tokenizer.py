@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from aim_platform.errors import UnsafeFile
 from aim_platform.models.layers import pixels_to_input
 from aim_platform.models.losses import normalize_patches
 
@@ -227,7 +228,12 @@ class Tokenizer:
         if not fs.exists(path):
             raise FileNotFoundError(f"tokenizer: no codebook at {url!r} (aimctl tokenizer-fit)")
         with fs.open(path, "rb") as f:
-            return cls.from_bytes(f.read())
+            data = f.read()
+        try:  # safetensors + a JSON header: nothing in the file can run
+            return cls.from_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - one line naming the file, whatever broke
+            first = " ".join(str(exc).split())[:200]
+            raise UnsafeFile(f"tokenizer: {url} is not a codebook file ({first})") from None
 
 
 def read_metadata(data: bytes) -> dict[str, str]:

@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from aim_platform.config import JobConfig, dump_config
-from aim_platform.errors import MissingInput
+from aim_platform.config import JobConfig, dump_config, yaml_problem
+from aim_platform.errors import MissingInput, UnsafeFile
 from aim_platform.models.aim import AIMTrunk, build_trunk
 from aim_platform.storage import filesystem
 
@@ -45,10 +45,32 @@ def read_trunk(
         raise MissingInput(
             f"no {TRUNK_FILE} in {folder}: give a run's final/ or trunks/step_N folder"
         )
+    config_url, weights_url = (
+        f"{folder.rstrip('/')}/{CONFIG_FILE}",
+        f"{folder.rstrip('/')}/{TRUNK_FILE}",
+    )
     with fs.open(f"{root}/{CONFIG_FILE}", "r") as f:
-        job = JobConfig.model_validate(yaml.safe_load(f.read()))
+        text = f.read()
+    try:  # safe_load: a tag that would build a Python object is an error, never a call
+        job = JobConfig.model_validate(yaml.safe_load(text))
+    except yaml.YAMLError as exc:
+        raise UnsafeFile(f"{config_url}: not valid YAML: {yaml_problem(exc)}") from None
+    except ValueError as exc:  # pydantic: a config that is not a job's
+        raise UnsafeFile(f"{config_url}: not a job config ({_first(exc)})") from None
     with fs.open(f"{root}/{TRUNK_FILE}", "rb") as f:
-        tensors = st_load(f.read())
+        data = f.read()
+    try:  # safetensors: a JSON header and raw tensor bytes, nothing that can run
+        tensors = st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise UnsafeFile(f"{weights_url}: not a safetensors file ({_first(exc)})") from None
     trunk = build_trunk(job.model)
-    trunk.load_state_dict({k: v.float() for k, v in tensors.items()})
+    try:
+        trunk.load_state_dict({k: v.float() for k, v in tensors.items()})
+    except RuntimeError as exc:
+        raise UnsafeFile(f"{weights_url}: does not fit its config.yaml ({_first(exc)})") from None
     return trunk.eval(), job
+
+
+def _first(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())  # one line
+    return text if len(text) <= limit else text[: limit - 3] + "..."

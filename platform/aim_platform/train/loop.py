@@ -79,10 +79,16 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         board.started.remote(state.step)
     logger = None
     if rank == 0 and args.run_id and args.tracking_uri:
-        from aim_platform.tracking import RunLogger
+        from aim_platform.tracking import DROPPED_METRIC, RunLogger
 
-        # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end
-        logger = RunLogger(args.tracking_uri, args.run_id, system_metrics=True)
+        # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end.
+        # Every write waits in a queue drained by a thread: no step ever waits for MLflow.
+        logger = RunLogger(
+            args.tracking_uri,
+            args.run_id,
+            system_metrics=True,
+            buffer_size=job.tracking.buffer_size,
+        )
         if restored is not None:  # a restart (worker failure or job restarted by name)
             logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
 
@@ -138,7 +144,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             _export_trunk(model, job, args.paths.trunk_at(state.step), rank)
         if not (do_log or do_val or do_ckpt):
             if board is not None:
-                board.step.remote(state.step)
+                board.step.remote(state.step, None, logger.status() if logger else None)
             ready = time.perf_counter()
             continue
         window = time.perf_counter() - window_start
@@ -161,9 +167,10 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             last_val = trainer.validate(val_batches)
             metrics.update(last_val)
         if logger is not None:
+            metrics[DROPPED_METRIC] = float(logger.status().dropped)
             logger.log_metrics(metrics, step=state.step)
         if board is not None:
-            board.step.remote(state.step, metrics)
+            board.step.remote(state.step, metrics, logger.status() if logger else None)
         # Every report carries the latest validation figures (a scheduler such as ASHA on
         # val/loss needs the metric in each result); MLflow gets them only when measured.
         report = {**last_val, **metrics, "step": state.step}
@@ -186,7 +193,20 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
     _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
-        logger.close()
+        _close_logger(logger, board, job.tracking.flush_timeout_s)
+
+
+def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
+    """End rank 0's tracking queue without waiting: what is still queued goes to the driver
+    (through the board), which writes it within ``flush_timeout`` or says what it could not.
+    Without a board, wait here for at most ``flush_timeout`` seconds."""
+    if board is None:
+        logger.close(timeout=flush_timeout)
+        return
+    import ray
+
+    status, left = logger.close(timeout=0)
+    ray.get(board.hand_over.remote(status, left), timeout=max(60.0, flush_timeout))
 
 
 def _commit_latest(
