@@ -288,6 +288,34 @@ def test_a_probe_dataset_with_a_pickled_label_column_is_refused(tmp_path: Path) 
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("by_file", [False, True])
+def test_a_parquet_source_with_a_pickled_column_is_refused_at_ingest(
+    tmp_path: Path, by_file: bool
+) -> None:
+    """A Hugging Face-style Parquet folder handed to ``aimctl ingest``: a column of pickles
+    (here the label, which the listing reads) is refused before a value is read."""
+    from aim_platform.data.sources import list_source
+
+    marker, src = tmp_path / "marker", tmp_path / "hf" / "train-00000.parquet"
+    _pickled_column_shard(src, marker, "label")
+    with pytest.raises(UnsafeFile) as exc:
+        list_source(str(src.parent), by_file=by_file)
+    assert "'label'" in _refused(exc, "train-00000.parquet")
+    assert not marker.exists()
+
+
+def test_a_manifest_or_study_record_that_is_not_json_is_one_line(tmp_path: Path) -> None:
+    from aim_platform.data.shards import MANIFEST, read_manifest
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / MANIFEST).write_bytes(pickle.dumps(Payload(tmp_path / "marker")))
+    with pytest.raises(UnsafeFile) as exc:
+        read_manifest(str(root))
+    assert "ingest manifest" in _refused(exc, MANIFEST)
+    assert not (tmp_path / "marker").exists()
+
+
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
 
 

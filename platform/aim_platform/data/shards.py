@@ -111,7 +111,7 @@ def read_manifest(dest: str, storage_options: dict[str, Any] | None = None) -> d
     path = storage.join(root, MANIFEST)
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    return storage.read_json(fs, path, "an ingest manifest")
 
 
 def fingerprint_of(listing: Listing, settings: dict[str, Any]) -> str:

@@ -54,6 +54,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from aim_platform import storage
+from aim_platform.data.safety import require_plain_columns
 from aim_platform.errors import DataError
 
 BUILTINS = ("builtin:digits", "builtin:photos")
@@ -450,6 +451,7 @@ def _list_parquet(
     read here."""
     first = pq.ParquetFile(fs.open(files[0], "rb"))
     schema = first.schema_arrow
+    require_plain_columns(schema, files[0])  # before a value is read: no pickled columns
     if image_column is None:
         named = [c for c in _IMAGE_COLUMNS if c in schema.names]
         typed = [f.name for f in schema if _image_bytes_type(f.type)]
@@ -480,6 +482,7 @@ def _list_parquet(
     for f, stem in zip(files, stems, strict=True):
         with fs.open(f, "rb") as fh:
             pf = pq.ParquetFile(fh)
+            require_plain_columns(pf.schema_arrow, f)
             row = 0
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
@@ -596,7 +599,9 @@ def _parquet_cell(
     if _ROW_GROUP.get("key") != key:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=[column])
+            pf = pq.ParquetFile(f)
+            require_plain_columns(pf.schema_arrow, url)
+            table = pf.read_row_group(group, columns=[column])
         _ROW_GROUP.clear()
         _ROW_GROUP.update(key=key, values=table.column(0))
     value = _ROW_GROUP["values"][row].as_py()
@@ -621,6 +626,7 @@ def iter_file(
     if item.kind == "parquetfile":
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
+            require_plain_columns(pf.schema_arrow, item.path)
             image_col, label_col = options["image_column"], options.get("label_column")
             columns = [image_col] + ([label_col] if label_col else [])
             row = 0

@@ -21,6 +21,7 @@ from ray import tune
 
 from aim_platform import tracking
 from aim_platform.config import ConfigError, JobConfig, Scale, StudySpec
+from aim_platform.errors import UnsafeFile
 from aim_platform.jobs.study_floor import random_trunk_floor
 from aim_platform.jobs.study_table import (
     StudyResult,
@@ -202,7 +203,10 @@ def run_study(
     extra.append(f"tracking.tracking_uri={uri}")
     marker = root / "parent_run.json"
     if resume and marker.exists():
-        parent = json.loads(marker.read_text())["run_id"]
+        try:
+            parent = json.loads(marker.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as exc:  # JSON only: never runs code
+            raise UnsafeFile(f"{marker}: not a study's parent-run record ({exc!r})") from None
     else:
         params = {
             "study": spec.name,
