@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from aim_platform.console import StudyDisplay, TrainDisplay, captured_output, root_cause
+from aim_platform.console import StudyDisplay, TrainDisplay, captured_output
+from aim_platform.failures import root_cause
 from aim_platform.outbox import OutboxStatus
 from aim_platform.tracking import ui_command
 from aim_platform.train.progress import Snapshot

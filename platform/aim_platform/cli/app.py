@@ -58,7 +58,7 @@ _ADDRESS_OPT = typer.Option(
 
 
 def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> NoReturn:
-    from aim_platform.console import root_cause
+    from aim_platform.failures import root_cause
 
     term.print(f"{what} failed: {root_cause(exc)}", markup=False, highlight=False)
     if log:

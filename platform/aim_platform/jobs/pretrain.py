@@ -18,8 +18,8 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.console import root_cause
 from aim_platform.errors import DataError, UnsafeFile
+from aim_platform.failures import root_cause
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
 from aim_platform.storage import filesystem, is_remote, pyarrow_filesystem, read_json
