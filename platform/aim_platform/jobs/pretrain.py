@@ -22,7 +22,7 @@ from aim_platform.errors import DataError, UnsafeFile
 from aim_platform.failures import root_cause
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
-from aim_platform.storage import filesystem, is_remote, pyarrow_filesystem, read_json
+from aim_platform.storage import filesystem, is_remote, join, pyarrow_filesystem, read_json
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board, take_handover
@@ -205,6 +205,7 @@ def pretrain(
             tracking_uri=uri,
             run_id=run_id,
             progress=board,
+            resume_from=join(root, previous["checkpoint"]) if previous else None,
         ),
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers,

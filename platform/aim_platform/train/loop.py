@@ -36,6 +36,10 @@ class LoopArgs:
         run_id: The MLflow run rank 0 writes to (None: no tracking).
         progress: A :class:`~aim_platform.train.progress.ProgressBoard` actor for the driver's
             display, or None.
+        resume_from: The checkpoint ``latest.json`` named when the job started (a URL), or
+            None: what a job restarted by name resumes from when Ray Train has no record of
+            it (a job stopped after ``latest.json`` was written but before Ray's own snapshot
+            of its checkpoints).
     """
 
     job: dict[str, Any]
@@ -43,6 +47,7 @@ class LoopArgs:
     tracking_uri: str | None = None
     run_id: str | None = None
     progress: Any = None
+    resume_from: str | None = None
 
 
 def train_loop_per_worker(args: LoopArgs) -> None:
@@ -69,7 +74,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     trainer = Trainer.setup(job, device, precision)
     model = trainer.model
     state = ckpt.TrainState(data_seed=job.seed)
-    restored = ray.train.get_checkpoint()
+    restored = ray.train.get_checkpoint() or _named_checkpoint(args.resume_from, job)
     if restored is not None:
         with restored.as_directory() as folder:
             state = trainer.restore(Path(folder))
@@ -194,6 +199,20 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
         _close_logger(logger, board, job.tracking.flush_timeout_s)
+
+
+def _named_checkpoint(url: str | None, job: JobConfig) -> Any:
+    """A ``ray.train.Checkpoint`` for the folder at ``url`` (local or object storage), or None."""
+    if url is None:
+        return None
+    import ray.train
+
+    from aim_platform.storage import is_remote, pyarrow_filesystem
+
+    if not is_remote(url):
+        return ray.train.Checkpoint(url)
+    fs, path = pyarrow_filesystem(url, job.train.storage_options)
+    return ray.train.Checkpoint(path, filesystem=fs)
 
 
 def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
