@@ -124,11 +124,15 @@ def test_setup_ends_with_a_warning_naming_a_missing_codec(tmp_path: Path) -> Non
 
 
 def test_make_setup_runs_the_codec_check_every_time() -> None:
+    # as a person types it: not as a sub-make of `make test` (which prints `make[1]: Leaving
+    # directory` after the recipe and passes its own flags down)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     dry = subprocess.run(
-        ["make", "-n", "setup"],
+        ["make", "--no-print-directory", "-n", "setup"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
+        env=env,
     )
     assert dry.stdout.splitlines()[-1].startswith("bash infra/pillow_simd.sh --check "), dry.stdout
