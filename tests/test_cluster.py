@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from aim_platform import cluster
 from aim_platform.cluster import ClusterError, connect, resolve_token
 
 
@@ -88,3 +89,28 @@ def test_no_private_ray_api_in_the_package() -> None:
         if "ray._raylet" in line or "ray._private" in line
     ]
     assert private == []
+
+
+def test_no_address_starts_this_process_own_ray_not_the_last_ray_start_cluster(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ray.init()`` joins the cluster named in ``ray_current_cluster`` (``ray start``,
+    ``ray.cluster_utils``): a demo on a shared machine joined another user's test cluster and
+    died with it. Without an address the platform asks Ray for a local one; ``RAY_ADDRESS``
+    (inside a Ray job) still decides."""
+    import ray
+    from ray._private.services import canonicalize_bootstrap_address
+
+    (tmp_path / "ray_current_cluster").write_text("127.0.0.1:9")
+    assert canonicalize_bootstrap_address(None, temp_dir=str(tmp_path)).endswith(":9")  # joined
+    assert canonicalize_bootstrap_address("local", temp_dir=str(tmp_path)) is None
+
+    calls: list[str | None] = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: calls.append(address))
+    monkeypatch.setattr(cluster, "_quiet_ray_data", lambda: None)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert connect(None) is True
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert connect(None) is True
+    assert calls == ["local", None]

@@ -143,6 +143,11 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
     """Join the Ray cluster at ``address`` (``auto``, ``HOST:6379``), or start an embedded
     local Ray when ``address`` is None; a no-op when this process is already connected.
 
+    Embedded means this process's own Ray: never the cluster that ``ray start`` or
+    ``ray.cluster_utils`` last named in ``/tmp/ray/ray_current_cluster`` (Ray's ``ray.init()``
+    joins that one, so on a shared machine a job joined someone else's cluster and died when
+    it was shut down). ``$RAY_ADDRESS`` (set inside a Ray job) is still followed, as by Ray.
+
     Returns:
         True when this call initialized Ray in this process (started an embedded Ray or
         joined a cluster): the caller calls ``ray.shutdown()`` at the end.
@@ -156,7 +161,7 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
 
         if ray.is_initialized():
             return False
-        ray.init()
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
         _quiet_ray_data()
         return True
     if address.startswith(("http://", "https://")):

@@ -128,7 +128,7 @@ def pretrain(
         job: The validated job config.
         address: Ray cluster address (``auto``, ``HOST:6379``; the token as
             :func:`aim_platform.cluster.connect` finds it); None starts an embedded Ray (or
-            reuses a running one).
+            uses the one this process already joined).
         datasets: ``{"train": ..., "val": ...}`` Ray Datasets with columns ``patches``
             (uint8 (K, P)), ``valid`` (bool), ``epoch`` and ``label`` (int; other columns are
             ignored); None builds them from ``job.data``.
