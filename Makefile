@@ -12,6 +12,7 @@ PYTEST_ARGS ?=
 .PHONY: setup demo test test-fast lint doctor clean
 
 setup: $(STAMP)
+	@bash infra/pillow_simd.sh --check $(PY)
 
 $(STAMP): pyproject.toml Makefile infra/pillow_simd.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

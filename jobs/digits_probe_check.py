@@ -23,8 +23,8 @@ from aim_platform.jobs.ingest import ingest
 from aim_platform.jobs.pretrain import pretrain, summary
 from aim_platform.jobs.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk
+from aim_platform.models.trunk_file import write_trunk
 from aim_platform.tracking import Tracker
-from aim_platform.train.export import write_trunk
 
 CONFIG = Path(__file__).parent / "configs" / "digits_probe_check.yaml"
 

@@ -1,5 +1,5 @@
 """Summarize finished studies from their folders and MLflow: each study's table (mean ± std
-over seeds, the paper's numbers, pairs ordered as in the paper) and, across its trials, the
+over seeds, the paper's numbers, the random-trunk floor and the verdict per pair) and, across its trials, the
 correlation of the final validation loss with linear and attentive probe top-1.
 
 Usage: .venv/bin/python jobs/study_summary.py runs/studies [--tracking-uri URI]

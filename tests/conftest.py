@@ -8,6 +8,7 @@ run it in a subprocess, so that the session's Ray stays up.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -129,17 +130,18 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stdout=log,
         stderr=subprocess.STDOUT,
         process_group=0,  # as services start it (a new session makes it start slowly)
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # as services do
     )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_for_http(f"{uri}/health", timeout=120)
     except TimeoutError:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the server's uvicorn child too, not only mlflow
         raise RuntimeError((root / "server.log").read_text()[-3000:]) from None
     yield uri
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     log.close()

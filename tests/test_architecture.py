@@ -7,21 +7,32 @@ except under ``if TYPE_CHECKING:``), so a lazy import cannot hide an arrow.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import aim_platform
 
 PACKAGE = Path(aim_platform.__file__).resolve().parent
+PROJECT = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+# Imported only where the feature is used, and installed by the extra that names it (boto3
+# through moto, which requires it; see pyproject.toml).
+OPTIONAL = {"dev-s3": {"moto", "boto3"}}
+EXTRA_PROVIDES = {"moto": {"boto3"}}
+# A distribution that provides another's modules: infra/pillow_simd.sh swaps Pillow-SIMD in.
+PROVIDES = {"pillow-simd": "pillow"}
 LIBRARY = ("models", "data", "train", "eval")
-# What a library package may not import: the layers above it (and, for models/data/train, the
-# evaluation and the jobs; eval may read train's exported-trunk format, not the other way).
+# What a library package may not import: the layers above it, and its siblings where both
+# sides need a third thing. Files every layer reads live below all of them: URLs in
+# ``aim_platform.storage``, the trunk file (train writes, eval reads) and the codebook file in
+# ``models``. So models never import data, and eval never imports train.
 FORBIDDEN = {
-    "models": {"train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
+    "models": {"data", "train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
     "data": {"train", "eval", "jobs", "cli", "submit", "tracking", "services", "bench"},
     "train": {"eval", "jobs", "cli", "submit", "services", "bench"},
-    "eval": {"jobs", "cli", "submit", "services", "bench"},
+    "eval": {"train", "jobs", "cli", "submit", "services", "bench"},
 }
 
 
@@ -176,3 +187,51 @@ def test_a_long_module_says_why_at_its_top() -> None:
             if "Over 400 lines on purpose" not in doc:
                 unexplained.append(_module_name(path))
     assert unexplained == []
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    """``["ray[data]==2.60.0", ...]`` -> ``{"ray", ...}`` (normalized distribution names)."""
+    return {
+        re.split(r"[\[<>=!~;\s]", r, maxsplit=1)[0].lower().replace("_", "-") for r in requirements
+    }
+
+
+def test_every_imported_package_is_declared() -> None:
+    """`pip install aim-platform` gets what the package imports: each third-party import is a
+    declared dependency, not something that happens to arrive with another one."""
+    from importlib.metadata import packages_distributions
+
+    core = _requirement_names(PROJECT["project"]["dependencies"])
+    extras = {
+        k: _requirement_names(v) for k, v in PROJECT["project"]["optional-dependencies"].items()
+    }
+    optional = set().union(*OPTIONAL.values())
+    providers = packages_distributions()
+    _, external = _graph()
+    undeclared = set()
+    for module, names in external.items():
+        for name in names - set(sys.stdlib_module_names) - optional:
+            dists = {d.lower().replace("_", "-") for d in providers.get(name, [])}
+            dists |= {PROVIDES[d] for d in dists if d in PROVIDES}
+            if not dists & core:
+                undeclared.add(f"{module}: {name} ({', '.join(sorted(dists)) or 'not installed'})")
+    assert sorted(undeclared) == []
+    for extra, names in OPTIONAL.items():
+        installed = extras[extra].union(*(EXTRA_PROVIDES.get(d, set()) for d in extras[extra]))
+        assert names <= installed, f"extra {extra} lacks {names - installed}"
+    from importlib.metadata import requires
+
+    moto_needs = _requirement_names([r for r in requires("moto") or [] if "extra" not in r])
+    assert EXTRA_PROVIDES["moto"] <= moto_needs
+
+
+def test_requires_python_is_what_the_tests_need() -> None:
+    """The oldest Python claimed is one the code and the tests run on: they read TOML with
+    tomllib (3.11), and ruff checks the code for that same version."""
+    claimed = PROJECT["project"]["requires-python"]
+    major, minor = map(int, re.fullmatch(r">=\s*(\d+)\.(\d+)", claimed).groups())
+    sources = [*PACKAGE.rglob("*.py"), *Path(__file__).parent.rglob("*.py")]
+    if any("tomllib" in _imports(ast.parse(p.read_text())) for p in sources):
+        assert (major, minor) >= (3, 11), f"requires-python {claimed}, but tomllib needs 3.11"
+    assert PROJECT["tool"]["ruff"]["target-version"] == f"py{major}{minor}"
+    assert sys.version_info >= (major, minor)

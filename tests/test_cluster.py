@@ -3,6 +3,9 @@ token-auth head of test_submit.py checks the real connection)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,57 @@ def test_token_precedence(tmp_path: Path) -> None:
 def test_a_dashboard_url_is_refused_with_the_reason() -> None:
     with pytest.raises(ClusterError, match="dashboard URL, which `aimctl submit` takes"):
         connect("http://127.0.0.1:8265")
+
+
+def _driver(code: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+
+
+def test_the_token_reaches_rays_environment_before_ray_is_imported(tmp_path: Path) -> None:
+    """Ray's documented way: RAY_AUTH_MODE and RAY_AUTH_TOKEN in the environment before Ray
+    reads them (when it is imported); no private Ray call refreshes them afterwards."""
+    token = tmp_path / "token"
+    token.write_text("from-the-file\n")
+    ok = _driver(
+        "import os, sys; from aim_platform.cluster import use_token; "
+        f"use_token('10.0.0.1:6379', {str(token)!r}); import ray; "
+        "print(os.environ['RAY_AUTH_MODE'], os.environ['RAY_AUTH_TOKEN'])",
+        {"HOME": str(tmp_path)},
+    )
+    assert ok.stdout.split() == ["token", "from-the-file"], ok.stderr[-2000:]
+    late = _driver(
+        "import ray; from aim_platform.cluster import connect; "
+        "connect('127.0.0.1:1', token_file=" + repr(str(token)) + ")",
+        {"HOME": str(tmp_path)},
+    )
+    assert late.returncode != 0
+    assert "ClusterError: Ray was imported before the auth token was set" in late.stderr
+    already = _driver(  # the shell set both: nothing to change, Ray may come first
+        "import ray; from aim_platform.cluster import use_token; print(use_token('10.0.0.1:6379'))",
+        {"HOME": str(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "from-env"},
+    )
+    assert already.stdout.strip() == "from-env", already.stderr[-2000:]
+    embedded = _driver(  # no address: an embedded Ray, no token business at all
+        "import os; from aim_platform.cluster import use_token; "
+        f"print(use_token(None, {str(token)!r}), 'RAY_AUTH_TOKEN' in os.environ)",
+        {"HOME": str(tmp_path)},
+    )
+    assert embedded.stdout.split() == ["None", "False"], embedded.stderr[-2000:]
+
+
+def test_no_private_ray_api_in_the_package() -> None:
+    package = Path(__file__).resolve().parents[1] / "platform" / "aim_platform"
+    private = [
+        f"{path.relative_to(package)}: {line.strip()}"
+        for path in package.rglob("*.py")
+        for line in path.read_text().splitlines()
+        if "ray._raylet" in line or "ray._private" in line
+    ]
+    assert private == []
 
 
 def test_no_address_starts_this_process_own_ray_not_the_last_ray_start_cluster(

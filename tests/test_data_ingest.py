@@ -215,3 +215,45 @@ def test_cli_bench_data_prints_the_ratio() -> None:
     assert res.exit_code == 0, res.output
     assert "ratio" in res.output and "baseline" in res.output
     assert os.sched_getaffinity(0) == cpus  # the pinning is undone
+
+
+CIFAR_MINI = Path(__file__).parent / "assets" / "cifar10-mini"
+
+
+def test_split_folders_give_the_splits_and_one_class_index(tmp_path) -> None:
+    """CIFAR-10 / ImageNet layout: train/<class>/ and test/<class>/ are the two splits."""
+    from aim_platform.config import DataConfig, DataSource, ModelConfig
+    from aim_platform.data.pipeline import build_val_dataset
+
+    dest = tmp_path / "cifar"
+    m = ingest(str(CIFAR_MINI), str(dest), split_folders=True, shard_size_mb=1)
+    assert m["counts"]["train"] == 160 and m["counts"]["val"] == 40 and not m["rejected"]
+    assert m["label_names"][:3] == ["airplane", "automobile", "bird"]
+    table = all_rows(dest)
+    ids, labels = table["id"].to_pylist(), table["label"].to_pylist()
+    by_id = dict(zip(ids, labels, strict=True))
+    assert by_id["train/cat/0001.jpg"] == by_id["test/cat/0001.jpg"] == 3
+    val = {r["id"] for r in pq.read_table(dest / m["shards"]["val"][0]["path"]).to_pylist()}
+    assert val and all(i.startswith("test/") for i in val)
+    original = (CIFAR_MINI / "test" / "cat" / "0001.jpg").read_bytes()
+    assert table.filter(pa.compute.equal(table["id"], "test/cat/0001.jpg"))["image"][0].as_py() == (
+        original
+    )
+    # data.val_limit: validation reads only the first rows of the val split
+    data = DataConfig(sources=[DataSource(url=str(dest))], val_limit=7)
+    rows = build_val_dataset(data, ModelConfig(size="aim-tiny")).take_all()
+    assert len(rows) == 7
+
+
+def test_split_folders_refuse_other_layouts_with_one_line(tmp_path) -> None:
+    from aim_platform.errors import DataError
+
+    with pytest.raises(DataError, match="must hold exactly train/ and one of val/ or test/"):
+        ingest(str(CIFAR_MINI / "train"), str(tmp_path / "a"), split_folders=True)
+    odd = tmp_path / "odd"
+    write_image_folder(odd / "train", per_class=2)
+    write_image_folder(odd / "val", per_class=2)
+    (odd / "val" / "horse").mkdir()
+    (odd / "val" / "horse" / "x.png").write_bytes(png())
+    with pytest.raises(DataError, match="val/ has classes train/ lacks: horse"):
+        ingest(str(odd), str(tmp_path / "b"), split_folders=True)

@@ -12,8 +12,8 @@ import ray.data
 import s3fs
 from data_helpers import write_image_folder
 
+from aim_platform import storage
 from aim_platform.config import DataConfig, ModelConfig
-from aim_platform.data import storage
 from aim_platform.data.pipeline import build_train_dataset, build_val_dataset
 from aim_platform.jobs.ingest import ingest
 from aim_platform.security import REDACTED, redact

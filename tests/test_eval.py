@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -22,7 +24,7 @@ from aim_platform.eval.probe import (
 )
 from aim_platform.jobs.probe import log_probe
 from aim_platform.models.aim import build_trunk
-from aim_platform.train.export import write_trunk
+from aim_platform.models.trunk_file import write_trunk
 
 CFG = ModelConfig(size="aim-tiny", embed_dim=32, num_blocks=2, num_heads=4)
 
@@ -181,14 +183,17 @@ def test_correlation_coefficients_on_constructed_cases() -> None:
     assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)  # monotone, not linear
     assert pearson([1, 2, 3, 4], [1, 8, 27, 64]) < 0.99
     assert spearman([1, 2, 2, 3], [1, 2, 2, 3]) == pytest.approx(1.0)  # ties
-    from scipy.stats import pearsonr, spearmanr
-
-    rng = np.random.default_rng(0)
-    x, y = rng.normal(size=20), rng.normal(size=20)
-    y[3] = y[4]
-    assert spearman(x, y) == pytest.approx(spearmanr(x, y).statistic)
-    assert pearson(x, y) == pytest.approx(pearsonr(x, y).statistic)
-    assert np.isnan(pearson([1], [2])) and np.isnan(spearman([1, 1], [2, 3]))
+    # By hand: ranks differ by d = (-1, 1, -1, 1, 0), so rho = 1 - 6 * 4 / (5 * 24) = 0.8.
+    assert spearman([1, 2, 3, 4, 5], [20, 10, 40, 30, 50]) == pytest.approx(0.8)
+    # Ties share their average rank: x -> (1, 2.5, 2.5, 4), y -> (1, 2, 3, 4); Pearson of
+    # those ranks is 4.5 / sqrt(4.5 * 5) = sqrt(0.9).
+    assert spearman([1, 5, 5, 9], [1, 2, 3, 4]) == pytest.approx(0.9**0.5)
+    with warnings.catch_warnings():  # undefined is NaN, quietly (scipy would warn)
+        warnings.simplefilter("error")
+        assert np.isnan(pearson([1], [2])) and np.isnan(spearman([1, 1], [2, 3]))
+        assert np.isnan(pearson([1, 2, 3], [4, 4, 4]))
+    with pytest.raises(ValueError, match="differ in length"):
+        spearman([1, 2, 3], [1, 2])
     corr = Correlation(["a", "b", "c"], [1.0, 0.8, 0.6], [0.5, 0.6, 0.7])
     assert corr.spearman == pytest.approx(-1.0) and "Spearman -1.000" in corr.table()
 
@@ -222,6 +227,7 @@ def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_serve
             parent_run_id=parent,
             step=step,
         )
+    assert logger.close(timeout=600)[1] == []  # its queued val/loss points are written
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(child)
     assert run.data.tags["mlflow.parentRunId"] == parent

@@ -7,13 +7,13 @@ import json
 import os
 import re
 import shlex
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-import tomllib
 import yaml
 from net_helpers import REPO
 
@@ -29,6 +29,11 @@ RAY_VERSION = re.search(r'"ray\[[^\]]*\]==([\d.]+)"', (REPO / "pyproject.toml").
 OUR_IMAGE = re.compile(rf"^(?:[\w.\-]+(?::\d+)?/)*aim-platform:{re.escape(VERSION)}$")
 APP = "/app"  # the image's WORKDIR, where the repository lives
 NODE_ENV = {"RAY_AUTH_MODE", "MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL"}
+# The KubeRay release infra/README.md installs; its RayCluster and RayJob CRD schemas are the
+# fixture the Ray manifests are validated against (see tests/fixtures/kuberay/README.md).
+KUBERAY = "v1.7.0"
+CRD_SCHEMAS = REPO / "tests" / "fixtures" / "kuberay" / KUBERAY
+CRD_FILES = {"RayCluster": "rayclusters.json", "RayJob": "rayjobs.json"}
 K8S_KINDS = {
     "RayCluster": "ray.io/v1",
     "RayJob": "ray.io/v1",
@@ -124,14 +129,102 @@ def test_kubernetes_kinds_and_required_fields() -> None:
         assert c.get("name") and c.get("image"), where
 
 
+# ------------------------------------------------ the Ray manifests against KubeRay's own CRDs
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a CRD schema in which a field the schema does not list is an error.
+
+    KubeRay's CRD schemas (like every structural Kubernetes schema) leave
+    ``additionalProperties`` out: the API server then *prunes* unknown fields, so a
+    misspelled one vanishes without a word, and JSON Schema's default lets it through too.
+    Here every object schema that lists ``properties``, sets no ``additionalProperties`` and
+    does not keep unknown fields (``x-kubernetes-preserve-unknown-fields``) gets
+    ``additionalProperties: false``. Maps (``additionalProperties: {schema}``) stay maps.
+    """
+    out = dict(schema)
+    if "properties" in schema:
+        out["properties"] = {k: closed(v) for k, v in schema["properties"].items()}
+        keeps_unknown = schema.get("x-kubernetes-preserve-unknown-fields") is True
+        if "additionalProperties" not in schema and not keeps_unknown:
+            out["additionalProperties"] = False
+    for key in ("items", "additionalProperties", "not"):
+        if isinstance(schema.get(key), dict):
+            out[key] = closed(schema[key])
+    for key in ("allOf", "anyOf", "oneOf"):
+        if key in schema:
+            out[key] = [closed(s) for s in schema[key]]
+    return out
+
+
+def _crd_schema(kind: str) -> dict[str, Any]:
+    return json.loads((CRD_SCHEMAS / CRD_FILES[kind]).read_text())
+
+
+def _crd_errors(doc: dict[str, Any], schema: dict[str, Any]) -> list[str]:
+    """Every violation of ``schema`` (OpenAPI v3 is JSON Schema draft 4 for these keywords;
+    CEL rules, ``x-kubernetes-validations``, are the API server's and not checked here)."""
+    import jsonschema
+
+    validator = jsonschema.Draft4Validator(schema)
+    return sorted(
+        f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
+        for e in validator.iter_errors(doc)
+    )
+
+
+def test_ray_manifests_match_kuberays_crd_schemas() -> None:
+    docs = [(p.name, d) for p, d in _k8s_docs() if d["kind"] in CRD_FILES]
+    assert sorted(d["kind"] for _, d in docs) == ["RayCluster", "RayJob"]
+    readme = (INFRA / "README.md").read_text()
+    assert f"kuberay/kuberay-operator --version {KUBERAY.removeprefix('v')}" in readme
+    for name, doc in docs:
+        assert _crd_errors(doc, closed(_crd_schema(doc["kind"]))) == [], name
+
+
+@pytest.mark.parametrize(
+    ("path", "wrong"),
+    [
+        (("spec", "enableInTreeAutoscaling"), "enableInTreeAutoScaling"),
+        (("spec", "headGroupSpec", "rayStartParams"), "rayStartParam"),
+        (("spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "imagePullPolicy"),
+         "imagePulPolicy"),
+        (("spec", "workerGroupSpecs", 0, "template", "spec", "containers", 0, "resources",
+          "limits"), "limit"),
+    ],
+)  # fmt: skip
+def test_a_misspelled_field_fails_crd_validation(path: tuple[Any, ...], wrong: str) -> None:
+    import copy
+
+    doc = copy.deepcopy(next(d for d in _by_kind("RayCluster")))
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[wrong] = parent.pop(path[-1])
+    schema = _crd_schema("RayCluster")
+    assert _crd_errors(doc, schema) == []  # as KubeRay's schema stands: pruned, not refused
+    errors = _crd_errors(doc, closed(schema))
+    assert len(errors) == 1 and f"'{wrong}' was unexpected" in errors[0], errors
+
+
+def test_ray_containers_request_what_they_limit() -> None:
+    """Ray sizes a node from its container's limits: requests equal to them keep the pod's
+    share of the node what Ray believes it is (KubeRay's recommendation; Guaranteed QoS)."""
+    for where, c in _containers():
+        if not where.startswith(("RayCluster", "RayJob")):
+            continue  # MLflow, MinIO, PostgreSQL: no Ray in them, requests alone are fine
+        res = c["resources"]
+        assert res["requests"] == res["limits"], f"{where}: requests {res}"
+
+
 def test_ray_clusters_head_gpu_workers_and_autoscaling() -> None:
+    """What the schema cannot say: versions, policy and the numbers that must agree."""
     specs = _ray_cluster_specs()
     assert len(specs) == 2
     for name, spec in specs:
         assert spec["rayVersion"] == RAY_VERSION, f"{name}: rayVersion vs pyproject's ray pin"
         assert spec.get("enableInTreeAutoscaling") is True, name
         head = spec["headGroupSpec"]
-        assert "template" in head and "rayStartParams" in head, name
         ports = {
             p["name"]: p["containerPort"]
             for p in head["template"]["spec"]["containers"][0]["ports"]
@@ -139,7 +232,6 @@ def test_ray_clusters_head_gpu_workers_and_autoscaling() -> None:
         assert ports == {"gcs-server": 6379, "dashboard": 8265, "client": 10001}, name
         assert spec["workerGroupSpecs"], name
         for group in spec["workerGroupSpecs"]:
-            assert group["groupName"] and "rayStartParams" in group, name
             assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
             assert group["maxReplicas"] > group["minReplicas"], f"{name}: no autoscaling range"
             limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
@@ -209,10 +301,41 @@ def test_entrypoints_and_config_paths_exist() -> None:
         assert (folder / ".gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
 
 
-def test_dockerfile_copies_existing_paths_and_ends_with_pillow_simd() -> None:
+def _dockerfile() -> tuple[str, list[str]]:
+    """The Dockerfile's text and its instructions (continuations joined, comments dropped)."""
     text = (INFRA / "Dockerfile").read_text()
     lines = [ln.strip() for ln in text.replace("\\\n", " ").splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
+    return text, [ln for ln in lines if ln and not ln.startswith("#")]
+
+
+def test_dockerfile_has_what_kuberays_probes_run() -> None:
+    """KubeRay injects exec probes running `wget ... /api/local_raylet_healthz | grep success`
+    in bash (HTTP probes only from KubeRay 1.6 with Ray 2.53): Ray's own images have wget; on
+    our CUDA base it must be installed, and infra/README.md says why."""
+    text, lines = _dockerfile()
+    base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)[1]
+    apt = " ".join(ln for ln in lines if "apt-get install" in ln)
+    assert base.startswith("rayproject/ray:") or re.search(r"(^|\s)wget(\s|$)", apt), apt
+    readme = (INFRA / "README.md").read_text()
+    assert "local_raylet_healthz" in readme and "wget" in readme
+
+
+def test_dockerfile_installs_dependencies_before_copying_the_code() -> None:
+    """A code change must reuse the layers holding Ray, torch and MLflow."""
+    _, lines = _dockerfile()
+    code = lines.index("COPY platform ./platform")
+    deps = [
+        i for i, ln in enumerate(lines) if ln.startswith("RUN") and "-r /tmp/requirements" in ln
+    ]
+    assert deps and deps[0] < code, "the dependencies are installed after the code is copied"
+    copied_before = {ln.split()[1] for ln in lines[: deps[0]] if ln.startswith("COPY")}
+    assert copied_before == {"infra/constraints.txt", "pyproject.toml"}, copied_before
+    package = [ln for ln in lines[code:] if ln.startswith("RUN pip install")]
+    assert package == ["RUN pip install --no-deps ."], package
+
+
+def test_dockerfile_copies_existing_paths_and_ends_with_pillow_simd() -> None:
+    text, lines = _dockerfile()
     base = re.search(r"^ARG CUDA_IMAGE=(\S+)$", text, re.M)[1]
     assert base.startswith("nvidia/cuda:") and re.search(r":\d+\.\d+\.\d+-", base), base
     for ln in lines:

@@ -12,7 +12,7 @@ from aim_platform.selfcheck import ml_aim_parity, reference_path
 
 
 def test_block_outputs_and_logits_match_official_code() -> None:
-    ref = torch.load(reference_path(), weights_only=False)
+    ref = torch.load(reference_path(), weights_only=True)
     model = load_ml_aim_v1(ref["state_dict"], **ref["ml_aim_config"])
     patches = patchify(ref["images"], 14)
     with torch.no_grad():
@@ -26,7 +26,7 @@ def test_block_outputs_and_logits_match_official_code() -> None:
 
 
 def test_converter_rejects_foreign_state_dicts() -> None:
-    ref = torch.load(reference_path(), weights_only=False)
+    ref = torch.load(reference_path(), weights_only=True)
     sd = dict(ref["state_dict"])
     sd["trunk.blocks.9.attn.qkv.weight"] = torch.zeros(1)
     try:
@@ -48,7 +48,7 @@ def test_convert_command_round_trip(tmp_path) -> None:
     out = tmp_path / "converted.pt"
     result = CliRunner().invoke(app, ["convert-ml-aim", reference_path(), str(out)])
     assert result.exit_code == 0, result.output
-    ref = torch.load(reference_path(), weights_only=False)
+    ref = torch.load(reference_path(), weights_only=True)
     model = load_converted(out)
     with torch.no_grad():
         assert (model(ref["images"]) - ref["logits"]).abs().max() < 1e-4

@@ -14,6 +14,7 @@ from aim_platform.train.metrics import (
     Throughput,
     attention_flops_per_image,
     flops_per_image,
+    job_peak_flops,
     matmul_parameters,
     measure_matmul_peak,
     peak_flops,
@@ -107,12 +108,58 @@ def test_throughput_excludes_warmup_steps() -> None:
 
 
 def test_throughput_devices_and_unknown_peak() -> None:
-    t = Throughput(flops_per_image=1e9, patches_per_image=4, peak_flops=1e12, num_devices=4)
+    t = Throughput(flops_per_image=1e9, patches_per_image=4, peak_flops=4e12)  # 4 devices
     for _ in range(4):  # default: 3 warm-up steps
         t.update(images=100, seconds=1.0)
     assert t.images_per_s == 100.0
-    assert t.mfu == pytest.approx(100 * 1e9 / 4e12)  # images are global, peak per device
+    assert t.mfu == pytest.approx(100 * 1e9 / 4e12)  # images and peak both of all devices
     no_peak = Throughput(flops_per_image=1e9, patches_per_image=4, warmup_steps=0)
     no_peak.update(images=10, seconds=2.0)
     assert no_peak.mfu is None
     assert set(no_peak.metrics(prefix="")) == {"images_per_s", "patches_per_s"}
+
+
+def _peak_on_rank(rank: int, port: int, out: str) -> None:
+    """One of two gloo ranks: rank 1 arrives a second late; each "measures" a different peak
+    (as ranks measuring at different moments of a shared machine do)."""
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    if rank == 1:
+        time.sleep(1.0)
+    arrived = time.time()
+    measured_at: list[float] = []
+
+    def measure(device: torch.device | str, dtype: torch.dtype) -> float:
+        measured_at.append(time.time())
+        return [3e9, 1e9][rank]
+
+    cpu = job_peak_flops("cpu", torch.float32, measure=measure)
+    gpu = job_peak_flops("cpu", torch.float32, override=989e12, measure=measure)
+    meter = Throughput(flops_per_image=1e9, patches_per_image=4, peak_flops=cpu, warmup_steps=0)
+    meter.update(images=64, seconds=32.0)  # 2 images/s of 1 GFLOP each, all ranks together
+    dist.destroy_process_group()
+    result = {"arrived": arrived, "measured": measured_at, "cpu": cpu, "gpu": gpu, "mfu": meter.mfu}
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump(result, f)
+
+
+def test_every_rank_gets_the_jobs_peak_measured_together(tmp_path) -> None:
+    """MFU's denominator is the sum of all ranks' peaks, measured at one moment, so every rank
+    reports one MFU (each rank's own, measured alone, made rank 1 report 1.22 beside 0.56)."""
+    import json
+
+    import torch.multiprocessing as mp
+    from net_helpers import free_port
+
+    mp.spawn(_peak_on_rank, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
+    assert [r["cpu"] for r in ranks] == [4e9, 4e9]  # 3e9 + 1e9 on both ranks
+    assert [r["gpu"] for r in ranks] == [2 * 989e12] * 2  # a known peak: per device x world
+    assert [r["mfu"] for r in ranks] == [pytest.approx(0.5)] * 2  # 2e9 FLOP/s of 4e9
+    assert [len(r["measured"]) for r in ranks] == [1, 1]  # measured only without a peak
+    # Rank 0 measured only once the late rank 1 had arrived: both at the same moment.
+    assert ranks[0]["measured"][0] >= ranks[1]["arrived"]

@@ -22,8 +22,8 @@ import pytest
 from s3_fault_proxy import FaultProxy
 from train_helpers import digits_datasets, tiny_job
 
+from aim_platform import storage
 from aim_platform.config import DataConfig, ModelConfig, load_config
-from aim_platform.data import storage
 from aim_platform.data.pipeline import build_train_dataset
 from aim_platform.data.tasks import read_and_decode
 from aim_platform.errors import DataError

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -79,6 +80,9 @@ def test_services_up_log_run_down(tmp_path: Path) -> None:
         assert mlflow_rec is not None and s3_rec is not None
         # `up` returned, yet the servers run on in the background, bound to loopback only.
         assert svc.pid_alive(mlflow_rec.pid) and svc.pid_alive(s3_rec.pid)
+        # the tracking server only: none of MLflow's job-execution workers (seven more Pythons)
+        tree = psutil.Process(mlflow_rec.pid).children(recursive=True)
+        assert not [p for p in tree if "huey" in " ".join(p.cmdline())]
         assert exports["MLFLOW_TRACKING_URI"] == mlflow_rec.url
         assert exports["AWS_ENDPOINT_URL"] == s3_rec.url
         for rec in (mlflow_rec, s3_rec):
@@ -197,8 +201,56 @@ def test_status_notices_stale_pid_and_down_clears_it(tmp_path: Path) -> None:
 
 def test_reused_pid_is_stale(tmp_path: Path) -> None:
     # Our own PID is alive, but with another start time it is not the recorded process.
-    assert svc.pid_alive(os.getpid())
-    assert not svc.pid_alive(os.getpid(), proc_start="1")
+    started = svc._proc_start_time(os.getpid())
+    assert started is not None and svc.pid_alive(os.getpid(), proc_start=started)
+    assert not svc.pid_alive(os.getpid(), proc_start=started - 60)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert not svc.pid_alive(dead.pid) and svc._proc_start_time(dead.pid) is None
+
+
+def test_down_stops_the_whole_process_tree(tmp_path: Path) -> None:
+    """A service's child that left its process group (its own session) still goes: down
+    walks the process tree (psutil), not the group."""
+    import json
+
+    import psutil
+
+    code = (
+        "import subprocess, sys, time; "
+        "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], "
+        "start_new_session=True); print(c.pid, flush=True); time.sleep(600)"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, process_group=0
+    )
+    child = psutil.Process(int(proc.stdout.readline()))
+    assert os.getpgid(child.pid) != proc.pid  # out of the service's group
+    rec = svc.ServiceRecord(
+        name="mlflow", pid=proc.pid, host="127.0.0.1", port=5999, url="http://127.0.0.1:5999",
+        log=str(tmp_path / "mlflow.log"), started_at=0.0,
+        proc_start=svc._proc_start_time(proc.pid),
+    )  # fmt: skip
+    (tmp_path / "mlflow.json").write_text(json.dumps(rec.__dict__))
+    assert [st.state for st in svc.status(tmp_path)] == ["running", "stopped"]
+    assert svc.down(tmp_path, timeout=10) == [f"mlflow: stopped (pid {proc.pid})"]
+    assert proc.poll() is not None
+    assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def test_s3_endpoint_without_its_extra_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "moto", None)  # as if `pip install aim-platform` only
+    monkeypatch.setitem(sys.modules, "moto.server", None)
+    args = ["services", "up", "--s3", "--no-mlflow", "--state-dir", str(tmp_path)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert result.output.splitlines() == [
+        "error: --s3 needs moto and boto3 (moto is not installed): "
+        "pip install 'aim-platform[dev-s3]'"
+    ]
+    assert not (tmp_path / "s3.json").exists()
 
 
 def test_mlflow_up_rejects_folder_backend_and_busy_port(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ def test_tables_without_numbers_in_the_text_say_so() -> None:
         assert "paper (" not in md and "has no numbers" in md
 
 
-@pytest.mark.parametrize("scale", ["tiny", "small", "paper"])
+@pytest.mark.parametrize("scale", ["tiny", "small", "cifar10", "paper"])
 def test_head_shape_is_two_sweeps_at_every_scale(scale: str) -> None:
     """Table 4: widths 1/4, 1/2, 1 of the full head at full depth; depths 1/2, 2/3, 1 at
     full width; the paper scale has the paper's values."""
@@ -160,30 +160,115 @@ def test_a_failed_trial_is_reported_not_fatal(ray_session, tmp_path) -> None:
     assert (
         tmp_path / "runs" / "fails-tiny" / "trials" / "fails-tiny-ok-s1" / "latest.json"
     ).is_file()
+    # The floor: the working variant's random trunk per seed, beside it; the broken one's
+    # floor cannot read its data either, which is a tag, not a stopped study.
+    rows = {r[0]: r for r in result.table()}
+    assert rows["random trunk (linear)"][header.index("ok")] != "-"
+    assert rows["random trunk (linear)"][header.index("broken")] == "-"
+    assert "floor_failed.broken/s0" in tags
+    assert any(v.a == "ok" and v.b == "random trunk" for v in result.verdicts())
 
 
-def test_seeds_show_mean_and_std_and_the_direction_against_the_paper() -> None:
-    spec = load_study(
-        STUDIES_DIR / "crop_scale.yaml"
-    )  # paper linear: s0.08 68.4, s0.4 70.0, s1.0 49.6
-    linear = {"s0.08": [0.60, 0.64], "s0.4": [0.70, 0.72], "s1.0": [0.66, 0.66]}
-    trials = [
-        TrialOutcome(v, f"r{v}{i}", {"probe/linear/top1": x, "probe/attentive/top1": x}, seed=i)
-        for v, xs in linear.items()
-        for i, x in enumerate(xs)
-    ]
-    trials.append(TrialOutcome("s1.0", None, {}, error="boom", seed=2))  # a failed seed
-    result = StudyResult(spec, "small", None, "", trials)
+def crop_trials(values: dict[str, dict[str, list[float]]]) -> list[TrialOutcome]:
+    """Trials of the crop-scale study: row -> variant -> per-seed top-1 (fractions)."""
+    out = []
+    for v in values["linear"]:
+        for i, (lin, att) in enumerate(
+            zip(values["linear"][v], values["attentive"][v], strict=False)
+        ):
+            out.append(
+                TrialOutcome(
+                    v, f"r{v}{i}", {"probe/linear/top1": lin, "probe/attentive/top1": att}, seed=i
+                )
+            )
+    return out
+
+
+def test_seeds_give_mean_std_and_a_paired_verdict_per_pair_beside_the_paper() -> None:
+    spec = load_study(STUDIES_DIR / "crop_scale.yaml")
+    # paper linear: s0.08 68.4, s0.4 70.0, s1.0 49.6; attentive 77.7, 78.2, 63.5
+    values = {
+        "linear": {
+            "s0.08": [0.58, 0.64, 0.60],
+            "s0.4": [0.60, 0.63, 0.63, 0.70],
+            "s1.0": [0.50, 0.52, 0.54],
+        },
+        "attentive": {
+            "s0.08": [0.70, 0.70, 0.70],
+            "s0.4": [0.60, 0.61, 0.63, 0.70],
+            "s1.0": [0.70, 0.72, 0.74],
+        },
+    }
+    trials = crop_trials(values)
+    trials.append(TrialOutcome("s1.0", None, {}, error="boom", seed=3))  # a failed seed
+    floor = {
+        v: {
+            i: {"probe/linear/top1": 0.30, "probe/attentive/top1": 0.40 + i / 100} for i in range(3)
+        }
+        for v in spec.variants
+    }
+    result = StudyResult(spec, "small", None, "", trials, floor=floor)
     header, row = result.table()[:2]
-    assert row[header.index("s0.08")] == "62.0 ± 2.8"
-    assert row[header.index("s0.4")] == "71.0 ± 1.4*"
-    assert row[header.index("s1.0")] == "66.0 ± 0.0"  # the failed seed is left out
+    assert row[header.index("s1.0")] == "52.0 ± 2.0"  # the failed seed is left out
+    rows = {r[0]: r for r in result.table()}
+    assert rows["random trunk (linear)"][1:] == ["30.0 ± 0.0"] * 3
+    verdicts = {(v.row, v.a, v.b): v for v in result.verdicts()}
+    # s0.4 - s1.0, linear: per seed +10, +11, +9 (seed 3 has no s1.0): t interval by hand
+    # 10 +/- 4.303 * 1 / sqrt(3) = [7.5, 12.5], the paper's sign (+20.4): agrees.
+    v = verdicts[("linear", "s0.4", "s1.0")]
+    assert v.cells()[2:5] == ["+10.0 [+7.5, +12.5] (n=3)", "+20.4", "agrees"]
+    # attentive: -10, -11, -11 against the paper's +14.7: opposite.
+    assert verdicts[("attentive", "s0.4", "s1.0")].verdict == "opposite"
+    # s0.4 - s0.08, linear: +2, -1, +3 (mean 1.33, sd 2.08): inconclusive; 12 seeds would
+    # resolve it (t(11) * 2.08 / sqrt(12) = 1.32 < 1.33; t(10) * 2.08 / sqrt(11) = 1.40).
+    v = verdicts[("linear", "s0.4", "s0.08")]
+    assert (v.verdict, v.seeds_needed) == ("inconclusive", 12)
+    # Every variant against its floor, paired over the same seeds.
+    assert verdicts[("linear", "s0.4", "random trunk")].verdict == "above floor"
     md = result.markdown()
-    assert "over 3 seeds" in md
-    # Paper order: s0.4 > s0.08 > s1.0; ours s0.4 > s1.0 > s0.08: 2 of 3 pairs agree.
-    assert (
-        "linear: 2/3 pairs of variants ordered as in the paper; best: paper s0.4, ours s0.4" in md
-    )
+    assert "over 4 seeds" in md and "| linear | s0.4 − s1.0 | +10.0 [+7.5, +12.5] (n=3)" in md
+    assert "linear: of 3 pair(s) the paper orders, 2 agrees, 0 opposite, 1 inconclusive" in md
+    assert "linear: 3 of 3 variants above the random-trunk floor" in md
+    lines = csv_rows(result.csv())
+    assert ["row", "a", "b", "n", "mean", "low", "high", "paper", "verdict", "seeds"] in lines
+    assert any(r[:3] == ["attentive", "s0.4", "s1.0"] and r[8] == "opposite" for r in lines)
+
+
+def test_paired_interval_matches_scipys_paired_t_test() -> None:
+    from scipy import stats
+
+    from aim_platform.eval.paired import paired_difference, seeds_to_resolve
+
+    a, b = [71.2, 69.8, 73.5, 70.1], [68.0, 69.9, 70.2, 66.3]
+    d = paired_difference(a, b)
+    ci = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert d.low == pytest.approx(ci.low) and d.high == pytest.approx(ci.high)
+    assert d.excludes_zero == (ci.low > 0 or ci.high < 0)
+    one = paired_difference([0.5], [0.4])  # one seed: no interval, never resolved
+    assert not one.excludes_zero and seeds_to_resolve(one) is None
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference([1.0], [1.0, 2.0])
+
+
+def test_text_directions_give_verdicts_where_the_paper_has_no_numbers() -> None:
+    spec = load_study(STUDIES_DIR / "attention.yaml")  # Table 3d: an image in our text
+    causal_causal, causal_bidir = "causal-pt.causal-probe", "causal-pt.bidir-probe"
+    trials = [
+        TrialOutcome(v, "r", {"probe/linear/top1": x + i / 100, "probe/attentive/top1": x}, seed=i)
+        for v, x in {
+            causal_causal: 0.5,
+            causal_bidir: 0.3,
+            "prefix-pt.causal-probe": 0.5,
+            "prefix-pt.bidir-probe": 0.6,
+        }.items()
+        for i in range(3)
+    ]
+    verdicts = {
+        (v.row, v.a, v.b): v for v in StudyResult(spec, "small", None, "", trials).verdicts()
+    }
+    v = verdicts[("linear", causal_causal, causal_bidir)]
+    assert v.paper is None and v.expected == 1 and v.verdict == "agrees"
+    assert verdicts[("linear", "prefix-pt.bidir-probe", causal_causal)].verdict == "agrees"
 
 
 def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -> None:
@@ -208,3 +293,48 @@ def test_a_study_can_run_a_subset_of_its_variants() -> None:
         select_variants(spec, ["s9", "s0.4"])
     with pytest.raises(ConfigError, match="at least 2"):
         select_variants(spec, ["s0.4"])
+
+
+CIFAR_MINI = Path(__file__).parent / "assets" / "cifar10-mini"
+
+
+@pytest.mark.slow
+def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_path) -> None:
+    """The user's journey on natural images: ingest CIFAR-10 folders with --split-folders,
+    run a study at the cifar10 preset with 2 seeds (cut to a few steps), read the table:
+    verdicts with intervals, the random-trunk floor, the probe recipe; the same in MLflow."""
+    from typer.testing import CliRunner
+
+    from aim_platform.cli import app
+
+    runner = CliRunner()
+    root = tmp_path / "cifar"
+    res = runner.invoke(app, ["ingest", str(CIFAR_MINI), str(root), "--split-folders"])
+    assert res.exit_code == 0 and "train 160, val 40" in " ".join(res.output.split()), res.output
+    cut = ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "probe.steps=5"]
+    cut += ["train.global_batch_size=16", "train.micro_batch_size=16", "data.val_limit=16"]
+    args = ["study", str(STUDIES_DIR / "head.yaml"), "--scale", "cifar10", "--seeds", "2"]
+    args += ["--variants", "none,mlp", "--storage", str(tmp_path / "runs" / "studies")]
+    args += ["--set", f"data.sources.0.url={root}", *(x for c in cut for x in ("--set", c))]
+    res = runner.invoke(app, args)
+    out = res.output
+    assert res.exit_code == 0, out
+    assert "| random trunk (linear) |" in out and "| random trunk (attentive) |" in out
+    assert "| linear | mlp − none |" in out  # the paper's better variant first
+    assert "(n=2)" in out and "of 1 pair(s) the paper orders" in out
+    assert "above the random-trunk floor" in out and "one fixed recipe for every variant" in out
+    table = (tmp_path / "runs" / "studies" / "head-cifar10" / "table.csv").read_text()
+    assert "verdict" in table and "random trunk" in table
+    import json
+
+    parent = json.loads(
+        (tmp_path / "runs" / "studies" / "head-cifar10" / "parent_run.json").read_text()
+    )["run_id"]
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    tags = client.get_run(parent).data.tags
+    assert tags["verdict.linear.mlp-vs-none"].split()[0] in ("agrees", "opposite", "inconclusive")
+    floors = client.search_runs(
+        [client.get_run(parent).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name LIKE 'random-trunk-%'",
+    )
+    assert len(floors) == 2  # none and mlp share each seed's random trunk: one probe a seed

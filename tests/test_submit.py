@@ -402,10 +402,22 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     saved = json.loads((run_root / "latest.json").read_text())
     assert (run_root / saved["checkpoint"]).is_dir() and 10 <= saved["step"] < 60
 
-    again = runner.invoke(app, [*args, *_journey_args(shared_storage), "--wait"])
-    assert again.exit_code == 0, again.output
-    assert "SUCCEEDED" in again.output
-    log = sub.logs(address, _job_id(again.output))
+    # Through the real entry point, stdout and stderr both: what a person sees is ours only
+    # (Ray's packaging and upload lines go to runs/logs/submit-*.log).
+    again = subprocess.run(
+        [str(Path(sys.executable).parent / "aimctl"), *args, *_journey_args(shared_storage),
+         "--wait"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )  # fmt: skip
+    seen = (again.stdout + again.stderr).splitlines()
+    assert again.returncode == 0, seen
+    job_id = _job_id(again.stdout)
+    assert [line for line in seen if line.strip()] == [
+        f"submitted {job_id}",
+        f"  aimctl jobs logs {job_id} --follow --address {address}",
+        f"{job_id}: SUCCEEDED",
+    ], seen
+    log = sub.logs(address, job_id)
     # What a person reads: a header, progress lines, a summary; no raw Ray log line.
     lines = [line for line in log.splitlines() if line.strip() and not JOBS_FRAME.search(line)]
     assert len(lines) <= 60, log
@@ -488,10 +500,16 @@ def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env:
     assert rows[0] == "| probe | none | mlp |"
     assert [r.split("|")[1].strip() for r in rows[1:3]] == ["linear", "attentive"]
     assert all("**" in r for r in rows[1:3])  # the best of each row is marked
-    children = client.search_runs(
+    nested = client.search_runs(
         [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
     )
+    # under the study run: its trials and the random-trunk floor's probe runs (one random
+    # trunk for both heads: the trunk and its probe do not depend on the head)
+    children = [r for r in nested if r.data.tags.get("kind") != "probe"]
+    floors = [r for r in nested if r.data.tags.get("kind") == "probe"]
     assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none"]
+    assert [r.info.run_name for r in floors] == ["random-trunk-none"]
+    assert "probe/linear/top1" in floors[0].data.metrics
     for child in children:  # each trial pre-trained on digits and probed its trunk
         variant = child.data.tags["variant"]
         assert variant in child.info.run_name and child.data.tags["git_commit"]
@@ -518,9 +536,9 @@ def test_drivers_join_a_token_cluster_like_submit_does(
     """`aimctl pretrain/study/probe --address` find the token as submit does: no RAY_AUTH_MODE."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["HOME"] = str(tmp_path)
-    script = (
-        "from aim_platform.cluster import connect; import ray; "
-        f"connect('{ray_head['gcs']}'); print('CPUS', ray.cluster_resources()['CPU'])"
+    script = (  # a driver joins first: Ray reads the token from the environment on import
+        "from aim_platform.cluster import connect; "
+        f"connect('{ray_head['gcs']}'); import ray; print('CPUS', ray.cluster_resources()['CPU'])"
     )
     ok = subprocess.run(
         [sys.executable, "-c", script],

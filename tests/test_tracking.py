@@ -115,13 +115,16 @@ def test_system_metrics_sampled_then_stopped(store: str) -> None:
     logger.close()
     assert tracker.metric_history(run, key)
     assert "system/system_memory_usage_megabytes" in tracker.metric_keys(run)
-    assert not [t for t in threading.enumerate() if t.name == "SystemMetricsMonitor"]
+    names = {t.name for t in threading.enumerate()}
+    assert not names & {"SystemMetricsMonitor", "aim-system-metrics", "aim-mlflow"}
 
 
 def _write(uri: str, run_id: str, n: int) -> None:
     logger = tracking.RunLogger(uri, run_id)
     for step in range(n):
         logger.log_metrics({"a": step, "b": 2.0 * step}, step=step)
+    status, left = logger.close(timeout=240)
+    assert left == [] and status.unwritten == 0, status
 
 
 def test_four_concurrent_writers_lose_nothing(store: str) -> None:

@@ -14,7 +14,7 @@ from train_helpers import digits_datasets, tiny_job
 from aim_platform.config import ConfigError, JobConfig, OptimConfig, build_config
 from aim_platform.jobs.pretrain import latest_train_state, pretrain, summary
 from aim_platform.models.aim import AIMForPretraining
-from aim_platform.train.export import read_trunk
+from aim_platform.models.trunk_file import read_trunk
 from aim_platform.train.optim import build_optimizer, lr_at
 
 

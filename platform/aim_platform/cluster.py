@@ -5,8 +5,11 @@ Ray token authentication (Ray 2.52+, on by default for local clusters since 2.59
 sends the token, looked up in order in an explicit token file (``--token-file``),
 ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH`` and, only when ``RAY_AUTH_MODE=token``,
 ``~/.ray/auth_token`` (Ray's own order after the explicit file). A driver that joins a cluster
-with a token gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` set in its environment here,
-so nobody has to know about Ray's variables.
+with a token gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` set in its environment here
+(:func:`use_token`), so nobody has to know about Ray's variables. That is Ray's documented
+way, and it has one rule: Ray reads them when it is imported, so they are set before that
+(the command line calls :func:`use_token` first thing; :func:`connect` refuses, saying why,
+when Ray was imported without them).
 """
 
 from __future__ import annotations
@@ -90,17 +93,35 @@ def _quiet_ray_data() -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def _use_token(token: str) -> None:
-    """Make this process (and the workers it starts) authenticate with ``token``."""
-    os.environ["RAY_AUTH_MODE"] = "token"
-    os.environ["RAY_AUTH_TOKEN"] = token
-    if "ray._raylet" in sys.modules:
-        # Ray read its configuration and cached the token when it was imported: refresh both
-        # (what Ray's own token set-up does when it turns token mode on for a process).
-        from ray._raylet import AuthenticationTokenLoader, Config
+def use_token(address: str | None, token_file: str | Path | None = None) -> str | None:
+    """Put the cluster's token where Ray reads it, before Ray is imported: a driver that
+    joins the cluster at ``address`` (not an embedded Ray, ``address`` None) and has a token
+    (see :func:`resolve_token`) gets ``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` in this
+    process's environment, which the Ray processes it starts inherit.
 
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+    Returns:
+        The token, or None (no cluster address, or no token configured).
+
+    Raises:
+        ClusterError: a named token file is unreadable, or Ray was imported in this process
+            before the token was set (Ray would not send it).
+    """
+    if not address or address.startswith(("http://", "https://")):
+        return None
+    token = resolve_token(token_file)
+    if token is None:
+        return None
+    wanted = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    if all(os.environ.get(k) == v for k, v in wanted.items()):
+        return token  # already there (the shell's, or an earlier call's)
+    if "ray" in sys.modules:
+        raise ClusterError(
+            "Ray was imported before the auth token was set, so it would not send it: set "
+            "RAY_AUTH_MODE=token and RAY_AUTH_TOKEN in the environment, or call "
+            "aim_platform.cluster.use_token(address, token_file) before importing ray"
+        )
+    os.environ.update(wanted)
+    return token
 
 
 @contextlib.contextmanager
@@ -148,9 +169,7 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
             f"--address {address}: that is a dashboard URL, which `aimctl submit` takes; a "
             f"driver joins a cluster by its GCS address (HOST:6379) or `auto` on a node"
         )
-    token = resolve_token(token_file)
-    if token is not None:
-        _use_token(token)
+    token = use_token(address, token_file)
     import ray
 
     if ray.is_initialized():

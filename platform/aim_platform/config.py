@@ -312,10 +312,17 @@ class TrainConfig(StrictModel):
 
 
 class TrackingConfig(StrictModel):
-    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage."""
+    """MLflow: where runs go. None: $MLFLOW_TRACKING_URI, else a SQLite file in storage.
+
+    Writes wait in a queue that training never waits on: ``buffer_size`` writes (one per
+    logged step, plus system metrics) are held while the server does not answer, more are
+    dropped and counted; at the end, queued writes get ``flush_timeout_s`` seconds.
+    """
 
     tracking_uri: str | None = None
     experiment: str = Field("aim-pretrain", min_length=1)
+    buffer_size: int = Field(10_000, ge=1)
+    flush_timeout_s: float = Field(60.0, ge=0)
 
 
 class DataSource(StrictModel):
@@ -349,6 +356,11 @@ class DataConfig(StrictModel):
         default_factory=lambda: [DataSource(url="builtin:digits")], min_length=1
     )
     val_url: str | None = Field(None, description="ingest root for validation; None: sources")
+    val_limit: int | None = Field(
+        None,
+        ge=1,
+        description="validate on the first N val rows (a hashed, class-mixed sample); None: all",
+    )
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="fsspec options (endpoint_url, ...); no secrets here"
     )
@@ -472,7 +484,8 @@ class JobConfig(StrictModel):
     probe: ProbeConfig | None = Field(None, description="probe after (and during) pre-training")
 
 
-Scale = Literal["tiny", "small", "paper"]
+Scale = Literal["tiny", "small", "cifar10", "paper"]
+SCALES: tuple[str, ...] = ("tiny", "small", "cifar10", "paper")
 
 
 class StudySpec(StrictModel):
@@ -497,6 +510,11 @@ class StudySpec(StrictModel):
     paper: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="row (linear/attentive) -> variant -> paper top-1"
     )
+    directions: dict[Literal["linear", "attentive", "val_loss"], list[str]] = Field(
+        default_factory=dict,
+        description="row -> 'a > b' (a better: higher top-1, lower loss): what the paper's "
+        "text says where its table has no numbers (Table 3d, Fig. 1)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> StudySpec:
@@ -507,6 +525,14 @@ class StudySpec(StrictModel):
             unknown = set(cols) - set(self.variants)
             if unknown:
                 raise ValueError(f"paper: row {row!r} names unknown variants {sorted(unknown)}")
+        for row, texts in self.directions.items():
+            for text in texts:
+                parts = [p.strip() for p in text.split(">")]
+                if len(parts) != 2 or not set(parts) <= set(self.variants) or len(set(parts)) < 2:
+                    raise ValueError(
+                        f"directions: {row}: {text!r} must read 'a > b' with two of the "
+                        f"variants ({', '.join(self.variants)})"
+                    )
         for scale, by_variant in self.variant_scales.items():
             unknown = set(by_variant) - set(self.variants)
             if unknown:
@@ -569,7 +595,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+        raise ConfigError(
+            f"override {item!r}: value is not valid YAML: {yaml_problem(exc)}"
+        ) from None
     return path, value
 
 
@@ -631,6 +659,18 @@ def build_config(
         raise ConfigError(_format_validation_error(err)) from None
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where and what. Configs are read with ``yaml.safe_load``, so a
+    tag that would build a Python object (``!!python/object/apply:os.system``) is only ever
+    this error, never a call."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = (getattr(exc, "problem", None) or str(exc) or type(exc).__name__).strip()
+    problem = problem.splitlines()[0]
+    if "python/" in problem:
+        problem += " (tags that build Python objects are never loaded)"
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else problem
+
+
 def load_config(
     path: str | Path | None, overrides: list[str] | None = None, cls: type[C] = JobConfig
 ) -> C:
@@ -643,7 +683,9 @@ def load_config(
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from exc
+            raise ConfigError(
+                f"config file {str(p)!r} is not valid YAML: {yaml_problem(exc)}"
+            ) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -67,10 +67,17 @@ def captured_output(log_file: Path | None) -> Iterator[Console]:
     with open(log_file, "a", buffering=1) as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
-        sys.stdout = sys.stderr = log
+        # Streams over the descriptors, not the log file itself: a logging handler made in
+        # here (Ray makes one on import) keeps its stream, which must not be a file that is
+        # closed below; these follow descriptors 1 and 2 back to the terminal.
+        out = open(1, "w", buffering=1, closefd=False)  # never closed
+        err = open(2, "w", buffering=1, closefd=False)
+        sys.stdout, sys.stderr = out, err
         try:
             yield console
         finally:
+            out.flush()
+            err.flush()
             log.flush()
             sys.stdout, sys.stderr = saved_streams
             for fd, saved in zip((1, 2), saved_fds, strict=True):
@@ -118,13 +125,16 @@ class TrainDisplay:
     a line is printed each time new logged metrics arrive.
     """
 
-    def __init__(self, console: Console, name: str, total: int) -> None:
+    def __init__(
+        self, console: Console, name: str, total: int, tracking_uri: str | None = None
+    ) -> None:
         self.console, self.name, self.total = console, name, total
         self.started = time.monotonic()
         self.rate = _Rate()
         self.last_printed: tuple[int, tuple[Any, ...]] | None = None
         self.live: Live | None = None
         self.snap: Any = None
+        self.tracking = TrackingNotices(console, tracking_uri)
         if console.is_terminal:
             self.live = Live(
                 self._render(),
@@ -157,6 +167,11 @@ class TrainDisplay:
         eta = self.rate.eta(snap.step, snap.total)
         if eta is not None and snap.step < snap.total:
             parts.append(f"ETA {_duration(eta)}")
+        status = getattr(snap, "tracking", None)
+        if status is not None and status.down:
+            parts.append(
+                f"MLflow down since {_clock(status.down_since)}, {status.buffered} buffered"
+            )
         return f"{self.name}: " + " | ".join(parts)
 
     def _render(self) -> Table:
@@ -170,6 +185,7 @@ class TrainDisplay:
 
     def update(self, snap: Any) -> None:
         self.snap = snap
+        self.tracking.update(getattr(snap, "tracking", None))
         if self.live is not None:
             self.live.update(self._render())
             return
@@ -191,6 +207,71 @@ class TrainDisplay:
             self.live.update(self._render())
             self.live.stop()
             self.live = None
+
+
+def _clock(t: float | None) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(t if t is not None else time.time()))
+
+
+def _reason(error: str) -> str:
+    """A short why from a client's error line (MLflow's name the whole request)."""
+    for needle, reason in (
+        ("refused", "connection refused"),
+        ("timed out", "timed out"),
+        ("timeout", "timed out"),
+        ("Max retries", "no answer"),
+    ):
+        if needle in error:
+            return reason
+    return error[:120]
+
+
+class TrackingNotices:
+    """One line when MLflow stops answering (since when, how much is buffered), one when it
+    answers again, one when the buffer starts dropping: said once each, above the progress
+    display, whatever the terminal.
+
+    Args:
+        console: Where to print.
+        uri: The tracking server, named in the lines (None: not named).
+    """
+
+    def __init__(self, console: Console, uri: str | None = None) -> None:
+        self.console = console
+        self.where = f"MLflow at {uri}" if uri else "MLflow"
+        self.down_since: float | None = None
+        self.dropped = 0
+
+    def update(self, status: Any) -> None:
+        """``status``: rank 0's :class:`~aim_platform.outbox.OutboxStatus`, or None."""
+        if status is None:
+            return
+        if status.down and self.down_since != status.down_since:
+            self.down_since = status.down_since
+            self._say(
+                f"{self.where} unreachable since {_clock(status.down_since)} "
+                f"({_reason(status.last_error)}): training goes on; {status.buffered} writes "
+                "buffered so far, written in order once it answers"
+            )
+        elif not status.down and self.down_since is not None:
+            back = status.last_up or time.time()
+            took = _duration(back - self.down_since)
+            self.down_since = None
+            rest = (
+                f"{status.buffered} buffered writes still going in, in order"
+                if status.buffered
+                else "every buffered write went in, in order"
+            )
+            self._say(f"{self.where} answers again since {_clock(back)} (down {took}): {rest}")
+        if status.dropped and not self.dropped:
+            self._say(
+                f"{self.where}: the buffer is full, writes are being dropped "
+                f"({status.dropped} so far; counted as tracking/dropped_writes)"
+            )
+        self.dropped = status.dropped
+
+    def _say(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False)
 
 
 class StudyDisplay:

@@ -20,3 +20,9 @@ class DataError(PlatformError, ValueError):
 
 class StorageError(PlatformError, OSError):
     """Object storage failed past every retry (a checkpoint whose upload never completed)."""
+
+
+class UnsafeFile(PlatformError, ValueError):
+    """A file refused before anything in it is used: one whose loading could run code (a
+    pickle of objects beyond tensors and plain containers), or one that is not what it should
+    be (a malformed checkpoint, config or codebook). The message names the file."""

@@ -15,7 +15,7 @@ import torch
 
 from aim_platform.config import ModelConfig, OptimConfig
 from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
-from aim_platform.models.interop import load_ml_aim_v1
+from aim_platform.models.interop import load_ml_aim_v1, read_weights
 from aim_platform.models.layers import patchify
 from aim_platform.train.trainer import Trainer
 
@@ -37,7 +37,7 @@ def reference_path() -> str:
 
 def ml_aim_parity(path: str | None = None) -> ParityResult:
     """Compare our converted model with the official outputs stored in the reference file."""
-    ref = torch.load(path or reference_path(), map_location="cpu", weights_only=False)
+    ref = read_weights(path or reference_path())  # weights only: tensors and plain values
     model = load_ml_aim_v1(ref["state_dict"], **ref["ml_aim_config"])
     with torch.no_grad():
         patches = patchify(ref["images"], ref["ml_aim_config"]["patch_size"])  # (B, K, P)

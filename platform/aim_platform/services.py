@@ -10,7 +10,9 @@ log file are recorded in a state folder (default ``./runs/services``, or ``AIM_S
   ``down``). Production points at AWS S3 or MinIO instead.
 
 Both bind to 127.0.0.1 unless a host is given explicitly. ``up`` returns only once the service
-answers over HTTP; ``down`` stops the whole process group and waits until it is gone.
+answers over HTTP; ``down`` stops the process and every process below it and waits until
+they are gone. Processes are found, told apart from reused PIDs and stopped with psutil, so
+the same commands work on Linux and macOS.
 
 Over 400 lines on purpose: start, health check, status and stop of two services, with the
 messages a person needs when one fails.
@@ -18,6 +20,7 @@ messages a person needs when one fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -31,6 +34,8 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from aim_platform.errors import PlatformError
 from aim_platform.security import redact_text
 
@@ -39,10 +44,13 @@ STATE_DIR_ENV = "AIM_SERVICES_DIR"
 LOOPBACK = "127.0.0.1"
 DEFAULT_PORTS = {"mlflow": 5000, "s3": 9000}
 SERVICES = ("mlflow", "s3")
+DEV_S3_EXTRA = "dev-s3"  # the pyproject extra with moto and boto3
 DEV_S3_LABEL = (
     "development stand-in for S3 (moto, in memory, lost on down); use S3 or MinIO in production"
 )
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+# Two readings of one process's start time agree within this; a reused PID started later.
+START_TOLERANCE_S = 0.5
 
 
 class ServiceError(PlatformError, RuntimeError):
@@ -60,7 +68,7 @@ class ServiceRecord:
     url: str
     log: str
     started_at: float
-    proc_start: str | None = None
+    proc_start: float | None = None  # psutil's create_time(): tells a reused PID
     details: dict[str, str] = field(default_factory=dict)
 
 
@@ -106,60 +114,42 @@ def _port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((probe, port)) == 0
 
 
-def _proc_start_time(pid: int) -> str | None:
-    """The kernel's start time of ``pid`` (Linux), to tell a reused PID from ours."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def pid_alive(pid: int, proc_start: str | None = None) -> bool:
-    """Whether ``pid`` runs (not a zombie) and, if ``proc_start`` is given, is the same process."""
+def _process(pid: int, proc_start: float | None = None) -> psutil.Process | None:
+    """The live process ``pid`` (not a zombie), or None; with ``proc_start`` (its recorded
+    :meth:`psutil.Process.create_time`), None too when another process now holds that PID."""
     try:
         # Reap it if it is our own child that has exited (tests start services in-process).
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
+            return None
     except ChildProcessError:
         pass
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.exists():
-        try:
-            if stat.read_text().rsplit(")", 1)[1].split()[0] == "Z":
-                return False
-        except OSError:
-            return False
-        if proc_start is not None and _proc_start_time(pid) != proc_start:
-            return False
-    return True
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return None
+    try:
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        if proc_start is not None and abs(proc.create_time() - proc_start) > START_TOLERANCE_S:
+            return None
+    except psutil.NoSuchProcess:
+        return None
+    except psutil.AccessDenied:  # another user's process: alive, but never one we started
+        return None if proc_start is not None else proc
+    return proc
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in process group ``pgid``."""
-    proc = Path("/proc")
-    if not proc.is_dir():
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
+def pid_alive(pid: int, proc_start: float | None = None) -> bool:
+    """Whether ``pid`` runs (not a zombie) and, if ``proc_start`` is given, is the same process."""
+    return _process(pid, proc_start) is not None
+
+
+def _proc_start_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), to tell a reused PID from ours."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
 
 
 def _record_path(root: Path, name: str) -> Path:
@@ -172,8 +162,11 @@ def read_record(root: Path, name: str) -> ServiceRecord | None:
     if not path.is_file():
         return None
     try:
-        return ServiceRecord(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
+        data = json.loads(path.read_text())
+        if not isinstance(data.get("proc_start"), int | float):
+            data["proc_start"] = None  # older records held Linux clock ticks: liveness only
+        return ServiceRecord(**data)
+    except (ValueError, TypeError, AttributeError) as exc:
         raise ServiceError(f"state file {path} is corrupt ({exc}); remove it") from None
 
 
@@ -226,21 +219,33 @@ def _tail(log: Path, chars: int = 3000) -> str:
         return "(no log)"
 
 
-def _kill_group(pgid: int, timeout: float) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``timeout`` seconds."""
+def _running(proc: psutil.Process) -> bool:
+    """Whether ``proc`` (the same process, not a reused PID) still runs and is no zombie."""
+    return _process(proc.pid, proc.create_time()) is not None  # create_time(): cached
+
+
+def _stop(pid: int, timeout: float, proc_start: float | None = None) -> None:
+    """SIGTERM process ``pid`` and every process below it, then SIGKILL what is left after
+    ``timeout`` seconds; a PID that is gone or reused is left alone."""
+    root = _process(pid, proc_start)
+    if root is None:
+        return
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(sig)
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            pid_alive(pgid)  # reaps our own child if it is one
-            if not _group_alive(pgid):
-                return
-            time.sleep(0.2)
-    if _group_alive(pgid):
-        raise ServiceError(f"process group {pgid} survived SIGKILL")
+        while procs and time.monotonic() < deadline:
+            procs = [p for p in procs if _running(p)]  # zombies count as gone
+            if procs:
+                time.sleep(0.2)
+        if not procs:
+            return
+    raise ServiceError(f"processes {[p.pid for p in procs]} survived SIGKILL")
 
 
 def _check_host(host: str) -> str:
@@ -282,7 +287,7 @@ def _start(
             stderr=subprocess.STDOUT,
             env=env,
             cwd=root,
-            # Its own process group (Ctrl-C and `down` reach the whole group), not its own
+            # Its own process group (a Ctrl-C in the terminal does not reach it), not its own
             # session: `mlflow server` started with setsid takes 50 s or more to answer
             # (10 s otherwise, measured), and never with its job runner off.
             process_group=0,
@@ -292,7 +297,7 @@ def _start(
     try:
         _wait_http(url + health_path, proc, log, timeout)
     except ServiceError:
-        _kill_group(proc.pid, timeout=10)  # whatever it spawned goes with it
+        _stop(proc.pid, timeout=10)  # whatever it spawned goes with it
         raise
     rec = ServiceRecord(
         name=name,
@@ -309,6 +314,22 @@ def _start(
     tmp.write_text(json.dumps(asdict(rec), indent=2))
     tmp.replace(_record_path(root, name))
     return rec
+
+
+def require_dev_s3(what: str = "--s3") -> None:
+    """Fail with one line naming the extra to install when moto or boto3 is missing.
+
+    Raises:
+        ServiceError: ``pip install 'aim-platform[dev-s3]'`` is needed.
+    """
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        raise ServiceError(
+            f"{what} needs moto and boto3 ({(exc.name or '?').split('.')[0]} is not installed): "
+            f"pip install 'aim-platform[{DEV_S3_EXTRA}]'"
+        ) from None
 
 
 def _has_module(name: str) -> bool:
@@ -375,6 +396,10 @@ def mlflow_up(
     env = dict(os.environ)
     env["MLFLOW_BACKEND_STORE_URI"] = backend
     env.setdefault("PYTHONUNBUFFERED", "1")
+    # MLflow's job execution (GenAI scorers and the like, which the platform never runs) starts
+    # seven more Python processes beside the server: on two busy cores the server then took
+    # over two minutes to answer its first health check. A user can still turn it on.
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     cmd = [
         sys.executable,
         "-m",
@@ -451,7 +476,11 @@ def s3_up(
 
     Returns:
         The recorded state of the running endpoint.
+
+    Raises:
+        ServiceError: moto or boto3 missing (the ``dev-s3`` extra), or it did not come up.
     """
+    require_dev_s3()
     folder = state_dir(root)
     host = _check_host(host)
     port = port or free_port(LOOPBACK if host == "0.0.0.0" else host)
@@ -489,7 +518,7 @@ def s3_up(
 def down(
     root: str | Path | None = None, *, names: list[str] | None = None, timeout: float = 20.0
 ) -> list[str]:
-    """Stop every recorded service (the whole process group) and remove its state.
+    """Stop every recorded service (the process and all below it) and remove its state.
 
     Args:
         root: the state folder (see :func:`state_dir`).
@@ -506,7 +535,7 @@ def down(
             continue
         rec = st.record
         if st.state == "running":
-            _kill_group(rec.pid, timeout)
+            _stop(rec.pid, timeout, rec.proc_start)
             lines.append(f"{st.name}: stopped (pid {rec.pid})")
         else:
             lines.append(f"{st.name}: cleared stale state (pid {rec.pid} was not running)")

@@ -252,9 +252,12 @@ def _validate(
     """
     import yaml
 
-    from aim_platform.config import ConfigError, load_config
+    from aim_platform.config import ConfigError, load_config, yaml_problem
 
-    data = yaml.safe_load(config_path.read_text()) or {}
+    try:
+        data = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:  # a tag that would build an object is only ever this
+        raise SubmitError(f"{config_path}: not valid YAML: {yaml_problem(exc)}") from None
     try:
         if isinstance(data, dict) and "variants" in data:
             from aim_platform.jobs.study import load_study, select_variants

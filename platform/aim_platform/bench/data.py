@@ -427,10 +427,11 @@ def first_batch_s3(root: Path, cpus: int) -> dict[str, float]:
     import logging
     import os
 
+    from aim_platform.services import free_port, require_dev_s3
+
+    require_dev_s3("the S3 read benchmark")
     import s3fs
     from moto.server import ThreadedMotoServer
-
-    from aim_platform.services import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
     port = free_port()

@@ -113,7 +113,7 @@ def probe_step(work: Path, overrides: list[str]) -> dict[str, float]:
     from aim_platform.config import JobConfig, ProbeConfig, build_config
     from aim_platform.jobs.probe import run_probe
     from aim_platform.models.aim import build_trunk
-    from aim_platform.train.export import write_trunk
+    from aim_platform.models.trunk_file import write_trunk
 
     connect(None)
     job = build_config(JobConfig, {}, [*DEFAULT_MODEL, *overrides])

@@ -71,7 +71,7 @@ def _counting(fs: Any) -> Counter[str]:
 
 
 def _one_way(url: str, opts: dict[str, Any], by_file: bool, out: Path) -> dict[str, Any]:
-    from aim_platform.data import storage
+    from aim_platform import storage
     from aim_platform.data.shards import write_group
     from aim_platform.data.sources import list_source
 
@@ -171,11 +171,12 @@ def main() -> None:
     if not endpoint:
         import logging
 
+        from aim_platform.services import free_port, require_dev_s3
+
+        require_dev_s3("the tar-read benchmark without --endpoint")
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line a request otherwise
-
-        from aim_platform.services import free_port
 
         port = free_port()
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)

@@ -58,8 +58,9 @@ _ADDRESS_OPT = typer.Option(
 
 
 def _failed(term: Console, what: str, exc: BaseException, log: Path | None) -> NoReturn:
-    first = (str(exc).strip().splitlines() or [""])[0]
-    term.print(f"{what} failed: {type(exc).__name__}: {first}", markup=False, highlight=False)
+    from aim_platform.failures import root_cause
+
+    term.print(f"{what} failed: {root_cause(exc)}", markup=False, highlight=False)
     if log:
         term.print(f"the whole story is in the log: {log}", markup=False, highlight=False)
     raise typer.Exit(1)
@@ -77,31 +78,33 @@ def run_console(
 ) -> Iterator[Console]:
     """The frame of a long-running command: everything but the yielded console goes to
     ``log`` (``--verbose``: None, all on screen); a header line; Ray joined (or started) when
-    ``ray``; an unexpected failure becomes one line plus the log's path (the traceback is in the
-    log), exit 1; ``log:`` last; the Ray this command started is shut down while still captured
-    (Ray flushes the workers' last lines)."""
+    ``ray``; an unexpected failure becomes one line, its root cause, plus the log's path (the
+    tracebacks are in the log), exit 1; ``log:`` last. The Ray this command started is shut
+    down while still captured, failed or not: Ray flushes the workers' last lines (on a
+    failure, their tracebacks) when it shuts down, which would otherwise reach the terminal."""
     from aim_platform.console import captured_output
 
     with captured_output(log) as term:
         term.print(header + (f"; log: {log}" if log else ""), markup=False, highlight=False)
         own_ray = False
-        if ray:
-            from aim_platform.cluster import connect
-
-            own_ray = connect(address, token_file)
         try:
+            if ray:  # a Ray that cannot start is a failure like any other: one line
+                from aim_platform.cluster import connect
+
+                own_ray = connect(address, token_file)
             yield term
         except (PlatformError, typer.Exit, click.exceptions.Exit, click.ClickException):
             raise
-        except Exception as exc:  # the job failed: one line here, the traceback in the log
+        except Exception as exc:  # the job failed: one line here, the tracebacks in the log
             traceback.print_exc()
             _failed(term, what, exc, log)
+        finally:
+            if own_ray:
+                import ray as ray_module
+
+                ray_module.shutdown()
         if log:
             term.print(f"log: {log}", markup=False, highlight=False)
-        if own_ray:
-            import ray as ray_module
-
-            ray_module.shutdown()
 
 
 def load_or_fail(path: Path | None, overrides: list[str], cls: type[Any]) -> Any:

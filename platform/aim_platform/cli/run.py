@@ -18,6 +18,7 @@ from aim_platform.cli.app import (
     load_or_fail,
     run_console,
 )
+from aim_platform.cluster import use_token
 from aim_platform.config import MAX_PIXELS
 
 
@@ -38,10 +39,13 @@ def pretrain(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Pre-train AIM on Ray Train (FSDP2), checkpointing and logging to MLflow."""
+    use_token(address, token_file)  # before anything imports Ray
+    from aim_platform import tracking
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, log_path
     from aim_platform.jobs.pretrain import latest_train_state, summary
     from aim_platform.jobs.pretrain import pretrain as run_pretrain
+    from aim_platform.train.paths import storage_url
 
     job = load_or_fail(config, set_, JobConfig)
     tc = job.train
@@ -53,8 +57,9 @@ def pretrain(
     previous = latest_train_state(job)
     if previous:
         header += f"\nresuming from the checkpoint at step {previous['step']}"
+    uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, storage_url(tc.storage_path))
     with run_console("pre-training", header, log, address=address, token_file=token_file) as term:
-        display = TrainDisplay(term, job.name, tc.steps)
+        display = TrainDisplay(term, job.name, tc.steps, tracking_uri=uri)
         try:
             result = run_pretrain(
                 job, address=address, on_progress=display.update, on_event=display.notice
@@ -70,7 +75,7 @@ def pretrain(
 @app.command()
 def study(
     spec: Path = typer.Argument(..., help="study spec (jobs/studies/*.yaml)"),
-    scale: str = typer.Option("tiny", help="budget preset: tiny, small or paper"),
+    scale: str = typer.Option("tiny", help="budget preset: tiny, small, cifar10 or paper"),
     set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
     address: str = _CLUSTER_OPT,
     token_file: Path | None = _TOKEN_OPT,
@@ -82,21 +87,30 @@ def study(
     seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
     concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
     variants: str = typer.Option("", help="only these variants, comma-separated"),
+    floor: bool = typer.Option(
+        True, help="also probe randomly initialized trunks (the table's floor row)"
+    ),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
+    use_token(address, token_file)  # before anything imports Ray
+    import yaml
+
     from aim_platform import tracking
-    from aim_platform.config import ConfigError
+    from aim_platform.config import SCALES, ConfigError, yaml_problem
     from aim_platform.console import StudyDisplay, log_path
     from aim_platform.jobs.study import load_study, run_study, select_variants
     from aim_platform.jobs.study_table import trial_name
     from aim_platform.train.paths import storage_url
 
-    if scale not in ("tiny", "small", "paper"):
-        raise ConfigError(f"--scale: {scale!r} is not one of tiny, small, paper")
+    if scale not in SCALES:
+        raise ConfigError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
-    parsed = load_study(spec)
+    try:
+        parsed = load_study(spec)
+    except yaml.YAMLError as exc:  # safe_load: a Python-object tag is only ever this error
+        raise ConfigError(f"study spec {spec}: not valid YAML: {yaml_problem(exc)}") from None
     if variants:
         parsed = select_variants(parsed, [v.strip() for v in variants.split(",") if v.strip()])
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
@@ -121,6 +135,7 @@ def study(
                 on_trial=display.trial,
                 seeds=seeds,
                 concurrent=concurrent,
+                floor=floor,
             )
         finally:
             display.close()
@@ -136,6 +151,31 @@ def study(
             markup=False,
             highlight=False,
         )
+        for line in _study_tracking_lines(result, seeds):
+            term.print(line, markup=False, highlight=False)
+
+
+def _study_tracking_lines(result: Any, seeds: int) -> list[str]:
+    """What MLflow missed of a study: a trial's writes dropped or unwritten (its own
+    pre-training reported them), or the study run itself left unfinished."""
+    from aim_platform import tracking
+    from aim_platform.jobs.study_table import trial_name
+
+    lines = []
+    for t in result.trials:
+        missed = int(t.metrics.get("tracking/unwritten_writes", 0)) + int(
+            t.metrics.get(tracking.DROPPED_METRIC, 0)
+        )
+        if missed:
+            name = trial_name(t.variant, t.seed, seeds)
+            lines.append(f"trial {name}: {missed} MLflow writes dropped or not written")
+    try:
+        status = tracking.Tracker(result.tracking_uri).run_status(result.parent_run_id)
+    except tracking.TrackingUnavailable as exc:
+        return [*lines, f"the study run's table and plots may be missing in MLflow: {exc}"]
+    if status == "RUNNING":
+        lines.append("the study run's end was not written to MLflow (it shows RUNNING)")
+    return lines
 
 
 @app.command()
@@ -154,6 +194,7 @@ def probe(
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Attentive/linear probes (and a layer sweep, LoRA) on a frozen trunk."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform import tracking
     from aim_platform.config import ProbeConfig
     from aim_platform.console import PhaseDisplay, log_path
@@ -176,8 +217,9 @@ def probe(
         finally:
             phases.close()
         uri = tracking.resolve_tracking_uri(tracking_uri)
+        tracker = tracking.Tracker(uri, background=True)  # MLflow down: the results still show
         run_id = log_probe(
-            tracking.Tracker(uri),
+            tracker,
             report,
             cfg,
             experiment=experiment,
@@ -188,7 +230,12 @@ def probe(
         )
         for key, value in sorted(report_metrics(report).items()):
             term.print(f"{key:40s} {tracking.format_metric(value)}", markup=False)
-        term.print(f"MLflow run {run_id}: {tracking.ui_command(uri)}", markup=False)
+        end, _ = tracker.close()
+        created = tracker.created(run_id)  # None: its creation never reached the server
+        if created is not None:
+            term.print(f"MLflow run {created}: {tracking.ui_command(uri)}", markup=False)
+        for line in tracking.TrackingReport.of([], [], end).lines(uri, tracker.flush_timeout):
+            term.print(line, markup=False, highlight=False)
 
 
 @app.command()
@@ -214,14 +261,17 @@ def ingest(
     label_map: str = typer.Option("", help="folder name -> class index/name (JSON or text)"),
     image_column: str = typer.Option("", help="Parquet: image column (default: detected)"),
     label_column: str = typer.Option("", help="Parquet: label column (default: label)"),
+    split_folders: bool = typer.Option(
+        False, help="SRC holds train/ and val/ (or test/) class folders: they are the splits"
+    ),
     verbose: bool = _VERBOSE_OPT,
 ) -> None:
     """Ingest images into Parquet shards + _manifest.json (Ray Data; idempotent, resumable)."""
     from rich.progress import Progress
 
     from aim_platform.console import log_path
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.ingest import ingest as run_ingest
+    from aim_platform.storage import parse_storage_options
 
     log = None if verbose else log_path(Path("runs").resolve(), "ingest")
     with run_console("ingest", f"ingesting {src} -> {dest}", log) as term:
@@ -247,6 +297,7 @@ def ingest(
                 label_map=label_map or None,
                 image_column=image_column or None,
                 label_column=label_column or None,
+                split_folders=split_folders,
             )
         c = m["counts"]
         state = "up to date" if m.get("skipped") else "written"
@@ -277,11 +328,12 @@ def tokenizer_fit(
     token_file: Path | None = _TOKEN_OPT,
 ) -> None:
     """Fit the k-means patch tokenizer of the discrete-token target (Table 3a) on a dataset."""
+    use_token(address, token_file)  # before anything imports Ray
     from aim_platform.cluster import connect
     from aim_platform.config import ConfigError, DataConfig, ModelConfig, build_config
-    from aim_platform.data.storage import parse_storage_options
     from aim_platform.jobs.tokenizer import fit_tokenizer
     from aim_platform.models.tokenizer import Tokenizer
+    from aim_platform.storage import parse_storage_options
 
     sizes = {"img_size": image_size, "patch_size": patch_size}
     try:
@@ -296,8 +348,8 @@ def tokenizer_fit(
     info = tok.fitted_on
     console.print(
         f"{out}: {tok.num_tokens} tokens x {tok.patch_dim} values, fitted on {info['patches']} "
-        f"patches of {info['images']} images; mean squared distance "
-        f"{info['inertia'][0]:.4g} -> {info['inertia'][-1]:.4g}"
+        f"patches of {info['images']} images; mean squared distance {info['inertia']:.4g} "
+        f"after {info['iterations']} Lloyd iterations"
     )
 
 

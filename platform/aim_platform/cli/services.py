@@ -29,6 +29,7 @@ def services_up(
     s3_endpoint: str | None = typer.Option(None, help="S3 endpoint for s3:// artifacts"),
     auth: bool = typer.Option(False, "--auth", help="MLflow basic-auth app"),
     bucket: list[str] = typer.Option([], help="bucket to create on the dev S3 endpoint"),
+    timeout: float = typer.Option(120.0, help="seconds to wait for each service to answer"),
 ) -> None:
     """Start the services in the background; return once each answers over HTTP."""
     from aim_platform import services as svc
@@ -37,7 +38,9 @@ def services_up(
     started = []
     try:
         if s3:
-            started.append(svc.s3_up(state_dir, host=bind, port=s3_port, buckets=bucket))
+            started.append(
+                svc.s3_up(state_dir, host=bind, port=s3_port, buckets=bucket, timeout=timeout)
+            )
             console.print(f"s3: {started[-1].url} ({svc.DEV_S3_LABEL})", soft_wrap=True)
         if mlflow:
             rec = svc.mlflow_up(
@@ -48,6 +51,7 @@ def services_up(
                 artifacts=artifacts,
                 auth=auth,
                 s3_endpoint=s3_endpoint or (started[0].url if started else None),
+                timeout=timeout,
             )
             started.append(rec)
             console.print(f"mlflow: {rec.url} (log {rec.log})", soft_wrap=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
 from aim_platform.cli.app import _ADDRESS_OPT, _TOKEN_OPT, app, console
 
@@ -24,47 +25,60 @@ def submit_cmd(
     wait: bool = typer.Option(
         False, "--wait", help="wait for the job to end; exit 1 unless it succeeds"
     ),
+    verbose: bool = typer.Option(
+        False,
+        "--verbose",
+        "-v",
+        help="show Ray's own messages (packaging, upload) instead of a log file",
+    ),
 ) -> None:
     """Submit a job to a Ray cluster: a job CONFIG runs `aimctl pretrain CONFIG`, a study
     spec (jobs/studies/) `aimctl study SPEC --scale S`; --entrypoint runs anything else."""
     from aim_platform import submit as sub
+    from aim_platform.console import captured_output, log_path
 
-    job_id = sub.submit(
-        address,
-        config,
-        overrides=overrides,
-        entrypoint=entrypoint,
-        token_file=token_file,
-        env=sub.parse_env(env) if env else None,
-        submission_id=submission_id,
-        scale=scale,
-        seeds=seeds,
-        variants=variants,
-    )
-    console.print(f"submitted {job_id}", soft_wrap=True)
-    console.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
-    if wait:
-        with console.status(f"{job_id}: running (Ctrl-C stops waiting, not the job)"):
-            state = sub.wait_for(address, job_id, token_file, timeout=7 * 24 * 3600)
-        if state != "SUCCEEDED":
-            _print_job_failure(address, job_id, token_file)
-            raise typer.Exit(1)
-        console.print(f"{job_id}: {state}")
+    # Ray logs the packaging and upload of the code (packaging.py, working_dir.py,
+    # dashboard_sdk.py) on its own handlers: into the log file, unless --verbose.
+    log = None if verbose else log_path(Path("runs").resolve(), "submit")
+    with captured_output(log) as term:
+        job_id = sub.submit(
+            address,
+            config,
+            overrides=overrides,
+            entrypoint=entrypoint,
+            token_file=token_file,
+            env=sub.parse_env(env) if env else None,
+            submission_id=submission_id,
+            scale=scale,
+            seeds=seeds,
+            variants=variants,
+        )
+        term.print(f"submitted {job_id}", soft_wrap=True)
+        term.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
+        if wait:
+            with term.status(f"{job_id}: running (Ctrl-C stops waiting, not the job)"):
+                state = sub.wait_for(address, job_id, token_file, timeout=7 * 24 * 3600)
+            if state != "SUCCEEDED":
+                _print_job_failure(term, address, job_id, token_file)
+                raise typer.Exit(1)
+            term.print(f"{job_id}: {state}")
 
 
-def _print_job_failure(address: str | None, job_id: str, token_file: Path | None) -> None:
+def _print_job_failure(
+    term: Console, address: str | None, job_id: str, token_file: Path | None
+) -> None:
     """The job's status message and the last lines of its log: why it failed."""
     from aim_platform import submit as sub
 
     st = sub.status(address, job_id, token_file)
-    console.print(f"{job_id}: {st.status}", markup=False, highlight=False)
+    term.print(f"{job_id}: {st.status}", markup=False, highlight=False)
     lines = [line for line in sub.logs(address, job_id, token_file).splitlines() if line.strip()]
     if lines:
-        console.print(f"last {min(25, len(lines))} lines of its log:", highlight=False)
+        term.print(f"last {min(25, len(lines))} lines of its log:", highlight=False)
         for line in lines[-25:]:
-            console.print(f"  {line}", markup=False, highlight=False)
+            term.print(f"  {line}", markup=False, highlight=False)
     if st.message:
-        console.print(f"Ray says: {st.message.strip().splitlines()[-1]}", markup=False)
+        term.print(f"Ray says: {st.message.strip().splitlines()[-1]}", markup=False)
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Status, logs and stop of submitted jobs.")

@@ -20,7 +20,7 @@ decode, its patches are zeros), ``epoch`` (int32), ``label`` (int32, -1 when non
 How it reads: the driver turns the manifests into work items (epoch, source, shard path),
 each epoch's shards of all sources interleaved in an order seeded by (seed, epoch); one
 task-based ``map_batches`` operator reads each shard with pyarrow through the source's
-filesystem (:func:`aim_platform.data.storage.pyarrow_filesystem`: local, or S3 with the
+filesystem (:func:`aim_platform.storage.pyarrow_filesystem`: local, or S3 with the
 endpoint override) in chunks of ``decode_batch_size`` rows and decodes them. We do not use
 ``ray.data.read_parquet`` here (the tests use it to read shards back): in Ray 2.60 it adds a
 ``ListFiles`` task that takes a whole CPU (it waits forever when training workers leave
@@ -70,8 +70,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from ray.data.collate_fn import NumpyBatchCollateFn
 
+from aim_platform import storage
 from aim_platform.config import DataConfig, DataSource, ModelConfig
-from aim_platform.data import storage
 from aim_platform.data.shards import read_manifest
 from aim_platform.data.tasks import read_and_decode
 from aim_platform.errors import DataError
@@ -290,7 +290,8 @@ def build_train_dataset(
 def build_val_dataset(data: DataConfig, model: ModelConfig) -> ray.data.Dataset:
     """The validation stream: resize + centre crop of every ``val`` row, fixed order.
 
-    Reads the ``val`` split of ``data.val_url`` when set, else of every source.
+    Reads the ``val`` split of ``data.val_url`` when set, else of every source; with
+    ``data.val_limit`` only its first rows (ingest writes rows in a hashed order: a sample).
 
     Returns:
         Same columns as :func:`build_train_dataset` (``epoch`` is 0, ``valid`` as there).
@@ -304,7 +305,8 @@ def build_val_dataset(data: DataConfig, model: ModelConfig) -> ray.data.Dataset:
         raise DataError("val_url: no validation rows (ingest with --val-fraction > 0)")
     items = [{"epoch": 0, "source": i, "path": p} for i, s in enumerate(shards) for p in s.paths]
     rates = [1.0] * len(shards)
-    return _decode_dataset(items, shards, rates, data, model, train=False, seed=0)
+    ds = _decode_dataset(items, shards, rates, data, model, train=False, seed=0)
+    return ds.limit(data.val_limit) if data.val_limit else ds
 
 
 def execution_options(data: DataConfig) -> Any:

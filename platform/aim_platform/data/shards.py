@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from aim_platform.data import storage
+from aim_platform import storage
 from aim_platform.data.sources import FILE_KINDS, Item, Listing, iter_file, load_item
 from aim_platform.data.transforms import (
     ImageRejected,
@@ -64,8 +64,11 @@ SCHEMA = pa.schema(
 RESULT_COLUMNS = ("id", "split", "shard", "reason", "rows", "nbytes")
 
 
-def split_of(sample_id: str, val_fraction: float) -> str:
-    """``"val"`` when the id's stable hash falls below ``val_fraction``, else ``"train"``."""
+def split_of(sample_id: str, val_fraction: float, val_prefix: str | None = None) -> str:
+    """``"val"`` when the id's stable hash falls below ``val_fraction``, else ``"train"``;
+    with ``val_prefix`` (split folders) the id's folder decides instead."""
+    if val_prefix is not None:
+        return "val" if sample_id.startswith(val_prefix) else "train"
     return "val" if hash_unit(sample_id, SPLIT_SALT) < val_fraction else "train"
 
 
@@ -108,7 +111,7 @@ def read_manifest(dest: str, storage_options: dict[str, Any] | None = None) -> d
     path = storage.join(root, MANIFEST)
     if not fs.exists(path):
         return None
-    return json.loads(fs.cat_file(path))
+    return storage.read_json(fs, path, "an ingest manifest")
 
 
 def fingerprint_of(listing: Listing, settings: dict[str, Any]) -> str:
@@ -155,7 +158,7 @@ def write_group(
         writer = _GroupShards(fs, root, int(group), split_bytes, shuffle_seed)
         for d in json.loads(payload):
             for sample_id, label, data, reason in _images(Item(**d), storage_options, options):
-                split = split_of(sample_id, val_fraction)
+                split = split_of(sample_id, val_fraction, options.get("val_prefix"))
                 width = height = 0
                 if not reason:
                     try:

@@ -23,6 +23,10 @@ set in 200k tars is 200k items on the driver).
   feature) or plain binary (found by name/type, or ``image_column``); the label column is
   ``label`` (or ``label_column``), class names from the HF ``ClassLabel`` metadata. Ids
   are ``<file stem>/<row number>``.
+- split folders (``split_folders=True``): a folder holding ``train/`` and ``val/`` (or
+  ``test/``), each a folder of class folders (ImageNet's train/val trees, CIFAR-10 as JPEG
+  folders): the images of each go to that split, with one class index over both; ids keep
+  the split folder (``train/cat/0001.jpg``), ``options["val_prefix"]`` names the val one.
 - ``builtin:digits``: scikit-learn's 1797 real handwritten digits (labelled 0-9), upscaled
   bicubically to ``image_size`` and stored as grayscale PNG.
 - ``builtin:photos``: the real photos scikit-learn and matplotlib ship (china, flower,
@@ -40,7 +44,7 @@ import json
 import re
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
@@ -49,7 +53,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from aim_platform.data import storage
+from aim_platform import storage
+from aim_platform.data.safety import require_plain_columns
 from aim_platform.errors import DataError
 
 BUILTINS = ("builtin:digits", "builtin:photos")
@@ -107,6 +112,7 @@ def list_source(
     image_column: str | None = None,
     label_column: str | None = None,
     by_file: bool = False,
+    split_folders: bool = False,
 ) -> Listing:
     """List a source's items (sorted by id).
 
@@ -118,6 +124,8 @@ def list_source(
         photo_seed: Seed of the crops (``builtin:photos``).
         by_file: Sources of ``.tar`` or ``.parquet`` files: one item per file (only the
             files are listed; ``listing.by_file`` says it happened). Other sources ignore it.
+        split_folders: ``src`` is a folder of ``train/`` and ``val/`` or ``test/`` image
+            folders that give the splits (see the module docstring).
 
     Raises:
         ValueError: unknown built-in, missing path, compressed tar, or nothing to ingest.
@@ -142,6 +150,8 @@ def list_source(
     if src.startswith("builtin:"):
         raise DataError(f"source: unknown built-in {src!r}; known: {', '.join(BUILTINS)}")
     fs, path = storage.filesystem(src, storage_options)
+    if split_folders:
+        return _list_split_folders(fs, path, name, label_map, storage_options)
     if any(ch in path for ch in "*?[{") and not fs.exists(path):
         files = expand_pattern(fs, path)
         if not files:
@@ -331,6 +341,44 @@ def _list_folder(
     return Listing(name, items, classes)
 
 
+VAL_FOLDERS = ("val", "test")
+
+
+def _list_split_folders(
+    fs: Any, root: str, name: str, label_map: str | None, storage_options: dict[str, Any] | None
+) -> Listing:
+    """``root/train`` and ``root/val`` (or ``root/test``) image folders as the two splits."""
+    if not fs.isdir(root):
+        raise DataError(f"source: {root!r} is not a folder (--split-folders needs one)")
+    subs = sorted(
+        p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False) if fs.isdir(p)
+    )
+    subs = [s for s in subs if not s.startswith((".", "_"))]
+    val = [s for s in subs if s in VAL_FOLDERS]
+    if "train" not in subs or len(val) != 1 or len(subs) != 2:
+        raise DataError(
+            f"source: {root!r} must hold exactly train/ and one of val/ or test/ for "
+            f"--split-folders (it holds {', '.join(subs) or 'no folders'})"
+        )
+    train = _list_folder(fs, f"{root}/train", name, label_map, storage_options)
+    held = _list_folder(fs, f"{root}/{val[0]}", name, label_map, storage_options)
+    if not train.label_names or not held.label_names:
+        raise DataError(f"source: {root!r}: train/ and {val[0]}/ must be folders of class folders")
+    index = {c: i for i, c in enumerate(train.label_names) if c}
+    unknown = sorted(set(held.label_names) - set(index))
+    if unknown and not label_map:
+        raise DataError(
+            f"source: {root!r}: {val[0]}/ has classes train/ lacks: {', '.join(unknown[:3])}"
+        )
+    items = [replace(it, id=f"train/{it.id}") for it in train.items]
+    for it in held.items:
+        label = it.label if label_map else index[held.label_names[it.label]]  # type: ignore[index]
+        items.append(replace(it, id=f"{val[0]}/{it.id}", label=label))
+    return Listing(
+        name, sorted(items, key=lambda it: it.id), train.label_names, {"val_prefix": f"{val[0]}/"}
+    )
+
+
 def _sample_key(member: str) -> tuple[str, str]:
     """WebDataset ``__key__`` and extension: ``dir/abc.seg.png`` -> (``dir/abc``, ``seg.png``)."""
     folder, _, base = member.rpartition("/")
@@ -403,6 +451,7 @@ def _list_parquet(
     read here."""
     first = pq.ParquetFile(fs.open(files[0], "rb"))
     schema = first.schema_arrow
+    require_plain_columns(schema, files[0])  # before a value is read: no pickled columns
     if image_column is None:
         named = [c for c in _IMAGE_COLUMNS if c in schema.names]
         typed = [f.name for f in schema if _image_bytes_type(f.type)]
@@ -433,6 +482,7 @@ def _list_parquet(
     for f, stem in zip(files, stems, strict=True):
         with fs.open(f, "rb") as fh:
             pf = pq.ParquetFile(fh)
+            require_plain_columns(pf.schema_arrow, f)
             row = 0
             for g in range(pf.num_row_groups):
                 meta = pf.metadata.row_group(g)
@@ -549,7 +599,9 @@ def _parquet_cell(
     if _ROW_GROUP.get("key") != key:
         fs, path = storage.filesystem(url, storage_options)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(group, columns=[column])
+            pf = pq.ParquetFile(f)
+            require_plain_columns(pf.schema_arrow, url)
+            table = pf.read_row_group(group, columns=[column])
         _ROW_GROUP.clear()
         _ROW_GROUP.update(key=key, values=table.column(0))
     value = _ROW_GROUP["values"][row].as_py()
@@ -574,6 +626,7 @@ def iter_file(
     if item.kind == "parquetfile":
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
+            require_plain_columns(pf.schema_arrow, item.path)
             image_col, label_col = options["image_column"], options.get("label_column")
             columns = [image_col] + ([label_col] if label_col else [])
             row = 0

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from aim_platform.data.safety import require_plain_columns
 from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
 
 log = logging.getLogger(__name__)
@@ -137,16 +138,20 @@ def read_and_decode(
     """
     for epoch, src, path in zip(batch["epoch"], batch["source"], batch["path"], strict=True):
         name, rate, fs = sources[int(src)]
-        for table in read_chunks(fs, str(path), chunk_rows):
-            if train:
-                yield decode_train_table(
-                    table, source=name, rate=rate, model=model, seed=seed,
-                    epoch=int(epoch), aug=aug,
-                )  # fmt: skip
-            else:
-                yield decode_val_table(
-                    table, source=name, model=model, max_pixels=aug["max_pixels"]
-                )
+        try:
+            for table in read_chunks(fs, str(path), chunk_rows):
+                if train:
+                    yield decode_train_table(
+                        table, source=name, rate=rate, model=model, seed=seed,
+                        epoch=int(epoch), aug=aug,
+                    )  # fmt: skip
+                else:
+                    yield decode_val_table(
+                        table, source=name, model=model, max_pixels=aug["max_pixels"]
+                    )
+        except Exception as exc:  # which shard: the one thing the error itself may not say
+            exc.add_note(f"reading shard {path}")
+            raise
 
 
 def read_chunks(
@@ -170,7 +175,9 @@ def read_chunks(
     for attempt in range(1, attempts + 1):
         try:
             with fs.open_input_file(path) as f:
-                batches = pq.ParquetFile(f).iter_batches(
+                reader = pq.ParquetFile(f)
+                require_plain_columns(reader.schema_arrow, path)  # no pickled columns
+                batches = reader.iter_batches(
                     batch_size=chunk_rows, columns=["id", "image", "label"]
                 )
                 for i, rb in enumerate(batches):

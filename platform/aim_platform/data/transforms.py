@@ -47,6 +47,14 @@ DECODE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Pillow opens PostScript (EPS) by running Ghostscript, an interpreter of the file: hostile
+# input must never reach it. WMF needs the OS's renderer, BUFR/GRIB/HDF5 external handlers.
+# Every other format Pillow knows is decoded by Pillow itself.
+Image.init()
+NOT_DECODED = frozenset({"EPS", "WMF", "BUFR", "GRIB", "HDF5"})
+DECODED_FORMATS = tuple(sorted(set(Image.OPEN) - NOT_DECODED))
+
+
 class ImageRejected(ValueError):
     """An image that cannot be used; the message is the reason (recorded by ingest)."""
 
@@ -151,7 +159,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     try:
         with warnings.catch_warnings():  # our own limit decides; Pillow's warning is noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=DECODED_FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageRejected(f"decompression bomb: {exc}") from None
     except UnidentifiedImageError:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from aim_platform.errors import UnsafeFile
+
 
 class FeatureCache:
     """Shards of averaged features per split and probe input (see the module docstring)."""
@@ -43,7 +45,12 @@ class FeatureCache:
 
     def _load(self, path: str) -> np.ndarray:
         with self.fs.open(path, "rb") as f:
-            return np.load(io.BytesIO(f.read()))
+            data = f.read()
+        try:  # a plain array; an object array (pickles) is refused, never unpickled
+            return np.load(io.BytesIO(data), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            first = " ".join(str(exc).split())[:200]
+            raise UnsafeFile(f"{path}: refused: not a plain feature array ({first})") from None
 
     def add(
         self,

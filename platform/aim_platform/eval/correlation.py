@@ -2,7 +2,7 @@
 
 Within a run, each probed checkpoint pairs its ``val/loss`` with its probe accuracy (both
 logged at that step in the pre-training run); across runs, each run contributes its last
-pair. Pearson and Spearman coefficients and a plot go to MLflow.
+pair. Pearson and Spearman coefficients (``scipy.stats``) and a plot go to MLflow.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 from aim_platform.tracking import Tracker
 
@@ -18,31 +19,29 @@ LOSS_KEY = "val/loss"
 ACC_KEY = "probe/attentive/top1"
 
 
-def pearson(x: Sequence[float], y: Sequence[float]) -> float:
-    """Pearson's r (NaN when fewer than 2 points or a constant series)."""
+def _pair(x: Sequence[float], y: Sequence[float]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The two series as float arrays, or None when no coefficient is defined for them
+    (fewer than 2 points or a constant series)."""
     a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     if len(a) != len(b):
         raise ValueError(f"series differ in length: {len(a)} vs {len(b)}")
-    if len(a) < 2 or a.std() == 0 or b.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(a, b)[0, 1])
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return a, b
 
 
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties sharing their average rank."""
-    order = values.argsort(kind="mergesort")
-    ranks = np.empty(len(values))
-    ranks[order] = np.arange(1, len(values) + 1)
-    for v in np.unique(values):
-        tie = values == v
-        ranks[tie] = ranks[tie].mean()
-    return ranks
+def pearson(x: Sequence[float], y: Sequence[float]) -> float:
+    """Pearson's r (:func:`scipy.stats.pearsonr`); NaN when fewer than 2 points or a constant
+    series."""
+    pair = _pair(x, y)
+    return float("nan") if pair is None else float(stats.pearsonr(*pair).statistic)
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    """Spearman's rank correlation (Pearson on average ranks)."""
-    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
-    return pearson(_ranks(a), _ranks(b))
+    """Spearman's rank correlation (:func:`scipy.stats.spearmanr`: Pearson on average ranks,
+    ties sharing theirs); NaN when fewer than 2 points or a constant series."""
+    pair = _pair(x, y)
+    return float("nan") if pair is None else float(stats.spearmanr(*pair).statistic)
 
 
 @dataclass

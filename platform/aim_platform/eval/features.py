@@ -41,7 +41,7 @@ def load_trunk(
             num_heads=trunk.blocks[0].attn.num_heads,
         )
     else:
-        from aim_platform.train.export import read_trunk
+        from aim_platform.models.trunk_file import read_trunk
 
         trunk, job = read_trunk(path, storage_options)
         cfg = job.model

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from aim_platform.data import storage
+from aim_platform import storage
 from aim_platform.data.pipeline import BUILTIN_INGEST, resolve_url
 from aim_platform.data.shards import (
     MANIFEST,
@@ -87,6 +87,7 @@ def ingest(
     label_map: str | None = None,
     image_column: str | None = None,
     label_column: str | None = None,
+    split_folders: bool = False,
 ) -> dict[str, Any]:
     """Ingest ``src`` into Parquet shards under ``dest`` and write ``_manifest.json``.
 
@@ -116,6 +117,8 @@ def ingest(
             and names (see :func:`aim_platform.data.sources.read_label_map`).
         image_column: Parquet sources: the image column (default: found by name/type).
         label_column: Parquet sources: the label column (default: ``label`` if present).
+        split_folders: ``src`` holds ``train/`` and ``val/`` (or ``test/``) image folders
+            that are the splits; ``val_fraction`` is then unused.
 
     Returns:
         The manifest (also written to ``DEST/_manifest.json``), with ``"skipped": True``
@@ -142,7 +145,10 @@ def ingest(
         image_column=image_column,
         label_column=label_column,
         by_file=order in ("auto", "files"),
+        split_folders=split_folders,
     )
+    if split_folders:
+        val_fraction = 0.0  # the folders decide (recorded as such in the manifest)
     if order == "files" and not listing.by_file:
         raise DataError(f"order: files needs a source of .tar or .parquet files, not {src!r}")
     if order == "auto":
@@ -156,6 +162,7 @@ def ingest(
         "source": name,
         "order": order,
         "order_seed": order_seed,
+        **({"splits": "folders"} if split_folders else {}),
     }
     fingerprint = fingerprint_of(listing, settings)
     old = read_manifest(dest, storage_options)

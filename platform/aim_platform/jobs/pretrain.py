@@ -19,14 +19,15 @@ from typing import Any
 from aim_platform import tracking
 from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.data.storage import filesystem, is_remote, pyarrow_filesystem
-from aim_platform.errors import DataError
+from aim_platform.errors import DataError, UnsafeFile
+from aim_platform.failures import root_cause
 from aim_platform.jobs import restarts
 from aim_platform.jobs.ingest import prepare_sources
 from aim_platform.models.losses import VAL_CHUNKS
+from aim_platform.storage import filesystem, is_remote, join, pyarrow_filesystem, read_json
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
-from aim_platform.train.progress import Snapshot, create_board, read_board
+from aim_platform.train.progress import Snapshot, create_board, read_board, take_handover
 
 
 @dataclass
@@ -42,6 +43,9 @@ class PretrainResult:
     checkpoint: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    tracking: tracking.TrackingReport | None = None  # what MLflow delayed or lost
+    flush_timeout: float = 0.0  # the end's wait for MLflow (tracking.flush_timeout_s)
+    notes: list[str] = field(default_factory=list)  # what could not be made, and why
 
 
 def run_paths(job: JobConfig) -> RunPaths:
@@ -54,8 +58,10 @@ def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
     fs, latest = filesystem(run_paths(job).latest, job.train.storage_options)
     if not fs.exists(latest):
         return None
-    with fs.open(latest, "r") as f:
-        return json.loads(f.read())
+    state = read_json(fs, latest, "a latest-checkpoint record")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise UnsafeFile(f"{latest}: not a latest-checkpoint record (no integer step)")
+    return state
 
 
 def _reuse_or_start_run(
@@ -71,9 +77,10 @@ def _reuse_or_start_run(
     fs, root = filesystem(paths.root, job.train.storage_options)
     marker = filesystem(paths.run_id_file, job.train.storage_options)[1]
     if fs.exists(marker):
-        with fs.open(marker, "r") as f:
-            saved = json.loads(f.read())
-        if saved.get("tracking_uri") == uri:
+        saved = read_json(fs, marker, "a run-id record")
+        if isinstance(saved, dict) and saved.get("tracking_uri") == uri:
+            if not isinstance(saved.get("run_id"), str):
+                raise UnsafeFile(f"{marker}: not a run-id record (no run_id)")
             return saved["run_id"]
     from aim_platform.security import redact
 
@@ -162,7 +169,12 @@ def pretrain(
     uri = run_id = tracker = None
     if track:
         uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, storage)
-        tracker = tracking.Tracker(uri)
+        tracker = tracking.Tracker(
+            uri,
+            background=True,
+            buffer_size=job.tracking.buffer_size,
+            flush_timeout=job.tracking.flush_timeout_s,
+        )
         run_tags = {
             "ray_job_id": ray.get_runtime_context().get_job_id(),
             "storage": root,
@@ -189,7 +201,9 @@ def pretrain(
     own_datasets = datasets is None
     if datasets is None:
         datasets = default_datasets(job, start_epoch)
-    board = create_board(tc.steps) if on_progress is not None else None
+    # The board carries rank 0's progress and tracking state (and, at the end, its
+    # unwritten writes) to this driver.
+    board = create_board(tc.steps) if on_progress is not None or tracker else None
     storage_fs, storage_path = None, storage
     if is_remote(storage):  # pyarrow's S3 client with the endpoint override (e.g. MinIO)
         storage_fs, storage_path = pyarrow_filesystem(storage, tc.storage_options)
@@ -199,6 +213,7 @@ def pretrain(
         tracking_uri=uri,
         run_id=run_id,
         progress=board,
+        resume_from=join(root, previous["checkpoint"]) if previous else None,
     )
 
     def trainer(workers: int, datasets: Mapping[str, Any]) -> TorchTrainer:
@@ -230,7 +245,13 @@ def pretrain(
             torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
         )
 
-    result = PretrainResult(name=job.name, storage=root, run_id=run_id, tracking_uri=uri)
+    result = PretrainResult(
+        name=job.name,
+        storage=root,
+        run_id=run_id,
+        tracking_uri=uri,
+        flush_timeout=job.tracking.flush_timeout_s,
+    )
     say = on_event or (lambda text: None)
     workers, restarted = tc.num_workers, 0
     try:
@@ -260,25 +281,47 @@ def pretrain(
                     tracker=tracker,
                     run_id=run_id,
                 )
+                resume = join(root, previous["checkpoint"]) if previous else None
+                loop_args = dataclasses.replace(loop_args, progress=board, resume_from=resume)
                 if own_datasets:
                     datasets = default_datasets(job, previous["epoch"] if previous else 0)
     except Exception:  # a failed fit still closes the MLflow run, then re-raises
         if tracker and run_id:
-            tracker.finish(run_id, "FAILED")
+            _end_tracking(tracker, run_id, board, result, "FAILED")
         raise
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
-    result.error = str(fit.error) if fit.error else None
+    result.error = root_cause(fit.error) if fit.error else None  # one line; tracebacks: log
     final = paths.final_trunk
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
     if tracker and run_id:
-        _log_outputs(tracker, run_id, result)
+        tracker.enqueue(take_handover(board).writes)  # rank 0's last writes go first
+        settled = tracker.flush()  # the one wait (tracking.flush_timeout_s) for MLflow
+        try:
+            _log_outputs(tracker, run_id, result)
+        except tracking.TrackingUnavailable as exc:
+            result.notes.append(f"no per-chunk loss plot: {exc}")
         if job.probe and result.final_trunk and not result.error:
             result.metrics.update(probe_checkpoints(job, result, tracker))
-        tracker.finish(run_id, "FAILED" if result.error else "FINISHED")
+        status = "FAILED" if result.error else "FINISHED"
+        _end_tracking(tracker, run_id, board, result, status, wait=settled)
     return result
+
+
+def _end_tracking(
+    tracker: tracking.Tracker, run_id: str, board: Any, result: PretrainResult, status: str,
+    wait: bool = True,
+) -> None:  # fmt: skip
+    """Rank 0's leftovers, the run's dropped count and status, one flush within
+    ``tracking.flush_timeout_s`` (none when ``wait`` is False: the end already waited that
+    long); what MLflow missed goes to the summary and to the metrics a study trial reports."""
+    h = take_handover(board)
+    tracker.enqueue(h.writes)
+    args = (tracker, run_id, result.steps, status)
+    result.tracking = tracking.end_run(*args, ranks=h.ranks, replaced=h.replaced, wait=wait)
+    result.metrics.update(result.tracking.metrics())
 
 
 @contextlib.contextmanager
@@ -339,7 +382,10 @@ def probe_checkpoints(
             parent_run_id=result.run_id,
             step=step,
         )
-    correlate_run(tracker, result.run_id)
+    try:
+        correlate_run(tracker, result.run_id)
+    except tracking.TrackingUnavailable as exc:  # the probes are logged once it answers
+        result.notes.append(f"no loss-vs-accuracy correlation: {exc}")
     return report_metrics(report)
 
 
@@ -371,9 +417,13 @@ def summary(result: PretrainResult) -> list[str]:
     """A one-screen summary of a finished run: steps, loss start -> end, throughput, where."""
     lines = [f"run {result.name}: {result.steps} steps, storage {result.storage}"]
     tracker = None
-    if result.tracking_uri and result.run_id:
+    reachable = result.tracking is None or result.tracking.down_since is None
+    if result.tracking_uri and result.run_id and reachable:
         tracker = tracking.Tracker(result.tracking_uri)
-        losses = tracker.metric_history(result.run_id, "train/loss")
+        try:
+            losses = tracker.metric_history(result.run_id, "train/loss")
+        except tracking.TrackingUnavailable:
+            losses, tracker = [], None
         if losses:
             (s0, v0), (s1, v1) = losses[0], losses[-1]
             lines.append(f"train/loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
@@ -388,7 +438,11 @@ def summary(result: PretrainResult) -> list[str]:
     if result.tracking_uri:
         lines.append(f"MLflow run {result.run_id}: {tracking.ui_command(result.tracking_uri)}")
         if tracker and result.run_id:
-            lines.append(f"then open {tracking.ui_url(tracker, result.run_id)}")
+            with contextlib.suppress(tracking.TrackingUnavailable):
+                lines.append(f"then open {tracking.ui_url(tracker, result.run_id)}")
+        if result.tracking is not None:
+            lines += result.tracking.lines(result.tracking_uri, result.flush_timeout)
+        lines += result.notes
     if result.error:
         lines.append(f"error: {result.error}")
     return lines

@@ -150,12 +150,14 @@ def select_labelled(
     import pyarrow.parquet as pq
 
     from aim_platform.data.pipeline import source_shards
+    from aim_platform.data.safety import require_plain_columns
     from aim_platform.data.transforms import id_hash
 
     shards = source_shards(DataSource(url=url), "train", storage_options)
     by_label: dict[int, list[tuple[int, str]]] = {}
     for path in shards.paths:
         table = pq.read_table(path, columns=["id", "label"], filesystem=shards.filesystem)
+        require_plain_columns(table.schema, path)  # a pickled column is refused, never read
         for sid, label in zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True):
             if label is not None and label >= 0:
                 by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
@@ -272,6 +274,7 @@ def log_probe(
         params,
         {"kind": "probe", "pretrain_step": str(step)},
         parent_run_id,
+        defer=True,  # MLflow down: the run is created once it answers (background trackers)
     )
     log_datasets(tracker, run_id, [dataset], cfg.storage_options, context="probe")
     metrics = report_metrics(report)

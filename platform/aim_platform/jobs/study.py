@@ -20,8 +20,16 @@ import yaml
 from ray import tune
 
 from aim_platform import tracking
-from aim_platform.config import ConfigError, Scale, StudySpec
-from aim_platform.jobs.study_table import StudyResult, TrialOutcome, seed_overrides, trial_name
+from aim_platform.config import ConfigError, JobConfig, Scale, StudySpec
+from aim_platform.errors import UnsafeFile
+from aim_platform.jobs.study_floor import random_trunk_floor
+from aim_platform.jobs.study_table import (
+    StudyResult,
+    TrialOutcome,
+    probe_recipe,
+    seed_overrides,
+    trial_name,
+)
 from aim_platform.models.losses import VAL_CHUNKS
 
 STUDIES_DIR = Path(__file__).resolve().parents[3] / "jobs" / "studies"
@@ -104,6 +112,18 @@ def merge_defaults(defaults: dict[str, Any], spec: dict[str, Any]) -> dict[str, 
     return merged
 
 
+def trial_job(
+    spec: StudySpec, variant: str, scale: Scale, extra: list[str], seed: int, seeds: int
+) -> JobConfig:
+    """The job of one trial: the variant at the scale, with seed index ``seed``'s seeds and,
+    with several seeds, its own run folder."""
+    job = spec.job(variant, scale, extra)
+    if seeds == 1:
+        return job
+    shifted = seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)
+    return spec.job(variant, scale, [*extra, *shifted, f"name={job.name}-s{seed}"])
+
+
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: pre-train the variant (TorchTrainer), probe it, report to Tune."""
     import ray.tune
@@ -113,13 +133,7 @@ def _trial(config: dict[str, Any]) -> None:
 
     spec = StudySpec.model_validate(config["spec"])
     variant, seed, seeds = config["variant"], config.get("seed", 0), config.get("seeds", 1)
-    job = spec.job(variant, config["scale"], config["extra"])
-    if seeds > 1:  # its own seeds and run folder
-        extra = [
-            *config["extra"],
-            *seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed),
-        ]
-        job = spec.job(variant, config["scale"], [*extra, f"name={job.name}-s{seed}"])
+    job = trial_job(spec, variant, config["scale"], config["extra"], seed, seeds)
     tags = {"study": spec.name, "variant": variant, "table": spec.table}
     if seeds > 1:
         tags["seed_index"] = str(seed)
@@ -145,6 +159,7 @@ def run_study(
     on_trial: Callable[[str, str, dict[str, Any]], None] | None = None,
     seeds: int = 1,
     concurrent: int | None = None,
+    floor: bool = True,
 ) -> StudyResult:
     """Run (or resume) a study; every trial's failure is reported, not fatal.
 
@@ -164,6 +179,8 @@ def run_study(
         seeds: Trials per variant, seed index i adding i to the job's and the probe's seed
             (the table then shows mean +/- std).
         concurrent: Trials at once; None: the spec's ``max_concurrent_trials``.
+        floor: Also probe a randomly initialized trunk of every variant with every seed
+            (shared where trunks and probes are the same): the table's floor row.
     """
     if seeds < 1:
         raise ConfigError(f"--seeds: {seeds} must be at least 1")
@@ -181,11 +198,15 @@ def run_study(
     prepare_sources(urls, first.data.storage_options)
     runs_dir = str(Path(storage_url(storage)).parent)
     uri = tracking.resolve_tracking_uri(tracking_uri or first.tracking.tracking_uri, runs_dir)
-    tracker = tracking.Tracker(uri)  # creates the store and the experiment before any trial
+    # creates the store and the experiment before any trial; its writes never wait for MLflow
+    tracker = tracking.Tracker(uri, background=True)
     extra.append(f"tracking.tracking_uri={uri}")
     marker = root / "parent_run.json"
     if resume and marker.exists():
-        parent = json.loads(marker.read_text())["run_id"]
+        try:
+            parent = json.loads(marker.read_text())["run_id"]
+        except (ValueError, KeyError, TypeError) as exc:  # JSON only: never runs code
+            raise UnsafeFile(f"{marker}: not a study's parent-run record ({exc!r})") from None
     else:
         params = {
             "study": spec.name,
@@ -247,10 +268,33 @@ def run_study(
         run_id = (r.metrics or {}).get("run_id") or None
         error = str(r.error) if r.error else None
         trials.append(TrialOutcome(variant, run_id, metrics, error, seed))
-    result = StudyResult(spec, scale, parent, uri, trials)
+    floors = (
+        random_trunk_floor(
+            [
+                (v, seed, trial_job(spec, v, scale, extra, seed, seeds))
+                for v in spec.variants
+                for seed in range(seeds)
+            ],
+            seeds,
+            root,
+            tracker,
+            parent,
+            first.tracking.experiment,
+            on_trial,
+        )
+        if floor
+        else {}
+    )
+    assert first.probe is not None
+    recipe = probe_recipe(first.probe)
+    result = StudyResult(spec, scale, parent, uri, trials, floors, recipe)
     (root / "table.md").write_text(result.markdown())
     (root / "table.csv").write_text(result.csv())
-    _log_study(result, tracker)
+    try:
+        _log_study(result, tracker)
+    except tracking.TrackingUnavailable:  # no correlation; the table is queued (and on disk)
+        tracker.finish(parent, "FINISHED")
+    tracker.close()
     return result
 
 
@@ -303,6 +347,12 @@ def _log_study(result: StudyResult, tracker: tracking.Tracker) -> None:
     assert parent is not None
     tracker.log_text(parent, result.markdown(), "table.md")
     tracker.log_text(parent, result.csv(), "table.csv")
+    verdicts = {}
+    for v in result.verdicts():  # e.g. verdict.linear.mlp-vs-none: agrees +2.6 [+0.4, +4.8] n=3
+        ours = v.cells()[2]
+        verdicts[f"verdict.{v.row}.{v.a}-vs-{v.b}"] = f"{v.verdict} {ours}"[:500]
+    if verdicts:
+        tracker.set_tags(parent, verdicts)
     per_variant: dict[str, list[list[float]]] = {}
     for t in result.trials:
         chunks = [t.metrics.get(f"val/loss_chunk_{i}") for i in range(VAL_CHUNKS)]

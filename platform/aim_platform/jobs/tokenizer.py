@@ -106,7 +106,7 @@ def resolve_tokenizer(
     """
     if model.target != "tokens" or model.tokenizer != AUTO:
         return model
-    from aim_platform.data.storage import filesystem
+    from aim_platform.storage import filesystem
 
     opts = data.storage_options if storage_options is None else storage_options
     fs, path = filesystem(out_url, opts)

@@ -9,12 +9,15 @@ reads the mean of the raw outputs of the last ``probe_layers`` blocks.
 
 from __future__ import annotations
 
+import inspect
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from aim_platform.errors import MissingInput, UnsafeFile
 from aim_platform.models.aim import AIMClassifier, AIMTrunk
 from aim_platform.models.heads import AttentiveProbe
 from aim_platform.models.layers import conv_weight_to_linear
@@ -98,21 +101,124 @@ def load_ml_aim_v1(state_dict: Mapping[str, torch.Tensor], **config: Any) -> AIM
     return model.eval()
 
 
+def read_weights(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors, numbers, strings and plain
+    containers only, so that loading can never run code (a pickle can: its ``__reduce__``
+    names any callable). Anything else is refused before it is built.
+
+    Raises:
+        MissingInput: ``path`` does not exist.
+        UnsafeFile: the file holds other objects, or is no torch checkpoint at all; the
+            message is one line naming the file.
+    """
+    if not Path(path).is_file():
+        raise MissingInput(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = _unpickler_detail(exc)
+        if detail is None:  # not a pickle at all ("invalid load key")
+            raise UnsafeFile(f"{path}: not a torch checkpoint ({_first_line(exc)})") from None
+        raise UnsafeFile(
+            f"{path}: refused: it holds Python objects, not just weights, and loading it "
+            f"could run code ({detail}); only weights-only files are loaded"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - a torn or foreign file: torch raises anything
+        raise UnsafeFile(f"{path}: not a torch checkpoint ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _unpickler_detail(exc: pickle.UnpicklingError) -> str | None:
+    """torch's weights-only refusal in a few words (``Unsupported global: GLOBAL
+    posix.system``), or None when the error is not such a refusal."""
+    text = str(exc)
+    if "Weights only load failed" not in text:
+        return None
+    for line in text.splitlines():
+        if "WeightsUnpickler error:" in line:
+            detail = line.split("WeightsUnpickler error:", 1)[1].strip()
+            return detail.split(" was not an allowed global")[0][:160]
+    return "objects outside the weights-only allow-list"
+
+
+_BUILDER_ARGS = {
+    name
+    for name, p in inspect.signature(build_classifier).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+}
+_SHAPES = ("img_size", "patch_size", "embed_dim", "num_blocks", "num_heads")
+
+
+def builder_args(path: str | Path, raw: Any) -> dict[str, Any]:
+    """Check an ``ml_aim_config`` read from ``path``: a mapping of known builder arguments
+    with positive integer shapes; a bad one raises :class:`UnsafeFile` (one line)."""
+    if not isinstance(raw, Mapping):
+        raise UnsafeFile(
+            f"{path}: ml_aim_config must be a mapping of builder arguments, not "
+            f"{type(raw).__name__}"
+        )
+    config = dict(raw)
+    unknown = sorted(str(k) for k in config if k not in _BUILDER_ARGS)
+    if unknown:
+        raise UnsafeFile(
+            f"{path}: ml_aim_config has unknown keys {unknown} (known: {sorted(_BUILDER_ARGS)})"
+        )
+    missing = [k for k in _SHAPES if k not in config]
+    if missing:
+        raise UnsafeFile(f"{path}: ml_aim_config lacks {missing}")
+    for key in (*_SHAPES, "num_classes", "num_channels"):
+        value = config.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise UnsafeFile(
+                f"{path}: ml_aim_config.{key} must be a positive integer, not {value!r}"
+            )
+    layers = config.get("probe_layers", 6)
+    if isinstance(layers, list):
+        config["probe_layers"] = layers = tuple(layers)
+    if not (isinstance(layers, int) and not isinstance(layers, bool)) and not (
+        isinstance(layers, tuple) and all(type(i) is int for i in layers)
+    ):
+        raise UnsafeFile(f"{path}: ml_aim_config.probe_layers must be an int or a list of ints")
+    return config
+
+
+def _build(path: str | Path, config: dict[str, Any], state_dict: Any) -> AIMClassifier:
+    """:func:`load_ml_aim_v1` with every failure one line naming ``path``."""
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise UnsafeFile(f"{path}: state_dict must map names to tensors")
+    try:
+        return load_ml_aim_v1(state_dict, **config)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise UnsafeFile(
+            f"{path}: the weights do not fit ml_aim_config {config} ({_first_line(exc)})"
+        ) from None
+
+
 def convert_file(src: str | Path, dst: str | Path) -> Path:
     """``aimctl convert-ml-aim``: read an official checkpoint, write ours.
 
     ``src`` holds a dict with ``state_dict`` (the official keys) and ``ml_aim_config`` (the
-    official builder arguments). The output is a weights-only ``torch.save`` dict with our
-    ``state_dict``, the ``ml_aim_config`` and a format tag; read it with :func:`load_converted`.
+    official builder arguments); it is read weights-only (:func:`read_weights`). The output is
+    a weights-only ``torch.save`` dict with our ``state_dict``, the ``ml_aim_config`` and a
+    format tag; read it with :func:`load_converted`.
+
+    Raises:
+        UnsafeFile: ``src`` is refused or malformed (one line naming it).
     """
-    blob = torch.load(src, map_location="cpu", weights_only=False)
+    blob = read_weights(src)
     if not isinstance(blob, dict) or "state_dict" not in blob or "ml_aim_config" not in blob:
-        raise ValueError(
+        raise UnsafeFile(
             f"{src}: expected a dict with 'state_dict' and 'ml_aim_config' (the official "
             "builder arguments: img_size, patch_size, embed_dim, num_blocks, num_heads, ...)"
         )
-    config = dict(blob["ml_aim_config"])
-    model = load_ml_aim_v1(blob["state_dict"], **config)
+    config = builder_args(src, blob["ml_aim_config"])
+    model = _build(src, config, blob["state_dict"])
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"format": FORMAT, "ml_aim_config": config, "state_dict": model.state_dict()}, dst)
@@ -124,9 +230,18 @@ FORMAT = "aim-platform/classifier-v1"
 
 def load_converted(path: str | Path) -> AIMClassifier:
     """Load a file written by :func:`convert_file` (weights only, no pickled code)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
+    blob = read_weights(path)
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a converted AIM classifier ({FORMAT})")
-    model = build_classifier(**blob["ml_aim_config"])
-    model.load_state_dict(blob["state_dict"])
+        raise UnsafeFile(f"{path}: not a converted AIM classifier ({FORMAT})")
+    config = builder_args(path, blob.get("ml_aim_config"))
+    model = build_classifier(**config)
+    state = blob.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise UnsafeFile(f"{path}: state_dict must map names to tensors")
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        raise UnsafeFile(
+            f"{path}: the weights do not fit its ml_aim_config ({_first_line(exc)})"
+        ) from None
     return model.eval()

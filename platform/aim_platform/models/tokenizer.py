@@ -1,10 +1,11 @@
 """K-means patch tokenizer for the discrete-token target (paper Table 3a).
 
-A codebook of V centroids is fitted with k-means (k-means++ seeding, Lloyd iterations) on
-patch vectors normalized exactly as the pixel target is (:func:`patch_vectors`: the model
+A codebook of V centroids is fitted with scikit-learn's k-means (k-means++ seeding, Lloyd
+iterations, on the CPU) on patch vectors normalized exactly as the pixel target is (:func:`patch_vectors`: the model
 input of :func:`~aim_platform.models.layers.pixels_to_input`, then
 :func:`~aim_platform.models.losses.normalize_patches`). A patch's token is the index of its
-nearest centroid (squared Euclidean distance).
+nearest centroid (squared Euclidean distance), computed in torch on whatever device the
+patches are on (the training device).
 
 A codebook is one safetensors file: the tensor ``codebook`` (V, P) float32, and in the
 safetensors header's ``__metadata__`` the format name, ``num_tokens``, ``patch_dim``, ``eps``
@@ -18,18 +19,16 @@ from __future__ import annotations
 import json
 import posixpath
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from aim_platform.errors import UnsafeFile
 from aim_platform.models.layers import pixels_to_input
 from aim_platform.models.losses import normalize_patches
-
-if TYPE_CHECKING:
-    pass
 
 FORMAT = "aim-platform/kmeans-codebook-v1"
 AUTO = "auto"  # ModelConfig.tokenizer value: the launcher fits a codebook for the run
@@ -98,54 +97,22 @@ def assign_tokens(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor
     return ids.reshape(lead)  # (...)
 
 
-def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """k-means++ seeding: each next centroid is a row drawn with probability ~ D(x)^2.
-
-    Args:
-        x: (N, P) float32 rows, N >= k.
-        k: Number of centroids.
-        generator: CPU generator (the seed).
-
-    Returns:
-        (k, P) initial centroids (rows of ``x``).
-    """
-    n = x.shape[0]
-    x2 = x.pow(2).sum(dim=1)  # (N,)
-
-    def sqdist_to(i: int) -> torch.Tensor:  # one matrix-vector product, no (N, P) temporary
-        return (x2 - 2 * (x @ x[i]) + x2[i]).clamp_min(0)  # (N,)
-
-    first = int(torch.randint(n, (1,), generator=generator))
-    picks = [first]
-    d2 = sqdist_to(first)  # (N,) squared distance to the nearest pick so far
-    for _ in range(1, k):
-        if float(d2.sum()) > 0:
-            idx = int(torch.multinomial(d2.cpu().double(), 1, generator=generator))
-        else:  # every row already coincides with a centroid: any row will do
-            idx = int(torch.randint(n, (1,), generator=generator))
-        picks.append(idx)
-        d2 = torch.minimum(d2, sqdist_to(idx))  # (N,)
-    return x[torch.tensor(picks, device=x.device)].clone()  # (k, P)
-
-
 @dataclass
 class KMeansResult:
-    """Centroids and the mean squared distance to the nearest centroid (inertia / N).
-
-    ``inertia[0]`` is that of the k-means++ seeds, ``inertia[i]`` after ``i`` Lloyd updates;
-    Lloyd's algorithm never increases it.
-    """
+    """Centroids, the mean squared distance of a row to its nearest centroid (inertia / N) and
+    the Lloyd iterations run."""
 
     centroids: torch.Tensor
-    inertia: list[float]
+    inertia: float
+    iterations: int
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> KMeansResult:
-    """Seeded k-means: k-means++ seeding, then at most ``iters`` Lloyd iterations.
+    """Seeded k-means: scikit-learn's ``KMeans`` (k-means++ seeding, then at most ``iters``
+    Lloyd iterations, stopping once no row changes cluster), on the CPU.
 
-    Each iteration assigns every row to its nearest centroid and moves each centroid to the
-    mean of its rows. A centroid left without rows is moved onto the row farthest from its
-    own centroid (which can only lower the error). Stops early once no row changes cluster.
+    Only the fit runs here; assigning tokens during training stays on the training device
+    (:func:`assign_tokens`).
 
     Args:
         x: (N, P) float rows, N >= k.
@@ -159,30 +126,23 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> KMeansRes
     Raises:
         ValueError: fewer rows than centroids.
     """
-    x = x.float()
-    n, p = x.shape
+    from sklearn.cluster import KMeans
+
+    rows = x.detach().float().cpu().numpy()  # (N, P) float32
+    n = rows.shape[0]
     if n < k:
         raise ValueError(f"num_tokens: {k} centroids need at least {k} patches, got {n}")
-    gen = torch.Generator().manual_seed(seed)
-    centroids = kmeans_plus_plus(x, k, gen)  # (k, P)
-    ids, d2 = nearest_centroid(x, centroids)  # (N,), (N,)
-    inertia = [float(d2.mean())]
-    for _ in range(iters):
-        sums = torch.zeros(k, p, device=x.device).index_add_(0, ids, x)  # (k, P)
-        counts = torch.bincount(ids, minlength=k)  # (k,)
-        updated = sums / counts.clamp_min(1).unsqueeze(1).to(sums.dtype)  # (k, P)
-        empty = (counts == 0).nonzero().flatten()  # (E,)
-        if len(empty):
-            far = d2.topk(len(empty)).indices  # (E,) rows farthest from their centroid
-            updated[empty] = x[far]
-        centroids = updated
-        new_ids, d2 = nearest_centroid(x, centroids)
-        inertia.append(float(d2.mean()))
-        converged = torch.equal(new_ids, ids)
-        ids = new_ids
-        if converged:
-            break
-    return KMeansResult(centroids, inertia)
+    fit = KMeans(
+        n_clusters=k,
+        init="k-means++",
+        n_init=1,
+        max_iter=iters,
+        tol=0.0,  # stop on unchanged assignments only, not on a small centroid shift
+        algorithm="lloyd",
+        random_state=seed,
+    ).fit(rows)
+    centroids = torch.from_numpy(fit.cluster_centers_).float()  # (k, P)
+    return KMeansResult(centroids, float(fit.inertia_) / n, int(fit.n_iter_))
 
 
 @dataclass
@@ -244,7 +204,7 @@ class Tokenizer:
 
     def save(self, url: str, storage_options: dict[str, Any] | None = None) -> str:
         """Write the codebook file to a local path or fsspec URL; returns ``url``."""
-        from aim_platform.data.storage import filesystem  # fsspec and pyarrow: only when used
+        from aim_platform.storage import filesystem  # fsspec: only when used
 
         fs, path = filesystem(url, storage_options)
         parent = posixpath.dirname(path)
@@ -262,13 +222,18 @@ class Tokenizer:
                 "tokenizer: 'auto' is a request for the launcher to fit a codebook into the "
                 "run's storage; give a codebook path or URL here"
             )
-        from aim_platform.data.storage import filesystem
+        from aim_platform.storage import filesystem
 
         fs, path = filesystem(url, storage_options)
         if not fs.exists(path):
             raise FileNotFoundError(f"tokenizer: no codebook at {url!r} (aimctl tokenizer-fit)")
         with fs.open(path, "rb") as f:
-            return cls.from_bytes(f.read())
+            data = f.read()
+        try:  # safetensors + a JSON header: nothing in the file can run
+            return cls.from_bytes(data)
+        except Exception as exc:  # noqa: BLE001 - one line naming the file, whatever broke
+            first = " ".join(str(exc).split())[:200]
+            raise UnsafeFile(f"tokenizer: {url} is not a codebook file ({first})") from None
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
@@ -307,9 +272,16 @@ def fit_tokenizer_from_arrays(
         eps: Normalization epsilon (the model's ``target_eps``).
 
     Returns:
-        The :class:`Tokenizer`; ``fitted_on`` holds the counts, seed and inertia history.
+        The :class:`Tokenizer`; ``fitted_on`` holds the counts, the seed, the iterations
+        allowed and run, and the final inertia (mean squared distance to the nearest centroid).
     """
     x = patch_vectors(patches_uint8, eps)  # (N, P)
     result = kmeans(x, num_tokens, iters, seed)
-    info = {"patches": int(x.shape[0]), "seed": seed, "iters": iters, "inertia": result.inertia}
+    info = {
+        "patches": int(x.shape[0]),
+        "seed": seed,
+        "iters": iters,
+        "iterations": result.iterations,
+        "inertia": result.inertia,
+    }
     return Tokenizer(result.centroids, eps, info)

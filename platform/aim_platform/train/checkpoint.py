@@ -10,12 +10,19 @@ whole (its size, listed back from the store) and copies again if not; Ray Train 
 checkpoint only once every rank's upload returned, and the job writes ``latest.json`` only
 after that. A crash or an upload that fails past its retries during a save leaves the
 previous checkpoint as the one to resume from.
+
+DCP writes ``.metadata`` with pickle, and torch reads it back with a plain ``pickle.load``: a
+crafted ``.metadata`` would run code on every rank that resumes. :func:`load` reads it with
+an unpickler that builds only DCP's own metadata classes, torch sizes, dtypes and layouts
+(:class:`SafeMetadataReader`), and refuses anything else with one line naming the file;
+the shards' non-tensor items are read by torch with ``weights_only=True``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import pickle
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +32,8 @@ import pyarrow.fs as pafs
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -33,7 +42,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from aim_platform.errors import StorageError
+from aim_platform.errors import StorageError, UnsafeFile
 
 TRAIN_STATE = "train_state.json"
 CONFIG = "config.yaml"
@@ -87,10 +96,78 @@ def save(folder: Path, app: AppState, state: TrainState, config_yaml: str, rank:
         (folder / CONFIG).write_text(config_yaml)
 
 
+#: What a DCP ``.metadata`` pickle may name: DCP's own record classes, torch sizes, dtypes
+#: (below) and layouts, paths, plain containers.
+_METADATA_GLOBALS = {
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+} | {
+    (dcp.metadata.__name__, name)
+    for name, obj in vars(dcp.metadata).items()
+    if isinstance(obj, type) and obj.__module__ == dcp.metadata.__name__
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP metadata and nothing else: any other global is refused before it is
+    looked up, so nothing a file names is ever called."""
+
+    def __init__(self, file: Any, path: str) -> None:
+        super().__init__(file)
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeFile(
+            f"{self.path}: refused: it names {module}.{name}, which checkpoint metadata never "
+            "holds (loading it could run code)"
+        )
+
+
+class SafeMetadataReader(FileSystemReader):
+    """DCP's file-system reader with ``.metadata`` read by :class:`_MetadataUnpickler`."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f, str(path)).load()
+            except UnsafeFile:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a torn or foreign file: one line
+                raise UnsafeFile(f"{path}: not DCP checkpoint metadata ({exc})") from None
+        if not isinstance(metadata, Metadata):
+            raise UnsafeFile(f"{path}: not DCP checkpoint metadata ({type(metadata).__name__})")
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load(folder: Path, app: AppState) -> TrainState:
-    """Restore ``app`` in place from a checkpoint folder (collective) and return its state."""
-    dcp.load({"app": app}, checkpoint_id=str(folder))
-    return TrainState(**json.loads((folder / TRAIN_STATE).read_text()))
+    """Restore ``app`` in place from a checkpoint folder (collective) and return its state.
+
+    Raises:
+        UnsafeFile: ``.metadata`` names anything but DCP's own records, or the train state
+            is malformed (one line naming the file).
+    """
+    # Checked here first: inside dcp.load a refusal would come back wrapped in torch's errors.
+    SafeMetadataReader(str(folder)).read_metadata()
+    dcp.load({"app": app}, storage_reader=SafeMetadataReader(str(folder)))
+    path = folder / TRAIN_STATE
+    try:
+        return TrainState(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UnsafeFile(f"{path}: not a train state ({exc})") from None
 
 
 def upload(

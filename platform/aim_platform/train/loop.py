@@ -36,6 +36,10 @@ class LoopArgs:
         run_id: The MLflow run rank 0 writes to (None: no tracking).
         progress: A :class:`~aim_platform.train.progress.ProgressBoard` actor for the driver's
             display, or None.
+        resume_from: The checkpoint ``latest.json`` named when the job started (a URL), or
+            None: what a job restarted by name resumes from when Ray Train has no record of
+            it (a job stopped after ``latest.json`` was written but before Ray's own snapshot
+            of its checkpoints).
     """
 
     job: dict[str, Any]
@@ -43,6 +47,7 @@ class LoopArgs:
     tracking_uri: str | None = None
     run_id: str | None = None
     progress: Any = None
+    resume_from: str | None = None
 
 
 def train_loop_per_worker(args: LoopArgs) -> None:
@@ -52,10 +57,8 @@ def train_loop_per_worker(args: LoopArgs) -> None:
 
     from aim_platform.train.metrics import (
         Throughput,
-        device_name,
         flops_per_image,
-        measure_matmul_peak,
-        peak_flops,
+        job_peak_flops,
         synchronize,
     )
 
@@ -74,7 +77,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     trainer = Trainer.setup(job, device, precision)
     model = trainer.model
     state = ckpt.TrainState(data_seed=job.seed)
-    restored = ray.train.get_checkpoint()
+    restored = ray.train.get_checkpoint() or _named_checkpoint(args.resume_from, job)
     if restored is not None:
         with restored.as_directory() as folder:
             state = trainer.restore(Path(folder))
@@ -84,23 +87,25 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         board.started.remote(state.step)
     logger = None
     if rank == 0 and args.run_id and args.tracking_uri:
-        from aim_platform.tracking import RunLogger
+        from aim_platform.tracking import DROPPED_METRIC, RunLogger
 
-        # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end
-        logger = RunLogger(args.tracking_uri, args.run_id, system_metrics=True)
+        # rank 0 owns the run: it samples system metrics (CPU, memory, GPU) until the end.
+        # Every write waits in a queue drained by a thread: no step ever waits for MLflow.
+        logger = RunLogger(
+            args.tracking_uri,
+            args.run_id,
+            system_metrics=True,
+            buffer_size=job.tracking.buffer_size,
+        )
         if restored is not None:  # a restart (worker failure or job restarted by name)
             logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
 
     config_yaml = dump_config(job)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    peak = peak_flops(device_name(device), dtype, override=tc.peak_flops)
-    if peak is None:  # a CPU: no table entry, so measure this worker's matmul peak once
-        peak = measure_matmul_peak(device, dtype, n=1024, iters=2, repeats=2)
     meter = Throughput(
         flops_per_image=flops_per_image(job.model),
         patches_per_image=job.model.num_patches,
-        peak_flops=peak,
-        num_devices=world,
+        peak_flops=job_peak_flops(device, dtype, override=tc.peak_flops),  # all ranks, collective
         warmup_steps=tc.warmup_throughput_steps,
     )
     probe_steps = set(job.probe.at_steps) if job.probe else set()
@@ -148,7 +153,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             _export_trunk(model, job, args.paths.trunk_at(state.step), rank)
         if not (do_log or do_val or do_ckpt):
             if board is not None:
-                board.step.remote(state.step)
+                board.step.remote(state.step, None, logger.status() if logger else None)
             ready = time.perf_counter()
             continue
         window = time.perf_counter() - window_start
@@ -172,9 +177,10 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             last_val = trainer.validate(val_batches)
             metrics.update(last_val)
         if logger is not None:
+            metrics[DROPPED_METRIC] = float(logger.status().dropped)
             logger.log_metrics(metrics, step=state.step)
         if board is not None:
-            board.step.remote(state.step, metrics)
+            board.step.remote(state.step, metrics, logger.status() if logger else None)
         # Every report carries the latest validation figures (a scheduler such as ASHA on
         # val/loss needs the metric in each result); MLflow gets them only when measured.
         report = {**last_val, **metrics, "step": state.step}
@@ -198,7 +204,34 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
     _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
-        logger.close()
+        _close_logger(logger, board, job.tracking.flush_timeout_s)
+
+
+def _named_checkpoint(url: str | None, job: JobConfig) -> Any:
+    """A ``ray.train.Checkpoint`` for the folder at ``url`` (local or object storage), or None."""
+    if url is None:
+        return None
+    import ray.train
+
+    from aim_platform.storage import is_remote, pyarrow_filesystem
+
+    if not is_remote(url):
+        return ray.train.Checkpoint(url)
+    fs, path = pyarrow_filesystem(url, job.train.storage_options)
+    return ray.train.Checkpoint(path, filesystem=fs)
+
+
+def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
+    """End rank 0's tracking queue without waiting: what is still queued goes to the driver
+    (through the board), which writes it within ``flush_timeout`` or says what it could not.
+    Without a board, wait here for at most ``flush_timeout`` seconds."""
+    if board is None:
+        logger.close(timeout=flush_timeout)
+        return
+    import ray
+
+    status, left = logger.close(timeout=0)
+    ray.get(board.hand_over.remote(status, left), timeout=max(60.0, flush_timeout))
 
 
 def _checkpoint_upload(paths: RunPaths, storage_options: dict[str, Any]) -> Any:
@@ -207,7 +240,7 @@ def _checkpoint_upload(paths: RunPaths, storage_options: dict[str, Any]) -> Any:
     Train's own upload would use."""
     import ray.train
 
-    from aim_platform.data.storage import pyarrow_filesystem
+    from aim_platform.storage import pyarrow_filesystem
 
     fs, root = pyarrow_filesystem(paths.root, storage_options)
 
@@ -233,7 +266,7 @@ def _commit_latest(
         return
     import json
 
-    from aim_platform.data.storage import filesystem
+    from aim_platform.storage import filesystem
 
     fs, latest = filesystem(paths.latest, storage_options)
     body = json.dumps({"checkpoint": RunPaths.checkpoint_name(state.step), **vars(state)})
@@ -248,6 +281,6 @@ def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None,
     trunk = ckpt.full_trunk_state_dict(model)
     if rank != 0 or not final_dir:
         return
-    from aim_platform.train.export import write_trunk
+    from aim_platform.models.trunk_file import write_trunk
 
     write_trunk(trunk, job, final_dir)

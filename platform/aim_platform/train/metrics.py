@@ -4,6 +4,8 @@ The MFU formula (model FLOPs utilization, PaLM appendix B convention):
 
     MFU = (images/s x flops_per_image(cfg)) / peak FLOP/s of the devices doing the work
 
+(:func:`job_peak_flops`: the same denominator on every rank, so every rank reports one MFU.)
+
 ``flops_per_image`` counts only the model's mathematics for one training image (forward and
 backward), never what an implementation adds: activation checkpointing recomputes the forward
 (hardware FLOPs go up, model FLOPs do not), and softmax, norms, GELU, the loss and the optimizer
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 from aim_platform.config import ModelConfig
 
@@ -174,6 +177,50 @@ def measure_matmul_peak(
     return best
 
 
+def job_peak_flops(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    override: float | None = None,
+    measure: Callable[[torch.device | str, torch.dtype], float] | None = None,
+) -> float:
+    """Peak FLOP/s of all ranks of the job together: the MFU denominator, the same on every
+    rank (call it on every rank: it is a collective when a process group is up).
+
+    A device the table knows (or ``override``, or ``$AIM_PEAK_FLOPS``): its peak times the
+    world size. Otherwise (CPUs) every rank measures its own matmul peak, all of them at the
+    same moment (a barrier first), and the job's peak is their sum. Measured one rank at a
+    time, each rank would see whatever the others were doing just then (one alone gets the
+    whole machine, one beside another's start-up gets a fraction), and a rank whose peak came
+    out low reported an MFU above 1 (1.22 on rank 1 beside 0.56 on rank 0).
+
+    Args:
+        device: This rank's device.
+        dtype: The matmul dtype of training.
+        override: FLOP/s of one device, instead of the table (``train.peak_flops``).
+        measure: ``(device, dtype) -> FLOP/s`` of one rank (default: a short
+            :func:`measure_matmul_peak`).
+
+    Returns:
+        FLOP/s of all ranks together.
+    """
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    per_device = peak_flops(device_name(device), dtype, override=override)
+    if per_device is not None:
+        return per_device * world
+    if measure is None:
+
+        def measure(d: torch.device | str, t: torch.dtype) -> float:
+            return measure_matmul_peak(d, t, n=1024, iters=2, repeats=2)
+
+    if distributed:
+        dist.barrier()  # every rank measures while the others do too, as in training
+    mine = torch.tensor([measure(device, dtype)], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(mine)
+    return float(mine.item())
+
+
 @dataclass
 class Throughput:
     """Images/s, patches/s and MFU of a training run, warm-up steps excluded.
@@ -185,15 +232,14 @@ class Throughput:
     Attributes:
         flops_per_image: From :func:`flops_per_image`.
         patches_per_image: K.
-        peak_flops: Peak FLOP/s of one device (None: MFU is not reported).
-        num_devices: Devices sharing the work counted by ``update`` (images are global).
+        peak_flops: Peak FLOP/s of all the devices sharing the work counted by ``update``
+            (images are global; :func:`job_peak_flops`); None: MFU is not reported.
         warmup_steps: Leading steps left out of the rates.
     """
 
     flops_per_image: float
     patches_per_image: int
     peak_flops: float | None = None
-    num_devices: int = 1
     warmup_steps: int = 3
     steps: int = field(default=0, init=False)
     images: int = field(default=0, init=False)
@@ -229,7 +275,7 @@ class Throughput:
         fps = self.flops_per_s
         if fps is None or not self.peak_flops:
             return None
-        return fps / (self.peak_flops * self.num_devices)
+        return fps / self.peak_flops
 
     def metrics(self, prefix: str = "train/") -> dict[str, float]:
         """The figures known so far, e.g. ``{"train/images_per_s": ..., "train/mfu": ...}``."""

@@ -4,13 +4,21 @@ Ray Train runs its controller as an actor, so the driver that called ``fit()`` h
 until the end. Rank 0 posts a small snapshot after every optimizer step to a
 :class:`ProgressBoard` actor (zero CPUs, fire-and-forget calls); the driver polls it to draw
 its progress display (:mod:`aim_platform.console`).
+
+Rank 0 also posts the state of its tracking queue (:class:`~aim_platform.outbox.OutboxStatus`:
+MLflow down since when, how much is buffered, dropped), so that the console can say when the
+server stops answering, and at the end hands the board the writes it could not make, for the
+driver to make (:meth:`ProgressBoard.hand_over`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from aim_platform.outbox import OutboxStatus
 
 #: Metrics the display shows, besides the step (all optional in a snapshot).
 SHOWN = ("train/loss", "perf/images_per_s", "perf/mfu", "perf/data_wait_fraction", "val/loss")
@@ -26,6 +34,8 @@ class Snapshot:
     metrics: dict[str, float] = field(default_factory=dict)
     updated: float = 0.0
     phase: str = "starting"
+    tracking: OutboxStatus | None = None  # rank 0's tracking queue
+    tracking_replaced: list[OutboxStatus] = field(default_factory=list)  # of replaced rank 0s
 
 
 class ProgressBoard:
@@ -33,19 +43,41 @@ class ProgressBoard:
 
     def __init__(self, total: int) -> None:
         self.snap = Snapshot(total=total)
+        self.leftover: list[Any] = []
 
     def started(self, step: int) -> None:
         """The workers are up; training continues from ``step`` (0, or a checkpoint's)."""
+        if self.snap.tracking is not None:  # a restart: the last rank 0's queue died with it
+            self.snap.tracking_replaced.append(self.snap.tracking)
+            self.snap.tracking = None
         self.snap.step = self.snap.start_step = step
         self.snap.phase = "training"
         self.snap.updated = time.time()
 
-    def step(self, step: int, metrics: dict[str, float] | None = None) -> None:
-        """One optimizer step done (``metrics`` at logging steps)."""
+    def step(
+        self,
+        step: int,
+        metrics: dict[str, float] | None = None,
+        tracking: OutboxStatus | None = None,
+    ) -> None:
+        """One optimizer step done (``metrics`` at logging steps; ``tracking``: rank 0's
+        tracking queue)."""
         self.snap.step = step
         if metrics:
             self.snap.metrics.update({k: float(v) for k, v in metrics.items() if k in SHOWN})
+        if tracking is not None:
+            self.snap.tracking = tracking
         self.snap.updated = time.time()
+
+    def hand_over(self, tracking: OutboxStatus, writes: list[Any]) -> None:
+        """Rank 0 is done: its queue's final state, and the writes it could not make."""
+        self.snap.tracking = dataclasses.replace(tracking, buffered=0)  # the driver has them
+        self.leftover.extend(writes)
+
+    def take_leftover(self) -> list[Any]:
+        """The writes rank 0 handed over (once)."""
+        out, self.leftover = self.leftover, []
+        return out
 
     def get(self) -> Snapshot:
         return self.snap
@@ -70,3 +102,35 @@ def read_board(board: Any, timeout: float = 5.0) -> Snapshot | None:
         return ray.get(board.get.remote(), timeout=timeout)
     except (GetTimeoutError, RayActorError):  # a slow or gone board: skip this refresh
         return None
+
+
+@dataclass
+class Handover:
+    """What the board holds of rank 0's tracking at the end (see :func:`take_handover`).
+
+    Attributes:
+        ranks: The last rank 0's queue status (empty when it never reported).
+        replaced: The queues of rank 0 processes replaced after a failure (their buffered
+            writes died with them).
+        writes: The writes rank 0 handed over, to be made by the driver.
+    """
+
+    ranks: list[OutboxStatus] = field(default_factory=list)
+    replaced: list[OutboxStatus] = field(default_factory=list)
+    writes: list[Any] = field(default_factory=list)
+
+
+def take_handover(board: Any, timeout: float = 60.0) -> Handover:
+    """Rank 0's tracking state and unwritten writes from ``board`` (the writes once); an
+    empty :class:`Handover` when there is no board or it does not answer."""
+    import ray
+
+    if board is None:
+        return Handover()
+    try:
+        writes = ray.get(board.take_leftover.remote(), timeout=timeout)
+        snap = ray.get(board.get.remote(), timeout=timeout)
+    except Exception:  # noqa: BLE001 - a board gone with the cluster: nothing to take
+        return Handover()
+    ranks = [snap.tracking] if snap.tracking is not None else []
+    return Handover(ranks, list(snap.tracking_replaced), writes)

@@ -1,5 +1,8 @@
 """Filesystems from URLs: fsspec for ingest and small files, pyarrow for Ray Data reads.
 
+Below every layer (as :mod:`aim_platform.config` and :mod:`aim_platform.errors` are): data,
+models (the trunk and codebook files), training and evaluation all read and write URLs here.
+
 A URL is a local path (``/data/x``, ``./x``, ``file:///x``) or any fsspec URL
 (``s3://bucket/prefix``, ...). For S3 the endpoint comes from ``storage_options``
 (``endpoint_url`` or ``client_kwargs.endpoint_url``), else from ``$AWS_ENDPOINT_URL``;
@@ -16,16 +19,19 @@ default of 3 attempts loses about one request in 100 when a store fails one in f
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import fsspec
-import pyarrow.fs as pafs
 
-from aim_platform.errors import DataError
+from aim_platform.errors import DataError, UnsafeFile
+
+if TYPE_CHECKING:  # pyarrow is imported where its filesystems are made, not by every reader
+    import pyarrow.fs as pafs
 
 
 def is_remote(url: str) -> bool:
@@ -124,25 +130,32 @@ def filesystem(
     return fs, path.rstrip("/")
 
 
-class S3FileSystem(pafs.S3FileSystem):
+@functools.cache
+def _s3_filesystem_class() -> type[pafs.S3FileSystem]:
     """pyarrow's S3 client with AWS's standard retries, kept when it is pickled.
 
     pyarrow's own ``__reduce__`` drops ``retry_strategy``, so the copy that a Ray task or a
-    Ray Train worker receives would be back at 3 attempts.
+    Ray Train worker receives would be back at 3 attempts. Made on first use so that
+    importing this module does not import pyarrow.
     """
+    import pyarrow.fs as pafs
 
-    def __init__(self, *, max_attempts: int, **kwargs: Any) -> None:
-        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
-        super().__init__(retry_strategy=retry, **kwargs)
-        self.max_attempts = max_attempts
+    class S3FileSystem(pafs.S3FileSystem):
+        def __init__(self, *, max_attempts: int, **kwargs: Any) -> None:
+            retry = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
+            super().__init__(retry_strategy=retry, **kwargs)
+            self.max_attempts = max_attempts
 
-    def __reduce__(self) -> tuple[Any, ...]:
-        _, (kwargs,) = super().__reduce__()
-        return _rebuild_s3, (self.max_attempts, kwargs)
+        def __reduce__(self) -> tuple[Any, ...]:
+            _, (kwargs,) = super().__reduce__()
+            return s3_filesystem, (self.max_attempts, kwargs)
+
+    return S3FileSystem
 
 
-def _rebuild_s3(max_attempts: int, kwargs: dict[str, Any]) -> S3FileSystem:
-    return S3FileSystem(max_attempts=max_attempts, **kwargs)
+def s3_filesystem(max_attempts: int, kwargs: dict[str, Any]) -> pafs.S3FileSystem:
+    """pyarrow's S3 client making ``max_attempts`` tries per request (also its unpickler)."""
+    return _s3_filesystem_class()(max_attempts=max_attempts, **kwargs)
 
 
 def pyarrow_filesystem(
@@ -155,6 +168,8 @@ def pyarrow_filesystem(
     otherwise pyarrow's default chain on each host);
     other remote protocols are wrapped fsspec filesystems; local paths ``LocalFileSystem``.
     """
+    import pyarrow.fs as pafs
+
     if not is_remote(url):
         return pafs.LocalFileSystem(), filesystem(url)[1]
     parsed = urlparse(url)
@@ -189,7 +204,7 @@ def pyarrow_filesystem(
             kwargs.update(access_key=key, secret_key=secret)
             if token:
                 kwargs["session_token"] = token
-        return S3FileSystem(max_attempts=retry.max_attempts, **kwargs), path
+        return s3_filesystem(retry.max_attempts, kwargs), path
     fs, inner = filesystem(url, storage_options)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), inner
 
@@ -222,3 +237,22 @@ def public_url(url: str) -> str:
         return url
     netloc = parsed.netloc.rsplit("@", 1)[-1]
     return f"{parsed.scheme}://{netloc}{parsed.path}"
+
+
+def read_json(fs: Any, path: str, what: str) -> Any:
+    """A small JSON file (a marker, a state record) from ``fs``: JSON can only ever be data.
+
+    Args:
+        fs: The fsspec filesystem ``path`` is on.
+        path: The file.
+        what: What it should be, for the message (``the latest checkpoint record``).
+
+    Raises:
+        UnsafeFile: not JSON (a torn write, another kind of file): one line naming it.
+    """
+    with fs.open(path, "rb") as f:
+        data = f.read()
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError and undecodable bytes alike
+        raise UnsafeFile(f"{path}: not {what} (not JSON: {exc})") from None
