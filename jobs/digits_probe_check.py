@@ -20,7 +20,8 @@ from aim_platform.cluster import connect
 from aim_platform.config import JobConfig, load_config
 from aim_platform.eval.correlation import run_points
 from aim_platform.jobs.ingest import ingest
-from aim_platform.jobs.pretrain import pretrain, summary
+from aim_platform.jobs.pretrain import pretrain
+from aim_platform.jobs.pretrain_outputs import summary
 from aim_platform.jobs.probe import log_probe, run_probe
 from aim_platform.models.aim import build_trunk
 from aim_platform.models.trunk_file import write_trunk

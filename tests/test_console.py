@@ -255,6 +255,8 @@ def test_root_cause_digs_the_failure_out_of_rays_layers(tmp_path: Path) -> None:
     shard = tmp_path / "train" / "part-00003.parquet"
     assert line.startswith(f"ArrowInvalid: Parquet file size is 0 bytes; reading shard {shard} (")
     assert "worker rank 1" in line and "Ray task MapBatches(read_and_decode)" in line
-    assert "from aim_platform/data/tasks.py:" in line and "in read_and_decode" in line
+    assert (
+        "from aim_platform/data/tasks.py:" in line and "in read_chunks" in line
+    )  # the innermost platform frame
     assert "\n" not in line
     assert len(str(wrapped).splitlines()) > 5  # what the console used to show a line of

@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 from train_helpers import digits_datasets, tiny_job
 
 from aim_platform.config import ConfigError, JobConfig, OptimConfig, build_config
-from aim_platform.jobs.pretrain import latest_train_state, pretrain, summary
+from aim_platform.jobs.pretrain import latest_train_state, pretrain
+from aim_platform.jobs.pretrain_outputs import summary
 from aim_platform.models.aim import AIMForPretraining
 from aim_platform.models.trunk_file import read_trunk
 from aim_platform.train.optim import build_optimizer, lr_at
@@ -258,6 +259,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path) -
         "train.checkpoint_every=4",
         "train.val_every=100",
         "train.max_failures=1",
+        "train.restart_settle_s=2",  # one node: nothing to wait for (a user's default: 30 s)
     )
     data = digits_datasets(job, n_train=64, epochs=8)
     box: dict = {}
@@ -280,6 +282,7 @@ def test_killed_worker_is_replaced_and_training_resumes(ray_session, tmp_path) -
     assert result.error is None and result.steps == 24
 
     client = MlflowClient(tracking_uri=result.tracking_uri)
+    assert client.get_run(result.run_id).data.tags["restarts"] == "1"
     resumed = history(client, result.run_id, "train/resumed_from_step")
     assert resumed and resumed[0][1] >= 4 and resumed[0][1] % 4 == 0
     losses = history(client, result.run_id, "train/loss")

@@ -281,6 +281,12 @@ class TrainConfig(StrictModel):
     restart_wait_s: float = Field(
         600.0, ge=0, description="how long a restart waits for CPUs for min_workers"
     )
+    restart_settle_s: float = Field(
+        30.0,
+        ge=0,
+        description="after a failure, how long to wait for Ray to report lost nodes before "
+        "restarting (Ray's health checks take about 15 s to declare a node dead)",
+    )
     storage_path: str = Field("./runs", description="any fsspec URL: folder or s3://bucket/x")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,

@@ -43,8 +43,9 @@ def pretrain(
     from aim_platform import tracking
     from aim_platform.config import JobConfig
     from aim_platform.console import TrainDisplay, log_path
-    from aim_platform.jobs.pretrain import latest_train_state, summary
+    from aim_platform.jobs.pretrain import latest_train_state
     from aim_platform.jobs.pretrain import pretrain as run_pretrain
+    from aim_platform.jobs.pretrain_outputs import summary
     from aim_platform.train.paths import storage_url
 
     job = load_or_fail(config, set_, JobConfig)

@@ -13,7 +13,6 @@ import json
 import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from aim_platform import tracking
@@ -23,29 +22,15 @@ from aim_platform.errors import DataError, UnsafeFile
 from aim_platform.failures import root_cause
 from aim_platform.jobs import restarts
 from aim_platform.jobs.ingest import prepare_sources
-from aim_platform.models.losses import VAL_CHUNKS
+from aim_platform.jobs.pretrain_outputs import (
+    PretrainResult,
+    log_outputs,
+    probe_checkpoints,
+)
 from aim_platform.storage import filesystem, is_remote, join, pyarrow_filesystem, read_json
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board, take_handover
-
-
-@dataclass
-class PretrainResult:
-    """What a finished (or failed) pre-training produced."""
-
-    name: str
-    storage: str
-    run_id: str | None
-    tracking_uri: str | None
-    steps: int = 0
-    final_trunk: str | None = None
-    checkpoint: str | None = None
-    metrics: dict[str, Any] = field(default_factory=dict)
-    error: str | None = None
-    tracking: tracking.TrackingReport | None = None  # what MLflow delayed or lost
-    flush_timeout: float = 0.0  # the end's wait for MLflow (tracking.flush_timeout_s)
-    notes: list[str] = field(default_factory=list)  # what could not be made, and why
 
 
 def run_paths(job: JobConfig) -> RunPaths:
@@ -300,11 +285,11 @@ def pretrain(
         tracker.enqueue(take_handover(board).writes)  # rank 0's last writes go first
         settled = tracker.flush()  # the one wait (tracking.flush_timeout_s) for MLflow
         try:
-            _log_outputs(tracker, run_id, result)
+            log_outputs(tracker, run_id, result)
         except tracking.TrackingUnavailable as exc:
             result.notes.append(f"no per-chunk loss plot: {exc}")
         if job.probe and result.final_trunk and not result.error:
-            result.metrics.update(probe_checkpoints(job, result, tracker))
+            result.metrics.update(probe_checkpoints(job, result, tracker, paths))
         status = "FAILED" if result.error else "FINISHED"
         _end_tracking(tracker, run_id, board, result, status, wait=settled)
     return result
@@ -350,99 +335,7 @@ def _polling(board: Any, on_progress: Callable[[Snapshot], None] | None) -> Iter
             on_progress(snap)
 
 
-def probe_checkpoints(
-    job: JobConfig, result: PretrainResult, tracker: tracking.Tracker
-) -> dict[str, float]:
-    """Probe every exported trunk (``probe.at_steps`` and the final one), log each probe as
-    a nested run and into the pre-training run at its step, then correlate loss and accuracy.
-
-    Returns:
-        The final trunk's probe metrics (``probe/attentive/top1``, ...).
-    """
-    from aim_platform.eval.correlation import correlate_run
-    from aim_platform.eval.probe import report_metrics
-    from aim_platform.jobs.probe import log_probe, run_probe
-
-    assert job.probe is not None and result.run_id
-    dataset = job.probe.dataset or job.data.sources[0].url
-    trunks = {s: run_paths(job).trunk_at(s) for s in job.probe.at_steps if s < result.steps}
-    trunks[result.steps] = run_paths(job).final
-    for step, path in sorted(trunks.items()):
-        report = run_probe(
-            path, job.probe, dataset=dataset, storage_options=job.train.storage_options
-        )
-        log_probe(
-            tracker,
-            report,
-            job.probe,
-            experiment=job.tracking.experiment,
-            run_name=tracking.probe_run_name(path, dataset),
-            trunk_path=path,
-            dataset=dataset,
-            parent_run_id=result.run_id,
-            step=step,
-        )
-    try:
-        correlate_run(tracker, result.run_id)
-    except tracking.TrackingUnavailable as exc:  # the probes are logged once it answers
-        result.notes.append(f"no loss-vs-accuracy correlation: {exc}")
-    return report_metrics(report)
-
-
 def _redacted(job: JobConfig) -> JobConfig:
     from aim_platform.security import redact
 
     return JobConfig.model_validate(redact(job.model_dump(mode="json")))
-
-
-def _log_outputs(tracker: tracking.Tracker, run_id: str, result: PretrainResult) -> None:
-    """Final trunk location, per-chunk validation loss plot."""
-    from aim_platform.plots import chunk_loss_figure
-
-    tracker.set_tags(
-        run_id, {"final_trunk": result.final_trunk, "last_checkpoint": result.checkpoint}
-    )
-    if result.final_trunk:
-        tracker.log_text(run_id, result.final_trunk + "\n", "final_trunk.txt")
-    history = {}
-    for i in range(VAL_CHUNKS):
-        points = tracker.metric_history(run_id, f"val/loss_chunk_{i}")
-        if points:
-            history[i] = points
-    if history:
-        tracker.log_figure(run_id, chunk_loss_figure(history), "val_loss_per_chunk.png")
-
-
-def summary(result: PretrainResult) -> list[str]:
-    """A one-screen summary of a finished run: steps, loss start -> end, throughput, where."""
-    lines = [f"run {result.name}: {result.steps} steps, storage {result.storage}"]
-    tracker = None
-    reachable = result.tracking is None or result.tracking.down_since is None
-    if result.tracking_uri and result.run_id and reachable:
-        tracker = tracking.Tracker(result.tracking_uri)
-        try:
-            losses = tracker.metric_history(result.run_id, "train/loss")
-        except tracking.TrackingUnavailable:
-            losses, tracker = [], None
-        if losses:
-            (s0, v0), (s1, v1) = losses[0], losses[-1]
-            lines.append(f"train/loss {v0:.4f} (step {s0}) -> {v1:.4f} (step {s1})")
-    m = result.metrics
-    if "val/loss" in m:
-        lines.append(f"val/loss {m['val/loss']:.4f}")
-    if "perf/images_per_s" in m:
-        mfu = f", MFU {100 * m['perf/mfu']:.1f}%" if "perf/mfu" in m else ""
-        lines.append(f"{m['perf/images_per_s']:.1f} images/s{mfu}")
-    if result.final_trunk:
-        lines.append(f"final trunk: {result.final_trunk}")
-    if result.tracking_uri:
-        lines.append(f"MLflow run {result.run_id}: {tracking.ui_command(result.tracking_uri)}")
-        if tracker and result.run_id:
-            with contextlib.suppress(tracking.TrackingUnavailable):
-                lines.append(f"then open {tracking.ui_url(tracker, result.run_id)}")
-        if result.tracking is not None:
-            lines += result.tracking.lines(result.tracking_uri, result.flush_timeout)
-        lines += result.notes
-    if result.error:
-        lines.append(f"error: {result.error}")
-    return lines

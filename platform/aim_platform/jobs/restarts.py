@@ -24,7 +24,6 @@ from aim_platform.config import JobConfig, TrainConfig
 from aim_platform.errors import PlatformError
 
 EPS = 1e-9
-SETTLE_S = 30.0  # how long to wait for Ray to mark a lost node dead after a failure
 POLL_S = 2.0
 
 
@@ -77,7 +76,7 @@ def alive_node_cpus() -> dict[str, float]:
     return {n["NodeID"]: float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n["Alive"]}
 
 
-def wait_for_lost_nodes(before: set[str], settle_s: float = SETTLE_S) -> set[str]:
+def wait_for_lost_nodes(before: set[str], settle_s: float) -> set[str]:
     """After a failure, give Ray up to ``settle_s`` seconds to mark lost nodes dead (it
     notices a missing node by its health checks, often after the workers' own errors).
 
@@ -194,10 +193,15 @@ def restart(
     """
     tc = job.train
     reason = failure_reason(exc)
-    lost = wait_for_lost_nodes(nodes)
-    what = f"lost {len(lost)} of {len(nodes)} node(s)" if lost else "training failed"
     where = f" at step {at_step}" if at_step else ""
-    say(f"{what}{where}: {reason}")
+    say(
+        f"training failed{where}: {reason}; "
+        f"waiting up to {tc.restart_settle_s:g} s for Ray to report lost nodes"
+    )
+    lost = wait_for_lost_nodes(nodes, tc.restart_settle_s)
+    what = f"lost {len(lost)} of {len(nodes)} node(s)" if lost else "training failed"
+    if lost:
+        say(f"{what}{where}")
     workers = wait_for_workers(tc, job.data.cpus_per_task, say)
     limit = "unlimited" if tc.max_failures == -1 else str(tc.max_failures)
     fewer = f" (of {tc.num_workers}: what fits, {job.data.cpus_per_task:g} CPU kept for data)"
