@@ -255,6 +255,7 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
     assert "no per-chunk loss plot" not in console  # made once the server answered
     run_id = re.search(r"MLflow run (\w+):", console)[1]
     _aimctl("services", "up", "--mlflow-port", str(port), "--timeout", "900", env=env)
+    record = services.read_record(state, "mlflow")
     try:
         reader = tracking.Tracker(uri)
         logged = [s for s, _ in reader.metric_history(run_id, "train/loss")]
@@ -262,4 +263,8 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
         assert reader.run_status(run_id) == "FINISHED"
         assert reader.metric_history(run_id, tracking.DROPPED_METRIC)[-1] == (steps, 0.0)
     finally:
-        _aimctl("services", "down", env=env)
+        down = _aimctl("services", "down", env=env)
+    # `services down` leaves nothing running
+    assert f"mlflow: stopped (pid {record.pid})" in down
+    assert not services.pid_alive(record.pid, record.proc_start)
+    assert all(s.state == "stopped" for s in services.status(state))

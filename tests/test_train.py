@@ -365,32 +365,6 @@ def test_two_node_cluster_one_worker_per_node(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_services_up_pretrain_logs_there_and_down_leaves_nothing(ray_session, tmp_path) -> None:
-    """`aimctl services up`, a pre-training run logging to that server, `services down`."""
-    from aim_platform import services
-
-    state = tmp_path / "services"
-    record = services.mlflow_up(state, port=0)
-    try:
-        uri = f"http://{record.host}:{record.port}"
-        job = tiny_job(
-            str(tmp_path / "runs"),
-            "to-server",
-            "train.steps=2",
-            "train.val_every=2",
-            f"tracking.tracking_uri={uri}",
-        )
-        result = pretrain(job, datasets=digits_datasets(job, epochs=1))
-        run = MlflowClient(tracking_uri=uri).get_run(result.run_id)
-        assert run.info.status == "FINISHED" and "train/loss" in run.data.metrics
-    finally:
-        assert services.down(state) == [f"mlflow: stopped (pid {record.pid})"]
-    # gone, or at most a zombie of this process (the server was started in-process)
-    assert not services.pid_alive(record.pid)
-    assert all(s.state == "stopped" for s in services.status(state))
-
-
-@pytest.mark.slow
 def test_bench_pretrain_reports_throughput_and_bottleneck(ray_session) -> None:
     """End to end from the demo config (real Parquet pipeline on builtin digits)."""
     from aim_platform.bench.pretrain import run
