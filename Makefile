@@ -9,7 +9,7 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast lint doctor clean
+.PHONY: setup demo test test-faults test-fast lint doctor clean
 
 setup: $(STAMP)
 	@bash infra/pillow_simd.sh --check $(PY)
@@ -26,7 +26,11 @@ demo: setup
 	$(VENV)/bin/aimctl pretrain jobs/configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest --durations=15 -m "not faults" $(PYTEST_ARGS)
+
+# The heaviest fault journeys (S3 through the fault proxy: about 8 minutes), outside `make test`.
+test-faults: setup
+	$(PY) -m pytest --durations=15 -m faults $(PYTEST_ARGS)
 
 # The fast lane: no Ray, no servers, no slow tests (a few minutes); `make test` runs all.
 test-fast: setup

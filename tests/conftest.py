@@ -31,6 +31,14 @@ CLUSTER_FIXTURES = {"ray_session", "ray_head", "mlflow_server", "s3_endpoint"}
 FAST_LANE = os.environ.get("AIM_TEST_FAST") == "1"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "faults: the heaviest fault-injection journeys (S3 through the fault proxy); "
+        "`make test-faults` runs them, `make test` leaves them out to fit its 25 minutes",
+    )
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())):

@@ -227,6 +227,7 @@ CIFAR_MINI = Path(__file__).parent / "assets" / "cifar10-mini"
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_ingest_to_s3_under_faults_gives_the_same_rows(proxy: FaultProxy, s3_endpoint) -> None:
     """Every kind of request may fail during an ingest to S3 (200 CIFAR-10 JPEGs in many small
     shards): the same shards and rows as a clean ingest."""
@@ -277,6 +278,7 @@ def test_failed_checkpoint_uploads_are_retried(ray_session, proxy: FaultProxy, s
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_checkpoint_that_cannot_be_uploaded_is_reported_and_never_latest(
     ray_session, proxy: FaultProxy, s3_endpoint
 ) -> None:
@@ -304,6 +306,7 @@ def test_checkpoint_that_cannot_be_uploaded_is_reported_and_never_latest(
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_demo_with_data_and_checkpoints_on_s3_through_the_proxy(
     ray_session, proxy: FaultProxy, s3_endpoint, digits_on_s3: str, tmp_path: Path
 ) -> None:

@@ -274,6 +274,9 @@ def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_pat
         "mlp": spec["variants"]["mlp"],
         "broken": [f"data.sources=[{{url: {tmp_path / 'nothing'}}}]"],
     }
+    spec["paper"] = {
+        row: {v: spec["paper"][row][v] for v in ("none", "mlp")} for row in spec["paper"]
+    }
     spec_path = tmp_path / "head-and-broken.yaml"
     spec_path.write_text(yaml.safe_dump(spec))
     cut = ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "probe.steps=5"]
@@ -288,7 +291,8 @@ def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_pat
     assert "| linear | mlp − none |" in out  # the paper's better variant first
     assert "(n=2)" in out and "of 1 pair(s) the paper orders" in out
     assert "above the random-trunk floor" in out and "one fixed recipe for every variant" in out
-    assert "trial broken/s0 failed:" in out and "trial broken/s1 failed:" in out
+    (tmp_path / "console.txt").write_text(out)
+    assert "trial broken/s0 failed:" in out and "trial broken/s1 failed:" in out, out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("|")}
     assert rows["probe"].split("|")[2:5] == [" none ", " mlp ", " broken "]
     assert rows["linear"].split("|")[4].strip() == "failed"
