@@ -269,21 +269,22 @@ def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_pat
     assert res.exit_code == 0 and "train 160, val 40" in " ".join(res.output.split()), res.output
     spec = yaml.safe_load((STUDIES_DIR / "head.yaml").read_text())
     spec["defaults"] = str(STUDIES_DIR / "base.yaml")
+    data = f"data.sources.0.url={root}"  # in the variants: the broken one must keep its own
     spec["variants"] = {
-        "none": spec["variants"]["none"],
-        "mlp": spec["variants"]["mlp"],
+        "none": [*spec["variants"]["none"], data],
+        "mlp": [*spec["variants"]["mlp"], data],
         "broken": [f"data.sources=[{{url: {tmp_path / 'nothing'}}}]"],
     }
     spec["paper"] = {
         row: {v: spec["paper"][row][v] for v in ("none", "mlp")} for row in spec["paper"]
     }
     spec_path = tmp_path / "head-and-broken.yaml"
-    spec_path.write_text(yaml.safe_dump(spec))
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     cut = ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "probe.steps=5"]
     cut += ["train.global_batch_size=16", "train.micro_batch_size=16", "data.val_limit=16"]
     args = ["study", str(spec_path), "--scale", "cifar10", "--seeds", "2", "--concurrent", "2"]
     args += ["--storage", str(tmp_path / "runs" / "studies")]
-    args += ["--set", f"data.sources.0.url={root}", *(x for c in cut for x in ("--set", c))]
+    args += [x for c in cut for x in ("--set", c)]
     res = runner.invoke(app, args)
     out = res.output
     assert res.exit_code == 0, out
@@ -293,7 +294,12 @@ def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_pat
     assert "above the random-trunk floor" in out and "one fixed recipe for every variant" in out
     (tmp_path / "console.txt").write_text(out)
     assert "trial broken/s0 failed:" in out and "trial broken/s1 failed:" in out, out
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("|")}
+    failure = next(line for line in out.splitlines() if line.startswith("trial broken/s0 failed:"))
+    assert failure.count("DataError: sources: no _manifest.json") == 1 and "pid=" not in failure
+    rows: dict[str, str] = {}  # the table's rows (the verdicts' rows come after, also "linear")
+    for line in out.splitlines():
+        if line.startswith("|"):
+            rows.setdefault(line.split("|")[1].strip(), line)
     assert rows["probe"].split("|")[2:5] == [" none ", " mlp ", " broken "]
     assert rows["linear"].split("|")[4].strip() == "failed"
     assert "±" in rows["linear"].split("|")[3]

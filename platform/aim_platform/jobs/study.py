@@ -22,6 +22,7 @@ from ray import tune
 from aim_platform import tracking
 from aim_platform.config import ConfigError, JobConfig, Scale, StudySpec
 from aim_platform.errors import UnsafeFile
+from aim_platform.failures import root_cause
 from aim_platform.jobs.study_floor import random_trunk_floor
 from aim_platform.jobs.study_table import (
     StudyResult,
@@ -266,7 +267,7 @@ def run_study(
             if isinstance(v, int | float) and math.isfinite(v)
         }
         run_id = (r.metrics or {}).get("run_id") or None
-        error = str(r.error) if r.error else None
+        error = root_cause(r.error) if r.error else None  # one line; tracebacks: the log
         trials.append(TrialOutcome(variant, run_id, metrics, error, seed))
     floors = (
         random_trunk_floor(
