@@ -267,7 +267,7 @@ def pretrain(
                     run_id=run_id,
                 )
                 resume = join(root, previous["checkpoint"]) if previous else None
-                loop_args = dataclasses.replace(loop_args, progress=board, resume_from=resume)
+                loop_args = dataclasses.replace(loop_args, resume_from=resume)
                 if own_datasets:
                     datasets = default_datasets(job, previous["epoch"] if previous else 0)
     except Exception:  # a failed fit still closes the MLflow run, then re-raises
