@@ -85,6 +85,7 @@ class _Stats:
     faults: Counter = field(default_factory=Counter)
     by_method: Counter = field(default_factory=Counter)
     faulted_paths: list[str] = field(default_factory=list)
+    given_up: int = 0  # held connections (timeout faults) the client closed before hang_s
 
 
 def _read_head(sock: socket.socket, buf: bytearray) -> bytes | None:
@@ -123,9 +124,15 @@ def _header(head: bytes, name: bytes) -> bytes | None:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0): what a peer or middlebox dropping a connection sends."""
+    """Close with RST (SO_LINGER 0): what a peer or middlebox dropping a connection sends.
+
+    ``close()`` alone does nothing while another thread is blocked in ``recv()`` on the
+    socket (the kernel keeps it open until that call returns): the client would wait on
+    a connection nobody serves. ``shutdown(SHUT_RD)`` wakes that thread first.
+    """
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.shutdown(socket.SHUT_RD)
     except OSError:
         pass
     sock.close()
@@ -204,6 +211,7 @@ class FaultProxy:
         self._rng = random.Random(0)
         self._lock = threading.Lock()
         self._stats = _Stats()
+        self._active: dict[int, tuple[float, str]] = {}  # connection id -> (start, what)
         self.configure(**rules)
         self._server = socket.create_server(("127.0.0.1", port), backlog=256)
         self.port = self._server.getsockname()[1]
@@ -271,7 +279,8 @@ class FaultProxy:
                 self._rng = random.Random(seed)
 
     def stats(self) -> dict[str, object]:
-        """Requests seen, faults injected by kind, requests by method, faulted paths."""
+        """Requests seen, faults injected by kind, requests by method, faulted paths, and how
+        many held connections the client gave up on before the proxy closed them."""
         with self._lock:
             s = self._stats
             return {
@@ -280,7 +289,16 @@ class FaultProxy:
                 "faulted": sum(s.faults.values()),
                 "by_method": dict(s.by_method),
                 "faulted_paths": list(s.faulted_paths),
+                "given_up": s.given_up,
             }
+
+    def in_flight(self) -> list[str]:
+        """The requests the proxy is handling now, oldest first (``'12.3 s GET /b/k (cut)'``):
+        what to look at when a client seems to hang."""
+        now = time.monotonic()
+        with self._lock:
+            held = sorted(self._active.values())
+        return [f"{now - t0:.1f} s {what}" for t0, what in held]
 
     def _draw(self, method: str, path: str) -> str | None:
         """Count the request and decide its fault (None: none)."""
@@ -320,6 +338,12 @@ class FaultProxy:
                 return
             method, path = (head.split(b"\r\n", 1)[0].decode("latin-1").split(" ") + ["", ""])[:2]
             kind = self._draw(method, path)
+            expect = b" expect-100" if _header(head, b"expect") else b""
+            with self._lock:
+                self._active[id(client)] = (
+                    time.monotonic(),
+                    f"{method} {path} ({kind or 'no fault'}{expect.decode()})",
+                )
             if kind == "reset":
                 _reset(client)
                 return
@@ -339,6 +363,9 @@ class FaultProxy:
             self._forward(client, head, buf, cut=kind == "cut")
         except OSError:
             client.close()
+        finally:
+            with self._lock:
+                self._active.pop(id(client), None)
 
     def _hang(self, client: socket.socket) -> None:
         """Answer nothing for ``hang_s`` seconds (or until the client gives up), then close."""
@@ -346,11 +373,15 @@ class FaultProxy:
         client.settimeout(0.5)
         while time.monotonic() < deadline and not self._closed.is_set():
             try:
-                if not client.recv(65536):
-                    break  # the client timed out and closed: what a timeout should cause
+                if not client.recv(65536):  # the client timed out and closed: what a
+                    with self._lock:  # timeout should cause
+                        self._stats.given_up += 1
+                    break
             except TimeoutError:
                 continue
-            except OSError:
+            except OSError:  # reset by the client: it gave up too
+                with self._lock:
+                    self._stats.given_up += 1
                 break
         client.close()
 

@@ -105,6 +105,43 @@ def test_proxy_injects_each_fault_kind(proxy: FaultProxy, s3_endpoint) -> None:
     assert "SlowDown" in seen["slowdown"]
     assert "timeout" in seen["timeout"].lower()
     assert proxy.stats()["faults"] == {"slowdown": 1, "reset": 1, "cut": 1, "timeout": 1}
+    # a cut upload: the store took it, the reset reaches the client while the proxy still
+    # pumps its (finished) body; it once stayed silent and the client waited for an answer
+    proxy.configure(rate=1.0, kinds=["cut"], methods={"PUT"})
+    slow = boto3.client("s3", endpoint_url=proxy.url, config=cfg.merge(Config(read_timeout=60)))
+    with pytest.raises(Exception) as err:  # noqa: PT011 - a closed connection, not a timeout
+        slow.put_object(Bucket=bucket, Key="t/cut", Body=io.BytesIO(b"y" * 4000))
+    assert "timeout" not in f"{type(err.value).__name__}: {err.value}".lower(), err.value
+
+
+def test_a_silent_upload_gives_up_after_read_timeout(s3_endpoint) -> None:
+    """A store that goes silent on an upload (held for 5 minutes) holds it ``read_timeout``,
+    not until the store lets go: the upload is retried and lands. botocore's ``Expect:
+    100-continue`` made aiohttp wait for the store without a limit (an ingest hung on it)."""
+    import threading
+
+    bucket = s3_endpoint["bucket"]
+    with FaultProxy(s3_endpoint["endpoint_url"], hang_s=300) as proxy:
+        fs, root = storage.filesystem(
+            f"s3://{bucket}/t/silent", {"endpoint_url": proxy.url, "read_timeout": 2}
+        )
+        proxy.configure(rate=1.0, kinds=["timeout"], methods={"PUT"}, limit=1)
+        errors: list[BaseException] = []
+
+        def upload() -> None:
+            try:
+                fs.pipe_file(f"{root}/obj", b"z" * 20_000)
+            except BaseException as exc:  # noqa: BLE001 - reported by the assert below
+                errors.append(exc)
+
+        worker = threading.Thread(target=upload, daemon=True)
+        worker.start()
+        worker.join(timeout=60)  # a guard against the hang, far below the store's 300 s
+        assert not worker.is_alive(), f"the upload still waits: {proxy.in_flight()}"
+        assert errors == []
+        stats = proxy.stats()
+        assert stats["faults"] == {"timeout": 1} and stats["given_up"] == 1
+        assert fs.cat_file(f"{root}/obj") == b"z" * 20_000
 
 
 def test_storage_retry_options(s3_endpoint) -> None:

@@ -14,7 +14,9 @@ one retry policy from three platform keys of ``storage_options`` (:class:`S3Retr
 ``max_attempts`` (default 10: AWS's standard retry mode with exponential back-off, for
 botocore under s3fs and for pyarrow's AWS SDK), ``connect_timeout`` and ``read_timeout``
 (seconds; default: each client's own, 5/15 s for s3fs, 1/3 s for pyarrow). The SDKs' own
-default of 3 attempts loses about one request in 100 when a store fails one in five.
+default of 3 attempts loses about one request in 100 when a store fails one in five. s3fs
+uploads go without ``Expect: 100-continue`` so that ``read_timeout`` bounds them too
+(:mod:`aim_platform.storage_s3fs`).
 """
 
 from __future__ import annotations
@@ -123,9 +125,12 @@ def filesystem(
         return fsspec.filesystem("file"), os.path.abspath(path)
     proto = urlparse(url).scheme
     if proto in ("s3", "s3a"):
-        opts = _s3_options(storage_options)
-    else:  # the retry keys are ours; other fsspec protocols have their own
-        opts = {k: v for k, v in (storage_options or {}).items() if k not in RETRY_KEYS}
+        from aim_platform.storage_s3fs import S3FileSystem
+
+        fs = S3FileSystem(**_s3_options(storage_options))
+        return fs, fs._strip_protocol(url).rstrip("/")
+    # the retry keys are ours; other fsspec protocols have their own
+    opts = {k: v for k, v in (storage_options or {}).items() if k not in RETRY_KEYS}
     fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path.rstrip("/")
 

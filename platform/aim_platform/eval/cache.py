@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from aim_platform import storage
 from aim_platform.errors import UnsafeFile
 
 
@@ -26,10 +27,7 @@ class FeatureCache:
     """Shards of averaged features per split and probe input (see the module docstring)."""
 
     def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
-        import fsspec
-
-        self.fs, self.root = fsspec.core.url_to_fs(root, **(storage_options or {}))
-        self.root = self.root.rstrip("/")
+        self.fs, self.root = storage.filesystem(root, storage_options)
         self.shards: dict[str, int] = {}
         self.rows: dict[str, int] = {}
 
