@@ -8,6 +8,10 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
+# `make test` runs the suite in this many pytest processes (pytest-xdist), whole files each: a
+# file's journeys keep their order and module fixtures; each process starts its own Ray.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-faults test-fast lint doctor clean
 
@@ -26,11 +30,11 @@ demo: setup
 	$(VENV)/bin/aimctl pretrain jobs/configs/demo.yaml
 
 test: setup
-	$(PY) -m pytest --durations=15 -m "not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=15 -m "not faults" $(PYTEST_ARGS)
 
 # The heaviest fault journeys (S3 through the fault proxy: about 8 minutes), outside `make test`.
 test-faults: setup
-	$(PY) -m pytest --durations=15 -m faults $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) --durations=15 -m faults $(PYTEST_ARGS)
 
 # The fast lane: no Ray, no servers, no slow tests (a few minutes); `make test` runs all.
 test-fast: setup
