@@ -220,10 +220,11 @@ def test_stop_long_job_with_token_file(
         token_file=token_file,
     )
     deadline = time.monotonic() + 120
-    while "PID" not in sub.logs(address, job_id, token_file):
+    # the log may echo the entrypoint (with its 'PID' text) before the driver prints
+    while not (found := re.search(r"PID (\d+)", sub.logs(address, job_id, token_file))):
         assert time.monotonic() < deadline, sub.logs(address, job_id, token_file)
         time.sleep(0.5)
-    pid = int(re.search(r"PID (\d+)", sub.logs(address, job_id, token_file)).group(1))
+    pid = int(found.group(1))
     assert sub.status(address, job_id, token_file).status == "RUNNING"
 
     result = CliRunner().invoke(
@@ -288,6 +289,45 @@ def test_runtime_env_carries_repo_without_secrets(monkeypatch: pytest.MonkeyPatc
         sub.parse_env(["DB=postgresql://u:pw@h/db"])
     with pytest.raises(sub.SubmitError, match="KEY=VALUE"):
         sub.parse_env(["NOVALUE"])
+
+
+def test_submit_waits_for_a_job_agent_that_is_not_up_yet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A head that has just started refuses jobs until its agent is up: the submission is
+    retried (the console told once), other errors are not, and a limit ends the wait."""
+    refusal = RuntimeError(
+        "Request failed with status code 500: No available agent to submit job, please try "
+        "again later.."
+    )
+
+    class Jobs:
+        def __init__(self, errors: list[Exception]) -> None:
+            self.errors, self.calls = errors, 0
+
+        def submit_job(self, **kwargs: object) -> str:
+            self.calls += 1
+            if self.errors:
+                raise self.errors.pop(0)
+            return "raysubmit_x"
+
+    monkeypatch.setattr(sub.time, "sleep", lambda s: None)
+    told: list[str] = []
+    jobs = Jobs([refusal, refusal])
+    monkeypatch.setattr(sub, "client", lambda address, token_file: jobs)
+    job = sub.submit("http://h:8265", entrypoint="true", repo=REPO, on_wait=told.append)
+    assert job == "raysubmit_x" and jobs.calls == 3
+    assert len(told) == 1 and "job agent is not up yet" in told[0]
+    other = Jobs([RuntimeError("Request failed with status code 400: bad runtime_env")])
+    monkeypatch.setattr(sub, "client", lambda address, token_file: other)
+    with pytest.raises(RuntimeError, match="bad runtime_env"):
+        sub.submit("http://h:8265", entrypoint="true", repo=REPO)
+    assert other.calls == 1
+    never = Jobs([refusal] * 100)
+    monkeypatch.setattr(sub, "client", lambda address, token_file: never)
+    clock = iter(range(0, 10_000, 7))  # each look at the clock: 7 s later
+    monkeypatch.setattr(sub.time, "monotonic", lambda: float(next(clock)))
+    with pytest.raises(sub.SubmitError, match="job agent did not come up in 120 s"):
+        sub.submit("http://h:8265", entrypoint="true", repo=REPO)
+    assert 2 <= never.calls < 100
 
 
 def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None:

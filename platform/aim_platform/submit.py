@@ -25,7 +25,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,10 @@ FORWARD_ENV = (
     "AWS_REGION",
 )
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# A head that has just started answers HTTP before its job agent is up, and Ray refuses a job
+# then ("No available agent to submit job, please try again later"): retried for this long.
+AGENT_WAIT_S = 120.0
+NO_AGENT = "No available agent to submit job"
 
 
 class SubmitError(ClusterError):
@@ -291,6 +295,7 @@ def submit(
     seeds: int = 1,
     variants: str = "",
     repo: Path = REPO_ROOT,
+    on_wait: Callable[[str], None] | None = None,
 ) -> str:
     """Submit a platform job; returns its submission id.
 
@@ -308,6 +313,8 @@ def submit(
         seeds: trials per variant of a study spec (``aimctl study --seeds``).
         variants: the variants of a study spec to run, comma-separated (all when empty).
         repo: the repository root that travels as the working directory.
+        on_wait: told once, in a sentence, when the cluster's job agent is not up yet and
+            the submission is retried (for up to :data:`AGENT_WAIT_S`).
 
     Returns:
         The job's submission id.
@@ -336,7 +343,7 @@ def submit(
     kwargs: dict[str, Any] = {}
     if entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = entrypoint_num_gpus
-    return _submit(address, token_file, entrypoint, renv, submission_id, metadata, kwargs)
+    return _submit(address, token_file, entrypoint, renv, submission_id, metadata, kwargs, on_wait)
 
 
 def _submit(
@@ -347,20 +354,39 @@ def _submit(
     submission_id: str | None,
     metadata: dict[str, str],
     kwargs: dict[str, Any],
+    on_wait: Callable[[str], None] | None = None,
 ) -> str:
     from ray.exceptions import AuthenticationError
 
     c = client(address, token_file)
-    try:
-        return c.submit_job(
-            entrypoint=entrypoint,
-            runtime_env=renv,
-            submission_id=submission_id,
-            metadata=metadata,
-            **kwargs,
-        )
-    except AuthenticationError as exc:
-        raise auth_error(check_address(address), resolve_token(token_file), exc) from None
+    deadline = time.monotonic() + AGENT_WAIT_S
+    delay = 1.0
+    while True:
+        try:
+            return c.submit_job(
+                entrypoint=entrypoint,
+                runtime_env=renv,
+                submission_id=submission_id,
+                metadata=metadata,
+                **kwargs,
+            )
+        except AuthenticationError as exc:
+            raise auth_error(check_address(address), resolve_token(token_file), exc) from None
+        except RuntimeError as exc:  # the Jobs API's HTTP errors
+            if NO_AGENT not in str(exc):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise SubmitError(
+                    f"{check_address(address)}: the cluster's job agent did not come up in "
+                    f"{AGENT_WAIT_S:.0f} s (Ray: {NO_AGENT}); see `ray status` on the head"
+                ) from None
+            if on_wait is not None and delay == 1.0:
+                on_wait(
+                    "the cluster's job agent is not up yet (a head that has just started): "
+                    f"retrying for up to {AGENT_WAIT_S:.0f} s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 @dataclass

@@ -52,6 +52,7 @@ def submit_cmd(
             scale=scale,
             seeds=seeds,
             variants=variants,
+            on_wait=lambda message: term.print(message, markup=False, highlight=False),
         )
         term.print(f"submitted {job_id}", soft_wrap=True)
         term.print(f"  aimctl jobs logs {job_id} --follow --address {address}", soft_wrap=True)
