@@ -29,13 +29,11 @@ def _no_expect(params: dict[str, Any], **kwargs: Any) -> None:
 class S3FileSystem(s3fs.S3FileSystem):
     """``s3fs.S3FileSystem`` whose uploads are sent without ``Expect: 100-continue``."""
 
-    _client_without_expect: int | None = None  # id() of the client already changed
-
     async def set_session(self, refresh: bool = False, kwargs: dict[str, Any] | None = None) -> Any:
         client = await super().set_session(refresh=refresh, kwargs=kwargs or {})
-        if id(client) != self._client_without_expect:  # a new client: s3fs made it just now
-            client.meta.events.register_last(
-                "before-call.s3", _no_expect, unique_id="aim-platform-no-expect"
-            )
-            self._client_without_expect = id(client)
+        # s3fs calls this before every request; botocore ignores a handler whose unique_id
+        # the client already holds, so only a new client gets it
+        client.meta.events.register_last(
+            "before-call.s3", _no_expect, unique_id="aim-platform-no-expect"
+        )
         return client
