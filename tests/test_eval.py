@@ -198,6 +198,68 @@ def test_correlation_coefficients_on_constructed_cases() -> None:
     assert corr.spearman == pytest.approx(-1.0) and "Spearman -1.000" in corr.table()
 
 
+def test_correlate_within_gives_each_runs_coefficients_and_a_verdict_over_seeds(
+    tmp_path,
+) -> None:
+    """Fig. 4 over seeds, as a user runs it: `aimctl correlate --within RUN...` prints each
+    run's own coefficients and the mean with its interval over runs and a verdict; a run
+    with too few probed checkpoints is listed but not counted."""
+    from typer.testing import CliRunner
+
+    from aim_platform import tracking
+    from aim_platform.cli import app
+    from aim_platform.eval.correlation import correlate_within
+
+    uri = tracking.resolve_tracking_uri(None, str(tmp_path / "runs"))
+    tracker = tracking.Tracker(uri)
+
+    def run(name: str, points: dict[int, tuple[float, float, float]]) -> str:
+        rid = tracker.start_run("fig4", name)
+        for step, (loss, attentive, linear) in points.items():
+            metrics = {"val/loss": loss, "probe/attentive/top1": attentive}
+            tracker.log_metrics(rid, {**metrics, "probe/linear/top1": linear}, step=step)
+        tracker.log_metrics(rid, {"val/loss": 0.1}, step=999)  # validated, never probed
+        return rid
+
+    # Loss falls and the attentive probe rises in every run; the linear probe is noise.
+    a = run("s0", {50: (0.9, 0.30, 0.20), 100: (0.7, 0.35, 0.25), 200: (0.6, 0.37, 0.21)})
+    b = run("s1", {50: (0.8, 0.31, 0.22), 100: (0.7, 0.33, 0.20), 200: (0.5, 0.38, 0.24)})
+    c = run("s2", {50: (0.9, 0.32, 0.20), 100: (0.6, 0.36, 0.26), 200: (0.5, 0.39, 0.19)})
+    short = run("s3", {50: (0.9, 0.10, 0.10), 100: (0.8, 0.90, 0.90)})  # 2 points: not counted
+
+    within = correlate_within(tracker, [a, b, c, short])
+    assert within.names == ["s0", "s1", "s2", "s3"]
+    assert within.points["attentive"] == [3, 3, 3, 2] and within.usable("attentive") == [0, 1, 2]
+    assert within.spearmans["attentive"][:3] == pytest.approx([-1.0, -1.0, -1.0])
+    assert within.verdict("attentive", "spearman") == "agrees"
+    assert within.verdict("attentive", "pearson") == "agrees"
+    pearson_interval = within.interval("attentive", "pearson")
+    assert pearson_interval is not None and pearson_interval.n == 3 and pearson_interval.high < 0
+    assert within.verdict("linear", "pearson") == "inconclusive"  # signs differ over runs
+    # Each run got its own coefficients logged, as `aimctl correlate RUN` would.
+    assert tracker.metric_history(a, "corr/spearman") == [(0, pytest.approx(-1.0))]
+
+    # The opposite finding is called so: accuracy falls with the loss in every run.
+    up = [
+        run(f"u{i}", {10: (0.9, 0.40 + i / 100, 0.3), 20: (0.7, 0.35, 0.3), 30: (0.5, 0.30, 0.3)})
+        for i in range(3)
+    ]
+    assert correlate_within(tracker, up).verdict("attentive", "pearson") == "opposite"
+    assert correlate_within(tracker, up[:1]).verdict("attentive", "pearson") == "inconclusive"
+
+    res = CliRunner().invoke(app, ["correlate", "--within", a, b, c, short, "--tracking-uri", uri])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    mean_row = next(line for line in lines if line.startswith("| mean [95% CI]"))
+    assert "3 runs" in mean_row and "-1.000 [-1.000, -1.000]" in mean_row
+    verdict_row = next(line for line in lines if line.startswith("| verdict"))
+    assert verdict_row.count("agrees") == 2 and "inconclusive" in verdict_row
+    res = CliRunner().invoke(
+        app, ["correlate", "--within", a, "--log-to", b, "--tracking-uri", uri]
+    )
+    assert res.exit_code == 2 and "--log-to is for across runs" in res.output
+
+
 def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_server) -> None:
     from mlflow.tracking import MlflowClient
 

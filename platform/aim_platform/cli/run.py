@@ -361,12 +361,26 @@ def correlate(
         None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
     ),
     log_to: str = typer.Option(None, help="across runs: log the result into this run"),
+    within: bool = typer.Option(
+        False,
+        "--within",
+        help="several runs of one recipe (seeds): each run's own coefficients, their mean "
+        "and 95% interval over the runs, and a verdict against the paper's Fig. 4",
+    ),
 ) -> None:
-    """Pre-training loss vs probe accuracy: per checkpoint of one run, or across runs."""
+    """Pre-training loss vs probe accuracy: per checkpoint of one run, across runs (each
+    run's last point), or --within each of several runs with a verdict over them."""
     from aim_platform import tracking
-    from aim_platform.eval.correlation import correlate_run, correlate_runs
+    from aim_platform.eval.correlation import correlate_run, correlate_runs, correlate_within
 
     tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
+    if within:
+        if log_to:
+            from aim_platform.config import ConfigError
+
+            raise ConfigError("--log-to is for across runs; --within logs into each run")
+        console.print(correlate_within(tracker, run_ids).table())
+        return
     if len(run_ids) == 1:
         corr = correlate_run(tracker, run_ids[0])
     else:
