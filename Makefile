@@ -9,9 +9,10 @@ TORCH_INDEX ?=
 STAMP := $(VENV)/.setup-done
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many pytest processes (pytest-xdist), whole files each: a
-# file's journeys keep their order and module fixtures; each process starts its own Ray.
+# file's journeys keep their order and module fixtures; each process starts its own Ray. Files
+# go out heaviest first (tests/conftest.py: HEAVY_FIRST), not xdist's most-tests-first.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadfile
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .PHONY: setup demo test test-faults test-fast lint doctor clean
 

@@ -1,6 +1,6 @@
 """A node that disappears: a token-auth Ray head and a second ``ray start --address`` node on
-127.0.0.1 (2 CPUs each, the second with its own temp dir), the demo job spread over both with
-1 CPU per worker, and the second node's raylet killed after a checkpoint.
+127.0.0.1 (2 CPUs each, the second with its own temp dir), the demo job with one worker on each
+(STRICT_SPREAD, 1 CPU a worker), and the second node's raylet killed after a checkpoint.
 
 Before the platform restarted training itself, Ray Train brought both workers back on the
 surviving node, they took its 2 CPUs, the data pipeline's read tasks could never be scheduled
@@ -143,7 +143,7 @@ def test_lost_node_resumes_on_what_is_left_and_finishes(two_nodes, tmp_path: Pat
         "train.steps": STEPS,
         "train.checkpoint_every": 10,
         "train.val_every": 20,
-        "train.placement_strategy": "SPREAD",
+        "train.placement_strategy": "STRICT_SPREAD",  # one worker a node, or no start
         "train.cpus_per_worker": 1,
         "train.max_failures": 3,
         "train.storage_path": str(storage),

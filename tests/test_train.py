@@ -132,34 +132,6 @@ def test_two_fsdp_workers_match_one_process(ray_session, tmp_path) -> None:
     assert moved > 1e-4
 
 
-@pytest.mark.slow
-def test_restart_by_name_resumes_and_ignores_half_written_checkpoint(ray_session, tmp_path) -> None:
-    storage = str(tmp_path / "runs")
-    job = tiny_job(
-        storage, "resume", "train.steps=4", "train.checkpoint_every=2", "train.val_every=100"
-    )
-    first = pretrain(job, datasets=digits_datasets(job))
-    assert first.steps == 4
-    # a save that crashed half-way: rank 0's files without rank 1's, never committed
-    half = Path(first.storage) / "checkpoint_00000099"
-    half.mkdir()
-    (half / "train_state.json").write_text(json.dumps({"step": 99, "epoch": 9, "data_seed": 0}))
-    (half / ".metadata").write_bytes(b"partial")
-    assert latest_train_state(job)["step"] == 4
-
-    longer = tiny_job(
-        storage, "resume", "train.steps=8", "train.checkpoint_every=2", "train.val_every=100"
-    )
-    second = pretrain(longer, datasets=digits_datasets(longer))
-    assert second.steps == 8 and second.error is None
-    assert second.run_id == first.run_id  # one MLflow run per job, continued
-    client = MlflowClient(tracking_uri=second.tracking_uri)
-    steps = [s for s, _ in history(client, second.run_id, "train/loss")]
-    assert steps == list(range(1, 9))  # 1-4 from the first fit, 5-8 resumed from step 4
-    losses = dict(history(client, second.run_id, "train/loss"))
-    assert losses[5] < losses[1]  # continued from trained weights, not from scratch
-
-
 def test_trainer_setup_is_seeded_and_validate_is_the_mean_over_every_valid_patch(tmp_path) -> None:
     import torch.distributed as dist
     from net_helpers import free_port
@@ -322,46 +294,6 @@ def test_checkpoints_and_trunk_on_s3(ray_session, s3_endpoint) -> None:
     assert latest_train_state(job)["step"] == 2
     trunk, saved = read_trunk(f"{url}/on-s3/final")
     assert saved.name == "on-s3" and sum(p.numel() for p in trunk.parameters()) > 0
-
-
-TWO_NODES = """
-import json, sys
-sys.path.insert(0, {tests!r})
-import ray
-from ray.cluster_utils import Cluster
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
-cluster.add_node(num_cpus=1)
-ray.init(address=cluster.address)
-from train_helpers import digits_datasets, tiny_job
-from aim_platform.jobs.pretrain import pretrain
-job = tiny_job({storage!r}, "two-nodes", "train.steps=2", "train.cpus_per_worker=1",
-               "train.placement_strategy=STRICT_SPREAD", "train.val_every=2")
-nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
-result = pretrain(job, datasets=digits_datasets(job, epochs=1), track=False)
-print("RESULT", json.dumps({{"steps": result.steps, "error": result.error, "nodes": len(nodes)}}))
-ray.shutdown()
-cluster.shutdown()
-"""
-
-
-@pytest.mark.slow
-def test_two_node_cluster_one_worker_per_node(tmp_path) -> None:
-    """A 2-node Ray cluster on this machine (one CPU per node), one worker per node
-    (STRICT_SPREAD and 1 CPU per worker leave no other placement)."""
-    import os
-    import subprocess
-    import sys
-
-    script = TWO_NODES.format(tests=str(Path(__file__).parent), storage=str(tmp_path / "runs"))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert proc.returncode == 0 and lines, proc.stderr[-3000:]
-    out = json.loads(lines[-1].removeprefix("RESULT "))
-    assert out == {"steps": 2, "error": None, "nodes": 2}
 
 
 @pytest.mark.slow

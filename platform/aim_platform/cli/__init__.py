@@ -3,8 +3,9 @@
 - :mod:`.app`: the application, its one error boundary (an expected failure, a
   :class:`~aim_platform.errors.PlatformError`, prints one line and exits 2) and the console
   frame of long-running commands;
-- :mod:`.run`: the jobs (pretrain, study, probe, ingest, tokenizer-fit, correlate, plan);
-- :mod:`.submit`: jobs on a Ray cluster; :mod:`.services`; :mod:`.bench`; :mod:`.tools`.
+- :mod:`.run`: the jobs (pretrain, study, probe, ingest, tokenizer-fit);
+- :mod:`.submit`: jobs on a Ray cluster; :mod:`.services`; :mod:`.bench`; :mod:`.tools`: the
+  quick commands (doctor, selfcheck, convert-ml-aim, correlate, plan).
 """
 
 from aim_platform.cli import bench, run, services, submit, tools  # noqa: F401 (commands)

@@ -1,5 +1,4 @@
-"""The jobs: ``pretrain``, ``study``, ``probe``, ``ingest``, ``tokenizer-fit``, ``correlate``,
-``plan``. Each long-running one shows a progress display and a summary; the rest of what it
+"""The jobs: ``pretrain``, ``study``, ``probe``, ``ingest``, ``tokenizer-fit``. Each long-running one shows a progress display and a summary; the rest of what it
 prints goes to a log file (:func:`~aim_platform.cli.app.run_console`)."""
 
 from __future__ import annotations
@@ -352,56 +351,3 @@ def tokenizer_fit(
         f"patches of {info['images']} images; mean squared distance {info['inertia']:.4g} "
         f"after {info['iterations']} Lloyd iterations"
     )
-
-
-@app.command()
-def correlate(
-    run_ids: list[str] = typer.Argument(..., help="one pre-training run, or several runs"),
-    tracking_uri: str = typer.Option(
-        None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else ./runs/mlflow.db"
-    ),
-    log_to: str = typer.Option(None, help="across runs: log the result into this run"),
-    within: bool = typer.Option(
-        False,
-        "--within",
-        help="several runs of one recipe (seeds): each run's own coefficients, their mean "
-        "and 95% interval over the runs, and a verdict against the paper's Fig. 4",
-    ),
-) -> None:
-    """Pre-training loss vs probe accuracy: per checkpoint of one run, across runs (each
-    run's last point), or --within each of several runs with a verdict over them."""
-    from aim_platform import tracking
-    from aim_platform.eval.correlation import correlate_run, correlate_runs, correlate_within
-
-    tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
-    if within:
-        if log_to:
-            from aim_platform.config import ConfigError
-
-            raise ConfigError("--log-to is for across runs; --within logs into each run")
-        console.print(correlate_within(tracker, run_ids).table())
-        return
-    if len(run_ids) == 1:
-        corr = correlate_run(tracker, run_ids[0])
-    else:
-        corr = correlate_runs(tracker, run_ids, log_to=log_to)
-    console.print(corr.table())
-    if len(corr.losses) < 2:
-        console.print("[yellow]fewer than 2 points: no coefficient[/yellow]")
-
-
-@app.command()
-def plan(
-    config: Path = typer.Argument(..., help="job YAML (see jobs/configs/)"),
-    gpus: int = typer.Option(..., "--gpus", help="GPUs (one FSDP2 worker each)"),
-    gpu: str = typer.Option("h200", "--gpu", help="h200, h100, a100, b200, l40s"),
-    mfu: float = typer.Option(0.4, "--mfu", help="model FLOPs utilization assumed"),
-    set_: list[str] = typer.Option([], "--set", help="override a.b=c (repeatable)"),
-) -> None:
-    """Validate CONFIG and print its parameters, FLOPs, memory per GPU, steps and hours."""
-    from aim_platform.config import JobConfig, load_config
-    from aim_platform.plan import plan as make_plan
-
-    job = load_config(config, set_, JobConfig)  # a ConfigError is one line, exit 2
-    for line in make_plan(job, gpus, gpu.lower(), mfu).lines():
-        typer.echo(line)
