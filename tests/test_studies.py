@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from mlflow.tracking import MlflowClient
 
 from aim_platform.config import ConfigError
 from aim_platform.jobs.study import STUDIES_DIR, load_study
@@ -247,85 +246,3 @@ def test_a_study_can_run_a_subset_of_its_variants() -> None:
         select_variants(spec, ["s9", "s0.4"])
     with pytest.raises(ConfigError, match="at least 2"):
         select_variants(spec, ["s0.4"])
-
-
-CIFAR_MINI = Path(__file__).parent / "assets" / "cifar10-mini"
-
-
-@pytest.mark.slow
-def test_cifar10_preset_study_prints_verdicts_and_the_floor(ray_session, tmp_path) -> None:
-    """The user's journey on natural images: ingest CIFAR-10 folders with --split-folders,
-    run a study at the cifar10 preset with 2 seeds (cut to a few steps), read the table:
-    verdicts with intervals, the random-trunk floor, the probe recipe; the same in MLflow.
-    One variant of the spec cannot read its data: its trials fail, the study goes on and
-    says so (a failed trial is reported, never fatal)."""
-    from typer.testing import CliRunner
-
-    from aim_platform.cli import app
-
-    runner = CliRunner()
-    root = tmp_path / "cifar"
-    res = runner.invoke(app, ["ingest", str(CIFAR_MINI), str(root), "--split-folders"])
-    assert res.exit_code == 0 and "train 160, val 40" in " ".join(res.output.split()), res.output
-    spec = yaml.safe_load((STUDIES_DIR / "head.yaml").read_text())
-    spec["defaults"] = str(STUDIES_DIR / "base.yaml")
-    data = f"data.sources.0.url={root}"  # in the variants: the broken one must keep its own
-    spec["variants"] = {
-        "none": [*spec["variants"]["none"], data],
-        "mlp": [*spec["variants"]["mlp"], data],
-        "broken": [f"data.sources=[{{url: {tmp_path / 'nothing'}}}]"],
-    }
-    spec["paper"] = {
-        row: {v: spec["paper"][row][v] for v in ("none", "mlp")} for row in spec["paper"]
-    }
-    spec_path = tmp_path / "head-and-broken.yaml"
-    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    cut = ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "probe.steps=5"]
-    cut += ["train.global_batch_size=16", "train.micro_batch_size=16", "data.val_limit=16"]
-    args = ["study", str(spec_path), "--scale", "cifar10", "--seeds", "2", "--concurrent", "2"]
-    args += ["--storage", str(tmp_path / "runs" / "studies")]
-    args += [x for c in cut for x in ("--set", c)]
-    res = runner.invoke(app, args)
-    out = res.output
-    assert res.exit_code == 0, out
-    assert "| random trunk (linear) |" in out and "| random trunk (attentive) |" in out
-    assert "| linear | mlp − none |" in out  # the paper's better variant first
-    assert "(n=2)" in out and "of 1 pair(s) the paper orders" in out
-    assert "above the random-trunk floor" in out and "one fixed recipe for every variant" in out
-    (tmp_path / "console.txt").write_text(out)
-    assert "trial broken/s0 failed:" in out and "trial broken/s1 failed:" in out, out
-    failure = next(line for line in out.splitlines() if line.startswith("trial broken/s0 failed:"))
-    assert failure.count("DataError: sources: no _manifest.json") == 1 and "pid=" not in failure
-    rows: dict[str, str] = {}  # the table's rows (the verdicts' rows come after, also "linear")
-    for line in out.splitlines():
-        if line.startswith("|"):
-            rows.setdefault(line.split("|")[1].strip(), line)
-    assert rows["probe"].split("|")[2:5] == [" none ", " mlp ", " broken "]
-    assert rows["linear"].split("|")[4].strip() == "failed"
-    assert "±" in rows["linear"].split("|")[3]
-    assert rows["random trunk (linear)"].split("|")[4].strip() == "-"
-    folder = tmp_path / "runs" / "studies" / "head-cifar10"
-    table = (folder / "table.csv").read_text()
-    assert "verdict" in table and "random trunk" in table
-    import json
-
-    parent = json.loads((folder / "parent_run.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
-    tags = client.get_run(parent).data.tags
-    assert tags["verdict.linear.mlp-vs-none"].split()[0] in ("agrees", "opposite", "inconclusive")
-    assert "failed.broken/s0" in tags and "failed.broken/s1" in tags
-    # The broken variant's floor cannot read its data either: a tag, not a stopped study.
-    assert "floor_failed.broken/s0" in tags
-    floors = client.search_runs(
-        [client.get_run(parent).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and attributes.run_name LIKE 'random-trunk-%'",
-    )
-    assert len(floors) == 2  # none and mlp share each seed's random trunk: one probe a seed
-    # Each seed its own run, its own run folder and its own seeds.
-    trials = client.search_runs(
-        [client.get_run(parent).info.experiment_id],
-        f"tags.mlflow.parentRunId = '{parent}' and tags.variant = 'mlp'",
-    )
-    params = sorted((r.data.params["seed"], r.data.params["probe.seed"]) for r in trials)
-    assert len({r.info.run_id for r in trials}) == 2 and params == [("0", "0"), ("1", "1")]
-    assert (folder / "trials" / "head-cifar10-mlp-s1" / "latest.json").is_file()

@@ -514,56 +514,87 @@ def test_probe_of_a_trunk_on_shared_storage_submitted(
     assert metrics["probe/attentive/top1"] > 0.15 and metrics["probe/linear/top1"] > 0.15
 
 
+CIFAR_MINI = REPO / "tests" / "assets" / "cifar10-mini"  # 200 CIFAR-10 JPEGs, class folders
+BROKEN_SPEC = "tests/assets/studies/head-and-broken.yaml"  # none, mlp and a variant without data
+
+
 @pytest.mark.slow
-def test_tiny_study_submitted_by_its_spec(ray_head: dict[str, str], journey_env: str) -> None:
+def test_cifar10_study_submitted_prints_verdicts_and_the_floor(
+    ray_head: dict[str, str], journey_env: str, tmp_path: Path
+) -> None:
+    """The study journey on natural images, submitted to a cluster: ingest CIFAR-10 class
+    folders with --split-folders, submit a study spec at the cifar10 preset with 2 seeds (cut
+    to a few steps), read the job's console: a table with verdicts and intervals, the
+    random-trunk floor and the probe recipe, no raw Ray log line; the same in MLflow. One
+    variant cannot read its data: its trials fail, the study goes on and says so (a failed
+    trial is reported, never fatal)."""
+    import json
+
     from mlflow.tracking import MlflowClient
 
-    args = [
-        "submit", "jobs/studies/head.yaml", "--scale", "tiny", "--address", ray_head["address"],
-        "--variants", "none,mlp",  # two of the three heads: the study options travel too
-        "--set", "train.steps=2", "--set", "probe.steps=5",
-        "--set", "tracking.experiment=journey-study", "--wait",
-    ]  # fmt: skip
-    result = CliRunner().invoke(app, args)
+    runner = CliRunner()
+    root = tmp_path / "cifar"
+    res = runner.invoke(app, ["ingest", str(CIFAR_MINI), str(root), "--split-folders"])
+    assert res.exit_code == 0 and "train 160, val 40" in " ".join(res.output.split()), res.output
+    cut = ["train.steps=4", "train.val_every=4", "train.checkpoint_every=4", "probe.steps=5"]
+    cut += ["train.global_batch_size=16", "train.micro_batch_size=16", "data.val_limit=16"]
+    cut += [f"data.sources.0.url={root}", "tracking.experiment=journey-study"]
+    args = ["submit", BROKEN_SPEC, "--scale", "cifar10", "--seeds", "2", "--wait"]
+    args += ["--address", ray_head["address"], *[x for c in cut for x in ("--set", c)]]
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     log = sub.logs(ray_head["address"], _job_id(result.output))
+    (tmp_path / "console.txt").write_text(log)
     lines = [line for line in log.splitlines() if line.strip() and not JOBS_FRAME.search(line)]
     assert not [line for line in lines if RAW_RAY_LINE.search(line)], log
-    assert len(lines) <= 40, log
-    table = Path(re.search(r"table: (\S+)", log).group(1))
-    assert table.is_file() and "| linear |" in table.read_text()
+    assert len(lines) <= 80, log
+    assert "| random trunk (linear) |" in log and "| random trunk (attentive) |" in log
+    assert "| linear | mlp − none |" in log  # the paper's better variant first
+    assert "(n=2)" in log and "of 1 pair(s) the paper orders" in log
+    assert "above the random-trunk floor" in log and "one fixed recipe for every variant" in log
+    assert "trial broken/s0 failed:" in log and "trial broken/s1 failed:" in log, log
+    failure = next(line for line in lines if line.startswith("trial broken/s0 failed:"))
+    assert failure.count("no _manifest.json") == 1 and "pid=" not in failure, failure
+    rows: dict[str, str] = {}  # the table's rows (the verdicts' rows come after, also "linear")
+    for line in lines:
+        if line.startswith("|"):
+            rows.setdefault(line.split("|")[1].strip(), line)
+    assert rows["probe"].split("|")[2:5] == [" none ", " mlp ", " broken "]
+    assert rows["linear"].split("|")[4].strip() == "failed"
+    assert "±" in rows["linear"].split("|")[3]
+    assert rows["random trunk (linear)"].split("|")[4].strip() == "-"
+    folder = Path(re.search(r"table: (\S+)", log).group(1)).parent
+    assert folder.name == "head-cifar10"
+    table = (folder / "table.csv").read_text()
+    assert "verdict" in table and "random trunk" in table
+    assert (folder / "trials" / "head-cifar10-mlp-s1" / "latest.json").is_file()
 
     client = MlflowClient(tracking_uri=journey_env)
     exp = client.get_experiment_by_name("journey-study")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # runs, not GenAI
-    parents = client.search_runs([exp.experiment_id], "tags.kind = 'study'")
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    parent = parents[0]
-    assert parent.data.tags["git_commit"]
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    parent_id = json.loads((folder / "parent_run.json").read_text())["run_id"]
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["git_commit"]
+    tags = parent.data.tags
+    assert tags["verdict.linear.mlp-vs-none"].split()[0] in ("agrees", "opposite", "inconclusive")
+    assert "failed.broken/s0" in tags and "failed.broken/s1" in tags
+    # The broken variant's floor cannot read its data either: a tag, not a stopped study.
+    assert "floor_failed.broken/s0" in tags
+    artifacts = {a.path for a in client.list_artifacts(parent_id)}
     assert {"table.md", "table.csv", "loss_per_chunk.png", "correlation_across_runs.md"} <= (
         artifacts
     )
-    table = client.download_artifacts(parent.info.run_id, "table.md")
-    lines = Path(table).read_text().splitlines()
-    rows = [line for line in lines if line.startswith("| ") and "---" not in line]
-    assert rows[0] == "| probe | none | mlp |"
-    assert [r.split("|")[1].strip() for r in rows[1:3]] == ["linear", "attentive"]
-    assert all("**" in r for r in rows[1:3])  # the best of each row is marked
-    nested = client.search_runs(
-        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
-    )
-    # under the study run: its trials and the random-trunk floor's probe runs (one random
-    # trunk for both heads: the trunk and its probe do not depend on the head)
-    children = [r for r in nested if r.data.tags.get("kind") != "probe"]
-    floors = [r for r in nested if r.data.tags.get("kind") == "probe"]
-    assert sorted(r.data.tags["variant"] for r in children) == ["mlp", "none"]
-    assert [r.info.run_name for r in floors] == ["random-trunk-none"]
-    assert "probe/linear/top1" in floors[0].data.metrics
-    for child in children:  # each trial pre-trained on digits and probed its trunk
-        variant = child.data.tags["variant"]
-        assert variant in child.info.run_name and child.data.tags["git_commit"]
-        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["digits"]
+    nested = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    # under the study run: its trials and the random-trunk floor's probes, one a seed (none
+    # and mlp share each seed's random trunk: the trunk and its probe ignore the head)
+    floors = [r for r in nested if r.info.run_name.startswith("random-trunk-")]
+    assert len(floors) == 2 and all("probe/linear/top1" in r.data.metrics for r in floors)
+    trials = [r for r in nested if r.data.tags.get("variant") == "mlp"]
+    params = sorted((r.data.params["seed"], r.data.params["probe.seed"]) for r in trials)
+    assert len({r.info.run_id for r in trials}) == 2 and params == [("0", "0"), ("1", "1")]
+    for child in trials:  # each trial pre-trained on CIFAR-10 and probed its trunk
+        assert child.data.tags["git_commit"]
+        assert [d.dataset.name for d in child.inputs.dataset_inputs] == ["cifar10-mini"]
         assert {"probe/attentive/top1", "probe/linear/top1", "train/loss"} <= set(
             child.data.metrics
         )
