@@ -258,6 +258,8 @@ def test_correlate_within_gives_each_runs_coefficients_and_a_verdict_over_seeds(
         app, ["correlate", "--within", a, "--log-to", b, "--tracking-uri", uri]
     )
     assert res.exit_code == 2 and "--log-to is for across runs" in res.output
+    res = CliRunner().invoke(app, ["correlate", "--within", a, "deadbeef", "--tracking-uri", uri])
+    assert res.exit_code == 2 and "run deadbeef: not found" in res.output, res.output
 
 
 def test_probe_run_logged_to_mlflow_server_nested_under_pretraining(mlflow_server) -> None:

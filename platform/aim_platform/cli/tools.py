@@ -62,13 +62,17 @@ def correlate(
     """Pre-training loss vs probe accuracy: per checkpoint of one run, across runs (each
     run's last point), or --within each of several runs with a verdict over them."""
     from aim_platform import tracking
+    from aim_platform.config import ConfigError
     from aim_platform.eval.correlation import correlate_run, correlate_runs, correlate_within
 
     tracker = tracking.Tracker(tracking.resolve_tracking_uri(tracking_uri))
+    for rid in [*run_ids, *([log_to] if log_to else [])]:  # a mistyped id: one line, exit 2
+        try:
+            tracker.run_name(rid)
+        except Exception as exc:  # MLflow: RESOURCE_DOES_NOT_EXIST and the like
+            raise ConfigError(f"run {rid}: not found in {tracker.uri} ({exc})") from None
     if within:
         if log_to:
-            from aim_platform.config import ConfigError
-
             raise ConfigError("--log-to is for across runs; --within logs into each run")
         console.print(correlate_within(tracker, run_ids).table())
         return
