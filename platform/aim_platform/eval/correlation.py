@@ -87,13 +87,6 @@ def run_points(tracker: Tracker, run_id: str, acc_key: str = ACC_KEY) -> Correla
     )
 
 
-def run_points_for(tracker: Tracker, run_id: str, probe: str) -> Correlation:
-    """:func:`run_points` for one probe kind (``attentive`` or ``linear``)."""
-    if probe not in PROBE_KEYS:
-        raise ValueError(f"probe must be one of {sorted(PROBE_KEYS)}, got {probe!r}")
-    return run_points(tracker, run_id, PROBE_KEYS[probe])
-
-
 @dataclass
 class WithinRuns:
     """Each run's own loss-vs-accuracy coefficients (one row per run and probe kind) and,
@@ -174,7 +167,7 @@ def correlate_within(tracker: Tracker, run_ids: Sequence[str]) -> WithinRuns:
         correlate_run(tracker, rid)
         names.append(tracker.run_name(rid))
         for kind in PROBE_KEYS:
-            corr = run_points_for(tracker, rid, kind)
+            corr = run_points(tracker, rid, PROBE_KEYS[kind])
             points[kind].append(len(corr.losses))
             pearsons[kind].append(corr.pearson)
             spearmans[kind].append(corr.spearman)
