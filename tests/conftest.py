@@ -40,14 +40,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 # The files whose journeys take minutes, heaviest first (test seconds per file in a `make
-# test` run on 2 cores, 2026-12-04: submit 700, train 500, studies 320, tracking outage 230,
-# node loss 190, probe streaming 180, S3 faults 120, perf 100, then under 80 each). pytest-xdist
+# test` run on 2 cores, 2026-12-04, with the CIFAR-10 study journey since moved from
+# test_studies.py into test_submit.py: submit about 800, train 500, tracking outage 230, node
+# loss 190, probe streaming 180, S3 faults 120, perf 100, then under 80 each). pytest-xdist
 # hands out whole files in this order (`--no-loadscope-reorder` in the Makefile), so no long
 # file starts last while the other process has nothing left; the rest keep collection order.
 HEAVY_FIRST = (
     "test_submit.py",
     "test_train.py",
-    "test_studies.py",
     "test_tracking_outage.py",
     "test_node_loss.py",
     "test_eval_stream.py",
