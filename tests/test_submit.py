@@ -6,6 +6,7 @@ matters), and is stopped by its own PIDs: ``ray stop`` would kill every Ray on t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pkgutil
 import re
@@ -54,21 +55,23 @@ def _head_processes(pgid: int, temp_dir: str) -> list[int]:
 
 
 def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> list[int]:
-    """SIGTERM ``ray start --block`` (it tears its node down), then SIGKILL leftovers."""
+    """SIGTERM ``ray start --block`` (it tears its node down), then SIGKILL leftovers until
+    none is left (a killed process with a large address space takes a while to exit on a
+    loaded machine; a raylet may start a worker while dying). Returns the survivors."""
     proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and _head_processes(proc.pid, temp_dir):
         proc.poll()
         time.sleep(0.3)
-    for pid in _head_processes(proc.pid, temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and (left := _head_processes(proc.pid, temp_dir)):
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.poll()
+        time.sleep(0.3)
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
     return _head_processes(proc.pid, temp_dir)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import threading
@@ -47,6 +48,31 @@ def latest_train_state(job: JobConfig) -> dict[str, Any] | None:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise UnsafeFile(f"{latest}: not a latest-checkpoint record (no integer step)")
     return state
+
+
+@functools.cache
+def trainer_class() -> type:
+    """Ray Train's ``TorchTrainer`` without its placement-group cleaner.
+
+    Ray 2.60 starts a detached actor per run that removes the run's placement group as soon as
+    the State API does not return the controller actor (``is_actor_alive`` reads a missing
+    answer as dead). On a loaded head that answer goes missing while the controller is alive:
+    the live workers were destroyed mid-run ("placement group was removed", then "A worker
+    health check failed") in a CI run. A controller that ends, as every fit does here, removes
+    its placement group itself; what the cleaner adds (a group left by a controller that
+    crashed) is not worth a healthy run killed.
+    """
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import (
+        PlacementGroupCleanerCallback,
+    )
+
+    class Trainer(TorchTrainer):
+        def _create_default_callbacks(self) -> list[Any]:
+            callbacks = super()._create_default_callbacks()
+            return [c for c in callbacks if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return Trainer
 
 
 def _reuse_or_start_run(
@@ -202,7 +228,7 @@ def pretrain(
     )
 
     def trainer(workers: int, datasets: Mapping[str, Any]) -> TorchTrainer:
-        return TorchTrainer(
+        return trainer_class()(
             train_loop_per_worker,
             train_loop_config=loop_args,
             scaling_config=ray.train.ScalingConfig(
