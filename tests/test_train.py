@@ -34,9 +34,25 @@ def test_pretrain_two_workers_logs_to_mlflow_server(ray_session, mlflow_server, 
         "train.keep_checkpoints=2",
         f"tracking.tracking_uri={mlflow_server}",
         "tracking.experiment=train-tests",
+        "probe.dataset=builtin:digits",
+        "probe.kind=both",
+        "probe.labels_per_class=10",
+        "probe.steps=20",
+        "probe.views=1",
+        "probe.sweep=false",
+        "probe.at_steps=[2,4]",
     )
-    result = pretrain(job, datasets=digits_datasets(job))
+    events: list[str] = []
+    result = pretrain(job, datasets=digits_datasets(job), on_event=events.append)
     assert result.error is None and result.steps == 6
+    # Fig. 4 within the run: the trunks of steps 2, 4 and 6 probed, the console told as they go
+    assert [e for e in events if e.startswith("probing")] == [
+        f"probing the trunk of step {s} ({i} of 3, both)" for i, s in enumerate((2, 4, 6), 1)
+    ]
+    assert sum(e.startswith("step ") and "linear" in e and "attentive" in e for e in events) == 3
+    lines = summary(result)
+    assert any(line.startswith("step 6: top-1 ") for line in lines)
+    assert any("val loss vs attentive top-1 over 3 checkpoints: Pearson" in x for x in lines)
 
     client = MlflowClient(tracking_uri=mlflow_server)
     run = client.get_run(result.run_id)
@@ -61,9 +77,13 @@ def test_pretrain_two_workers_logs_to_mlflow_server(ray_session, mlflow_server, 
         "val/loss_chunk_7",
     ):
         assert history(client, result.run_id, key), key
-    assert [s for s, _ in history(client, result.run_id, "val/loss")] == [3, 6]
+    assert [s for s, _ in history(client, result.run_id, "val/loss")] == [2, 3, 4, 6]
+    probed = history(client, result.run_id, "probe/attentive/top1")
+    assert [s for s, _ in probed] == [2, 4, 6] and all(0 <= a <= 1 for _, a in probed)
+    assert history(client, result.run_id, "corr/pearson")
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "final_trunk.txt", "val_loss_per_chunk.png"} <= artifacts
+    assert {"correlation.md", "loss_vs_probe.png"} <= artifacts
 
     # keep-latest-k sharded checkpoints, each complete
     ckpts = sorted(p.name for p in Path(result.storage).glob("checkpoint_0*"))

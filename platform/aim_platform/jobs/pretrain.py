@@ -315,7 +315,7 @@ def pretrain(
         except tracking.TrackingUnavailable as exc:
             result.notes.append(f"no per-chunk loss plot: {exc}")
         if job.probe and result.final_trunk and not result.error:
-            result.metrics.update(probe_checkpoints(job, result, tracker, paths))
+            result.metrics.update(probe_checkpoints(job, result, tracker, paths, say))
         status = "FAILED" if result.error else "FINISHED"
         _end_tracking(tracker, run_id, board, result, status, wait=settled)
     return result

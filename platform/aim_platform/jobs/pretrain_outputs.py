@@ -4,6 +4,7 @@ logged at the end, and the console summary (:mod:`.pretrain` runs the training i
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,18 +30,25 @@ class PretrainResult:
     tracking: tracking.TrackingReport | None = None  # what MLflow delayed or lost
     flush_timeout: float = 0.0  # the end's wait for MLflow (tracking.flush_timeout_s)
     notes: list[str] = field(default_factory=list)  # what could not be made, and why
+    probes: list[str] = field(default_factory=list)  # one line a probed trunk, then the Fig. 4 line
 
 
 def probe_checkpoints(
-    job: JobConfig, result: PretrainResult, tracker: tracking.Tracker, paths: RunPaths
+    job: JobConfig,
+    result: PretrainResult,
+    tracker: tracking.Tracker,
+    paths: RunPaths,
+    say: Callable[[str], None] = lambda text: None,
 ) -> dict[str, float]:
     """Probe every exported trunk (``probe.at_steps`` and the final one), log each probe as
     a nested run and into the pre-training run at its step, then correlate loss and accuracy.
+    ``say`` gets a line as each probe starts and ends; ``result.probes`` keeps the results
+    and the correlation for the summary.
 
     Returns:
         The final trunk's probe metrics (``probe/attentive/top1``, ...).
     """
-    from aim_platform.eval.correlation import correlate_run
+    from aim_platform.eval.correlation import MIN_POINTS, PROBE_KEYS, correlate_run, run_points
     from aim_platform.eval.probe import report_metrics
     from aim_platform.jobs.probe import log_probe, run_probe
 
@@ -48,7 +56,8 @@ def probe_checkpoints(
     dataset = job.probe.dataset or job.data.sources[0].url
     trunks = {s: paths.trunk_at(s) for s in job.probe.at_steps if s < result.steps}
     trunks[result.steps] = paths.final
-    for step, path in sorted(trunks.items()):
+    for i, (step, path) in enumerate(sorted(trunks.items()), start=1):
+        say(f"probing the trunk of step {step} ({i} of {len(trunks)}, {job.probe.kind})")
         report = run_probe(
             path, job.probe, dataset=dataset, storage_options=job.train.storage_options
         )
@@ -63,8 +72,20 @@ def probe_checkpoints(
             parent_run_id=result.run_id,
             step=step,
         )
+        scores = ", ".join(f"{kind} {100 * s.top1:.1f}%" for kind, s in report.main.items())
+        line = f"step {step}: top-1 {scores}"
+        say(line)
+        result.probes.append(line)
     try:
         correlate_run(tracker, result.run_id)
+        for kind, key in PROBE_KEYS.items():
+            corr = run_points(tracker, result.run_id, key)
+            if len(corr.losses) >= MIN_POINTS:
+                result.probes.append(
+                    f"val loss vs {kind} top-1 over {len(corr.losses)} checkpoints: Pearson "
+                    f"{corr.pearson:+.3f}, Spearman {corr.spearman:+.3f} (negative: the loss "
+                    "tracks accuracy, as in the paper's Fig. 4)"
+                )
     except tracking.TrackingUnavailable as exc:  # the probes are logged once it answers
         result.notes.append(f"no loss-vs-accuracy correlation: {exc}")
     return report_metrics(report)
@@ -108,6 +129,7 @@ def summary(result: PretrainResult) -> list[str]:
     if "perf/images_per_s" in m:
         mfu = f", MFU {100 * m['perf/mfu']:.1f}%" if "perf/mfu" in m else ""
         lines.append(f"{m['perf/images_per_s']:.1f} images/s{mfu}")
+    lines += result.probes
     if result.final_trunk:
         lines.append(f"final trunk: {result.final_trunk}")
     if result.tracking_uri:
