@@ -81,18 +81,21 @@ def test_mlflow_outage_said_once_with_since_when_and_how_much_is_buffered() -> N
     assert "MLflow down" not in text.splitlines()[-1]
 
 
-def test_study_display_one_line_per_state_change() -> None:
+def test_study_display_one_line_per_state_change_and_quarter_of_the_steps() -> None:
     console, out = _plain(width=60)
     display = StudyDisplay(console, "head", ["none", "mlp"], total_steps=10)
     display.trial("none", "running")
+    display.trial("none", "running", {"step": 1, "train/loss": 1.5})  # under a quarter
     display.trial("none", "running", {"step": 5, "train/loss": 1.2})
+    display.trial("none", "running", {"step": 6, "train/loss": 1.1})  # the same quarter
     display.trial("none", "done", {"step": 10, "probe/linear/top1": 0.5, "done": True})
     display.trial("mlp", "failed")
     display.close()
     lines = out.getvalue().splitlines()
     assert lines == [
         "trial none: running",
-        "trial none: done (step 10/10, train/loss 1.2000, linear 50.0%)",
+        "trial none: running (step 5/10, train/loss 1.2000)",
+        "trial none: done (step 10/10, train/loss 1.1000, linear 50.0%)",
         "trial mlp: failed",
     ]
     rendered = io.StringIO()

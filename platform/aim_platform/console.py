@@ -278,7 +278,9 @@ class StudyDisplay:
     """A study's trials, one row each: variant, state, step, loss, probe accuracy.
 
     :meth:`trial` is called by the study (from Tune's driver loop) on every state change and
-    result. In a terminal the table redraws in place; elsewhere each state change is a line.
+    result. In a terminal the table redraws in place; elsewhere (a log, a submitted job) each
+    state change is a line, and so is a running trial's first result past each quarter of the
+    steps.
     """
 
     COLUMNS = ("trial", "state", "step", "train/loss", "val/loss", "linear", "attentive")
@@ -286,6 +288,7 @@ class StudyDisplay:
     def __init__(self, console: Console, name: str, variants: list[str], total_steps: int):
         self.console, self.name, self.total = console, name, total_steps
         self.rows: dict[str, dict[str, Any]] = {v: {"state": "pending"} for v in variants}
+        self.quarters: dict[str, int] = {}  # the last quarter of the steps printed, per trial
         self.live: Live | None = None
         if console.is_terminal:
             self.live = Live(
@@ -329,9 +332,12 @@ class StudyDisplay:
         changed = state != row["state"]
         row["state"] = state
         row.update({k: v for k, v in (metrics or {}).items() if isinstance(v, int | float)})
+        quarter = int(4 * row["step"] / self.total) if "step" in row and self.total > 0 else 0
+        further = state == "running" and 0 < quarter < 4 and quarter > self.quarters.get(variant, 0)
         if self.live is not None:
             self.live.update(self.table())
-        elif changed:
+        elif changed or further:
+            self.quarters[variant] = quarter
             cells = dict(zip(self.COLUMNS[1:], self._cells(row), strict=True))
             shown = ", ".join(f"{k} {v}" for k, v in cells.items() if v != "-" and k != "state")
             text = f"trial {variant}: {state}" + (f" ({shown})" if shown else "")
