@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from aim_platform.config import ConfigError
-from aim_platform.jobs.study import STUDIES_DIR, load_study
+from aim_platform.jobs.study_spec import STUDIES_DIR, load_study
 from aim_platform.jobs.study_table import StudyResult, TrialOutcome
 
 SPECS = sorted(p for p in STUDIES_DIR.glob("*.yaml") if p.name != "base.yaml")
@@ -224,6 +224,20 @@ def test_text_directions_give_verdicts_where_the_paper_has_no_numbers() -> None:
     assert verdicts[("linear", "prefix-pt.bidir-probe", causal_causal)].verdict == "agrees"
 
 
+def test_the_loss_row_says_the_paper_expects_a_lower_loss_of_its_better_variant() -> None:
+    spec = load_study(STUDIES_DIR / "capacity.yaml")  # text: bigger trunks, lower val loss
+    trials = [
+        TrialOutcome(v, "r", {"val/loss": x + i / 1000}, seed=i)
+        for v, x in {"small": 0.52, "medium": 0.50, "large": 0.47}.items()
+        for i in range(3)
+    ]
+    verdicts = {
+        (v.row, v.a, v.b): v for v in StudyResult(spec, "cifar10", None, "", trials).verdicts()
+    }
+    cells = verdicts[("val_loss", "large", "small")].cells()
+    assert cells[3:5] == ["large lower (text)", "agrees"]  # a lower loss is the paper's way
+
+
 def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -> None:
     from aim_platform.jobs.study_table import seed_overrides, trial_name
 
@@ -236,7 +250,7 @@ def test_seed_index_shifts_the_pretraining_and_probe_seeds_and_names_the_run() -
 
 
 def test_a_study_can_run_a_subset_of_its_variants() -> None:
-    from aim_platform.jobs.study import select_variants
+    from aim_platform.jobs.study_spec import select_variants
 
     spec = select_variants(load_study(STUDIES_DIR / "targets.yaml"), ["raw", "normalized"])
     assert list(spec.variants) == ["normalized", "raw"]  # the spec's order

@@ -264,7 +264,7 @@ def _validate(
         raise SubmitError(f"{config_path}: not valid YAML: {yaml_problem(exc)}") from None
     try:
         if isinstance(data, dict) and "variants" in data:
-            from aim_platform.jobs.study import load_study, select_variants
+            from aim_platform.jobs.study_spec import load_study, select_variants
 
             spec = load_study(config_path)
             if variants:

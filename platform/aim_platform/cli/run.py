@@ -99,7 +99,8 @@ def study(
     from aim_platform import tracking
     from aim_platform.config import SCALES, ConfigError, yaml_problem
     from aim_platform.console import StudyDisplay, log_path
-    from aim_platform.jobs.study import load_study, run_study, select_variants
+    from aim_platform.jobs.study import run_study
+    from aim_platform.jobs.study_spec import load_study, select_variants
     from aim_platform.jobs.study_table import trial_name
     from aim_platform.train.paths import storage_url
 

@@ -82,8 +82,8 @@ class Verdict:
     """One paired comparison ``a - b`` of a row (probe top-1 in points, or the val loss).
 
     ``paper`` is the paper's ``a - b`` in points when it gives numbers, ``expected`` the sign
-    the paper implies (+1: a above b, -1: below; for the loss row "better" means lower), None
-    when it says nothing about the pair.
+    of ``a - b`` the paper implies (+1: a above b, -1: below; on the loss row, where a is the
+    paper's better variant, -1: a lower), None when it says nothing about the pair.
     """
 
     row: str
@@ -122,6 +122,8 @@ class Verdict:
             paper = "-"
         elif self.paper is not None:
             paper = f"{self.paper:+.1f}"
+        elif self.expected is not None and self.row == LOSS_ROW:  # the sign of a - b
+            paper = f"{self.a} {'higher' if self.expected > 0 else 'lower'} (text)"
         elif self.expected is not None:
             paper = f"{self.a} {'better' if self.expected > 0 else 'worse'} (text)"
         else:

@@ -1,0 +1,471 @@
+"""Studies without Ray: every trial of one or more study specs pre-trained and probed in local
+processes sharing one device (a GPU machine with no cluster: ``jobs/gpu_study.py``).
+
+The same jobs as ``aimctl study`` (:func:`~.study_spec.trial_job`: the spec's variant at the
+scale, seed index i adding i to the pre-training and probe seeds), the same model, objective,
+optimizer, decode and crop (:func:`~aim_platform.data.transforms.decode_batch`), the same probes
+(:func:`~aim_platform.eval.probe.probe_cached`) and the same table with its verdicts and
+random-trunk floor (:class:`~.study_table.StudyResult`). What differs from a Ray study: the
+images are read once into each process's memory from an image-folder tree (or its ``.tar.gz``
+archives), the model runs in float32 on one device with no FSDP, and nothing is tracked in
+MLflow: the results are a JSON file and the tables.
+
+A deadline bounds the whole run (a lent GPU is short): a trial still training then stops and is
+recorded as not finished, and trials not yet started are skipped; the tables show what finished.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from aim_platform.config import DataConfig, DataSource, JobConfig, Scale, StudySpec
+from aim_platform.data.transforms import decode_batch, id_hash
+from aim_platform.errors import DataError
+from aim_platform.jobs.study_floor import floor_key
+from aim_platform.jobs.study_spec import trial_job
+from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recipe, trial_name
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+VAL_SPLITS = ("val", "test")  # the split scored on, by the folder's name
+FEATURE_BATCH = 256  # images per forward of the frozen trunk
+
+
+@dataclass
+class ImageSet:
+    """One split held in memory: encoded images, their ids and labels."""
+
+    ids: list[str] = field(default_factory=list)
+    images: list[bytes] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class LocalData:
+    """A labelled image-folder data set: ``train`` and the split probes are scored on."""
+
+    train: ImageSet
+    val: ImageSet
+    classes: list[str]
+
+
+def _split_files(root: Path) -> Iterator[tuple[str, str, str, bytes]]:
+    """(split, class, name, bytes) of every image under ``root/<split>/<class>/`` or in
+    ``root/<split>.tar.gz`` (members ``<split>/<class>/<name>``; read, never extracted)."""
+    for path in sorted(root.iterdir()):
+        if path.is_dir():
+            for f in sorted(path.glob("*/*")):
+                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
+                    yield path.name, f.parent.name, f.name, f.read_bytes()
+        elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
+            with tarfile.open(path, "r:*") as tar:
+                for member in tar:
+                    parts = member.name.strip("/").split("/")
+                    if not member.isfile() or len(parts) != 3:
+                        continue
+                    if not parts[2].lower().endswith(IMAGE_SUFFIXES):
+                        continue
+                    f = tar.extractfile(member)
+                    if f is not None:
+                        yield parts[0], parts[1], parts[2], f.read()
+
+
+def read_image_folders(root: str | Path) -> LocalData:
+    """Read ``root/train/<class>/*`` and ``root/{test,val}/<class>/*`` (folders or
+    ``.tar.gz`` archives of them) into memory; class indices follow the sorted class names.
+
+    Raises:
+        DataError: no train split, no test/val split, or a class only the scored split has.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"local data: {root} is not a folder")
+    by_split: dict[str, list[tuple[str, str, bytes]]] = {}
+    for split, cls, name, data in _split_files(root):
+        by_split.setdefault(split, []).append((cls, f"{split}/{cls}/{name}", data))
+    val_name = next((s for s in VAL_SPLITS if s in by_split), None)
+    if "train" not in by_split or val_name is None:
+        raise DataError(
+            f"local data: {root} needs train/<class>/ and test/<class>/ (or val/), as folders "
+            f"or <split>.tar.gz; found splits {sorted(by_split) or 'none'}"
+        )
+    classes = sorted({cls for cls, _, _ in by_split["train"]})
+    unknown = sorted({cls for cls, _, _ in by_split[val_name]} - set(classes))
+    if unknown:
+        raise DataError(f"local data: {val_name} has classes train lacks: {unknown}")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for split in ("train", val_name):
+        rows = sorted(by_split[split], key=lambda r: r[1])
+        splits[split] = ImageSet(
+            [sid for _, sid, _ in rows], [d for _, _, d in rows], [index[c] for c, _, _ in rows]
+        )
+    return LocalData(splits["train"], splits[val_name], classes)
+
+
+def _aug(data: DataConfig) -> dict[str, Any]:
+    return {
+        "scale": tuple(data.crop_scale),
+        "ratio": tuple(data.crop_ratio),
+        "flip_prob": data.flip_prob,
+        "max_pixels": data.max_pixels,
+    }
+
+
+class TrainBatches(torch.utils.data.Dataset):
+    """Step i's batch of the pre-training stream: epochs of a seeded permutation of the train
+    split (the last partial batch of an epoch dropped), decoded and cropped as the platform's
+    pipeline does. A map-style data set, so that DataLoader workers decode ahead."""
+
+    def __init__(self, images: ImageSet, job: JobConfig) -> None:
+        self.images = images
+        self.job = job
+        self.batch = job.train.global_batch_size
+        self.per_epoch = len(images) // self.batch
+        if self.per_epoch == 0:
+            raise DataError(f"local data: {len(images)} train images < one batch ({self.batch})")
+
+    def __len__(self) -> int:
+        return self.job.train.steps
+
+    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, pos = divmod(step, self.per_epoch)
+        seed = self.job.seed & 0xFFFFFFFF
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.images))
+        idx = order[pos * self.batch : (pos + 1) * self.batch]
+        m = self.job.model
+        return decode_batch(
+            [self.images.ids[i] for i in idx],
+            [self.images.images[i] for i in idx],
+            img_size=m.img_size,
+            patch_size=m.patch_size,
+            train=True,
+            seed=self.job.seed,
+            epoch=epoch,
+            **_aug(self.job.data),
+        )  # (B, K, P) uint8, (B,) bool
+
+
+def eval_patches(images: ImageSet, job: JobConfig, limit: int | None = None) -> np.ndarray:
+    """The fixed centre view of the first ``limit`` images (all: None), valid rows only:
+    (N, K, P) uint8."""
+    n = len(images) if limit is None else min(limit, len(images))
+    patches, valid = decode_batch(
+        images.ids[:n],
+        images.images[:n],
+        img_size=job.model.img_size,
+        patch_size=job.model.patch_size,
+        train=False,
+    )
+    return patches[valid]
+
+
+class DeadlinePassed(RuntimeError):
+    """The run's deadline came before this trial finished."""
+
+
+def pretrain(
+    job: JobConfig,
+    data: LocalData,
+    device: torch.device,
+    deadline: float,
+    say: Callable[[str], None],
+    workers: int = 2,
+) -> tuple[torch.nn.Module, dict[str, float]]:
+    """Pre-train ``job``'s model on ``data.train``; returns the trunk and the final metrics
+    (``train/loss`` of the last step, ``val/loss`` over ``data.val_limit`` scored images).
+
+    Raises:
+        DeadlinePassed: at the first step past ``deadline`` (a ``time.time()``).
+    """
+    from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
+    from aim_platform.train.trainer import Trainer
+
+    tc = job.train
+    torch.manual_seed(job.seed)  # the initialization Trainer.setup gives, without FSDP
+    model = AIMForPretraining(
+        job.model,
+        activation_checkpointing=tc.activation_checkpointing,
+        storage_options=tc.storage_options,
+    ).to(device)
+    if tc.compile:
+        model.compile_blocks()
+    trainer = Trainer(model, job.optim, tc.steps)
+    lo, hi = job.model.prefix_range
+    val = torch.from_numpy(eval_patches(data.val, job, job.data.val_limit))  # (N, K, P)
+    loader = torch.utils.data.DataLoader(
+        TrainBatches(data.train, job),
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        persistent_workers=False,
+    )
+    metrics: dict[str, float] = {}
+    quarter = max(1, tc.steps // 4)
+    for step, (patches, valid) in enumerate(loader):
+        if time.time() > deadline:
+            raise DeadlinePassed(f"stopped at step {step} of {tc.steps}")
+        pixels = patches[valid].to(device, non_blocking=True)  # (B', K, P) uint8
+        gen = torch.Generator().manual_seed(hash((job.seed, step, 0, 0)) % 2**63)
+        prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)  # (B',)
+        result = trainer.train_step(pixels, prefix, gen)
+        done = step + 1
+        if done % tc.val_every == 0 or done == tc.steps:
+            batches = (
+                {"patches": x.to(device), "valid": torch.ones(len(x), dtype=torch.bool)}
+                for x in val.split(tc.micro_batch_size)
+            )
+            metrics.update(trainer.validate(batches))
+        if done % quarter == 0 or done == tc.steps:
+            metrics["train/loss"] = result.loss
+            val_txt = f", val/loss {metrics['val/loss']:.4f}" if "val/loss" in metrics else ""
+            say(f"step {done}/{tc.steps}: train/loss {result.loss:.4f}{val_txt}")
+    return trainer.model.trunk, metrics
+
+
+def labelled_rows(images: ImageSet, per_class: int | None, seed: int) -> list[int]:
+    """Indices of ``per_class`` train rows a label chosen by a seeded hash of the id, as the
+    platform's probe chooses them (all rows: None)."""
+    if per_class is None:
+        return list(range(len(images)))
+    by_label: dict[int, list[tuple[int, int]]] = {}
+    for i, (sid, label) in enumerate(zip(images.ids, images.labels, strict=True)):
+        by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), i))
+    return sorted(i for rows in by_label.values() for _, i in sorted(rows)[:per_class])
+
+
+def probe(
+    trunk: torch.nn.Module, job: JobConfig, data: LocalData, device: torch.device
+) -> dict[str, float]:
+    """The job's probes on a frozen trunk: features of the labelled train rows (``views``
+    augmented crops each) and of every scored image, in the trunk's own sequence order, cached
+    as the platform caches them, then :func:`probe_cached`. Returns the probe metrics."""
+    from aim_platform.eval.cache import FeatureCache
+    from aim_platform.eval.features import block_outputs, sequence_order
+    from aim_platform.eval.probe import probe_cached, probe_inputs, report_metrics
+
+    cfg = job.probe
+    assert cfg is not None
+    trunk = trunk.to(device).eval()
+    n_blocks = len(trunk.blocks)
+    inputs = probe_inputs(cfg, n_blocks)
+    blocks = sorted({b for chosen in inputs.values() for b in chosen})
+    order = sequence_order(job.model)  # (K,) or None: raster
+    aug = _aug(DataConfig(sources=[DataSource(url="local")]))  # the probe's default crops
+    m = job.model
+    rows = labelled_rows(data.train, cfg.labels_per_class, cfg.seed)
+    with tempfile.TemporaryDirectory(prefix="aim-local-probe-") as folder:
+        cache = FeatureCache(folder)
+        splits: list[tuple[str, ImageSet, list[int], int | None]] = [
+            ("train", data.train, rows, view) for view in range(cfg.views)
+        ]
+        splits.append(("val", data.val, list(range(len(data.val))), None))
+        for split, images, idx, view in splits:
+            for start in range(0, len(idx), FEATURE_BATCH):
+                chunk = idx[start : start + FEATURE_BATCH]
+                patches, valid = decode_batch(
+                    [images.ids[i] for i in chunk],
+                    [images.images[i] for i in chunk],
+                    img_size=m.img_size,
+                    patch_size=m.patch_size,
+                    train=view is not None,
+                    seed=cfg.seed,
+                    epoch=view or 0,
+                    **(aug if view is not None else {}),
+                )
+                pixels = torch.from_numpy(patches[valid]).to(device)  # (B, K, P) uint8
+                labels = np.asarray([images.labels[i] for i in chunk])[valid]  # (B,)
+                with torch.no_grad():
+                    feats = block_outputs(trunk, pixels, blocks, cfg.attention, order)
+                cache.add(split, feats.half().cpu().numpy(), labels, blocks, inputs)
+        num_heads = trunk.blocks[0].attn.num_heads
+        report = probe_cached(cache, cfg, n_blocks, len(data.classes), num_heads)
+    return report_metrics(report)
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity: one entry per task
+class Task:
+    """One unit of work: a trial (pre-train, then probe) or a random-trunk floor (probe)."""
+
+    kind: str  # "trial" or "floor"
+    study: str
+    variant: str
+    seed: int
+    seeds: int
+    job: dict[str, Any]  # the JobConfig as JSON
+
+    @property
+    def name(self) -> str:
+        label = trial_name(self.variant, self.seed, self.seeds)
+        return f"{self.study}: {'random trunk ' if self.kind == 'floor' else ''}{label}"
+
+
+_DATA: dict[str, LocalData] = {}  # per worker process: the data set, read once
+
+
+def run_task(task: Task, data_root: str, device: str, deadline: float) -> dict[str, Any]:
+    """Run one task in a worker process; returns ``{"metrics", "error", "wall_s"}``."""
+    t0 = time.time()
+    if t0 > deadline:
+        return {"metrics": {}, "error": "not started: deadline", "wall_s": 0.0}
+    torch.set_num_threads(2)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+
+    def say(text: str) -> None:
+        print(f"{task.name}: {text} ({time.time() - t0:.0f} s)", flush=True)
+
+    try:
+        if data_root not in _DATA:
+            _DATA[data_root] = read_image_folders(data_root)
+        data = _DATA[data_root]
+        job = JobConfig.model_validate(task.job)
+        if task.kind == "floor":
+            from aim_platform.models.aim import build_trunk
+
+            torch.manual_seed(job.seed)  # the trunk the trial starts from
+            metrics = probe(build_trunk(job.model), job, data, dev)
+        else:
+            trunk, metrics = pretrain(job, data, dev, deadline, say)
+            say("probing the trunk")
+            metrics.update(probe(trunk, job, data, dev))
+    except DeadlinePassed as exc:
+        return {"metrics": {}, "error": f"deadline: {exc}", "wall_s": time.time() - t0}
+    except Exception as exc:  # noqa: BLE001 - one failed trial is reported, never fatal
+        return {"metrics": {}, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.time() - t0}
+    return {"metrics": metrics, "error": None, "wall_s": time.time() - t0}
+
+
+def plan_tasks(
+    specs: list[StudySpec], scale: Scale, seeds: int, extra: list[str]
+) -> tuple[list[Task], dict[str, dict[tuple[str, int], str]]]:
+    """Every trial and every distinct floor, seed by seed (so that a deadline leaves whole
+    seeds), and per study which floor each (variant, seed) reads."""
+    tasks: list[Task] = []
+    floor_of: dict[str, dict[tuple[str, int], str]] = {s.name: {} for s in specs}
+    floors: set[str] = set()
+    for seed in range(seeds):
+        for spec in specs:
+            for variant in spec.variants:
+                job = trial_job(spec, variant, scale, extra, seed, seeds)
+                as_json = job.model_dump(mode="json")
+                tasks.append(Task("trial", spec.name, variant, seed, seeds, as_json))
+                if job.probe is None:
+                    continue
+                key = floor_key(job)
+                floor_of[spec.name][(variant, seed)] = key
+                if key not in floors:
+                    floors.add(key)
+                    tasks.append(Task("floor", spec.name, variant, seed, seeds, as_json))
+    return tasks, floor_of
+
+
+def run_local_studies(
+    specs: list[StudySpec],
+    scale: Scale,
+    data_root: str,
+    *,
+    seeds: int = 1,
+    extra: list[str] | None = None,
+    parallel: int = 2,
+    device: str = "cpu",
+    deadline_s: float | None = None,
+    out: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> list[StudyResult]:
+    """Run every trial and floor of ``specs`` in ``parallel`` processes on ``device``; return
+    one :class:`StudyResult` per spec (its tables and verdicts). With ``out``, the outcomes are
+    written to ``out/results.json`` as they come and the tables to ``out/<study>.md``/``.csv``.
+    """
+    # One process a trial: the whole global batch in one step (a preset's worker count, e.g.
+    # the tiny scale's 2, would otherwise be checked against batch sizes it no longer splits).
+    extra = [*(extra or []), "train.num_workers=1"]
+    tasks, floor_of = plan_tasks(specs, scale, seeds, extra)
+    deadline = time.time() + (deadline_s if deadline_s is not None else 1e9)
+    say(
+        f"{len(tasks)} tasks ({sum(t.kind == 'trial' for t in tasks)} trials, "
+        f"{sum(t.kind == 'floor' for t in tasks)} random-trunk floors) in {parallel} "
+        f"processes on {device}"
+    )
+    done: dict[Task, dict[str, Any]] = {}
+    floor_metrics: dict[str, dict[str, float]] = {}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
+        futures: dict[Future, Task] = {
+            pool.submit(run_task, t, data_root, device, deadline): t for t in tasks
+        }
+        for fut in as_completed(futures):
+            task = futures[fut]
+            result = fut.result()
+            done[task] = result
+            if task.kind == "floor" and not result["error"]:
+                key = floor_of[task.study][(task.variant, task.seed)]
+                floor_metrics[key] = result["metrics"]
+            say(_outcome_line(task, result))
+            if out is not None:
+                _write_results(out / "results.json", done)
+    results = []
+    for spec in specs:
+        trials = [
+            TrialOutcome(t.variant, None, r["metrics"], r["error"], t.seed)
+            for t, r in done.items()
+            if t.kind == "trial" and t.study == spec.name
+        ]
+        floor: dict[str, dict[int, dict[str, float]]] = {}
+        for (variant, seed), key in floor_of[spec.name].items():
+            if key in floor_metrics:
+                floor.setdefault(variant, {})[seed] = floor_metrics[key]
+        first = trial_job(spec, next(iter(spec.variants)), scale, extra, 0, 1)
+        recipe = probe_recipe(first.probe) if first.probe else ""
+        result = StudyResult(spec, scale, None, "", trials, floor, recipe)
+        results.append(result)
+        if out is not None:
+            (out / f"{spec.name}.md").write_text(result.markdown())
+            (out / f"{spec.name}.csv").write_text(result.csv())
+    return results
+
+
+def _outcome_line(task: Task, result: dict[str, Any]) -> str:
+    wall = f"{result['wall_s']:.0f} s"
+    if result["error"]:
+        return f"{task.name}: failed ({result['error']}; {wall})"
+    m = result["metrics"]
+    parts = [f"val/loss {m['val/loss']:.4f}"] if "val/loss" in m else []
+    parts += [
+        f"{k} {100 * m[f'probe/{k}/top1']:.1f}%"
+        for k in ("linear", "attentive")
+        if f"probe/{k}/top1" in m
+    ]
+    return f"{task.name}: done ({', '.join(parts)}; {wall})"
+
+
+def _write_results(path: Path, done: dict[Task, dict[str, Any]]) -> None:
+    rows = [
+        {"kind": t.kind, "study": t.study, "variant": t.variant, "seed": t.seed, **r}
+        for t, r in done.items()
+    ]
+    buf = io.StringIO()
+    json.dump(rows, buf, indent=1)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(buf.getvalue())
+    tmp.replace(path)

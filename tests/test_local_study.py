@@ -1,0 +1,98 @@
+"""Studies without Ray (``jobs/gpu_study.py``): the same jobs, probes, table and verdicts as
+``aimctl study``, run in local processes on one device, on the committed CIFAR-10 fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from aim_platform.errors import DataError
+from aim_platform.jobs.local_study import read_image_folders, run_local_studies
+from aim_platform.jobs.study_spec import STUDIES_DIR, load_study, select_variants
+
+REPO = Path(__file__).resolve().parents[1]
+MINI = REPO / "tests" / "assets" / "cifar10-mini"  # 160 train + 40 test JPEGs, 10 classes
+TINY = ["train.global_batch_size=16", "train.micro_batch_size=16", "train.steps=6"]
+
+
+def test_image_folders_and_their_tar_archives_read_the_same(tmp_path: Path) -> None:
+    folders = read_image_folders(MINI)
+    assert (len(folders.train), len(folders.val), len(folders.classes)) == (160, 40, 10)
+    for split in ("train", "test"):
+        with tarfile.open(tmp_path / f"{split}.tar.gz", "w:gz") as tar:
+            tar.add(MINI / split, arcname=split)
+    archives = read_image_folders(tmp_path)
+    assert archives.classes == folders.classes
+    assert archives.train.ids == folders.train.ids and archives.val.labels == folders.val.labels
+    assert archives.train.images == folders.train.images  # byte for byte
+    (tmp_path / "train.tar.gz").unlink()
+    with pytest.raises(DataError, match="needs train/<class>/ and test/<class>/"):
+        read_image_folders(tmp_path)
+
+
+def test_a_study_runs_without_ray_and_gives_the_table_verdicts_and_floor(tmp_path: Path) -> None:
+    spec = select_variants(load_study(STUDIES_DIR / "head.yaml"), ["none", "mlp"])
+    [result] = run_local_studies(
+        [spec],
+        "tiny",
+        str(MINI),
+        seeds=2,
+        extra=[f"data.sources.0.url={MINI}", *TINY],
+        parallel=2,
+        out=tmp_path,
+        say=lambda text: None,
+    )
+    assert sorted((t.variant, t.seed, t.error) for t in result.trials) == [
+        ("mlp", 0, None),
+        ("mlp", 1, None),
+        ("none", 0, None),
+        ("none", 1, None),
+    ]
+    for t in result.trials:
+        assert 0 <= t.metrics["probe/linear/top1"] <= 1 and t.metrics["val/loss"] > 0
+    assert set(result.floor) == {"none", "mlp"} and set(result.floor["mlp"]) == {0, 1}
+    rows = {r[0] for r in result.table()}
+    assert {"linear", "attentive", "val loss", "random trunk (linear)"} <= rows
+    pairs = {(v.row, v.a, v.b) for v in result.verdicts()}
+    assert ("linear", "mlp", "none") in pairs and ("attentive", "mlp", "random trunk") in pairs
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(r["kind"] for r in saved) == ["floor"] * 2 + ["trial"] * 4  # one floor a seed
+    md = (tmp_path / "head.md").read_text()
+    assert "Verdicts:" in md and "random trunk (attentive)" in md
+
+
+def test_past_the_deadline_no_trial_starts_and_the_script_says_so(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs" / "gpu_study.py"),
+            str(STUDIES_DIR / "head.yaml"),
+            "--data",
+            str(MINI),
+            "--scale",
+            "tiny",
+            "--seeds",
+            "2",
+            "--parallel",
+            "1",
+            "--device",
+            "cpu",
+            "--deadline-s",
+            "0",
+            "--out",
+            str(tmp_path),
+            *(a for kv in TINY for a in ("--set", kv)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 1, out.stderr  # nothing finished
+    assert "head: mlp/s0: failed (not started: deadline" in out.stdout
+    assert "| linear | failed | failed | failed |" in out.stdout
+    assert json.loads((tmp_path / "results.json").read_text())
