@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from aim_platform.config import DataConfig, DataSource, JobConfig, Scale, StudySpec
+from aim_platform.data.shards import ORDER_SALT
 from aim_platform.data.transforms import decode_batch, id_hash
 from aim_platform.errors import DataError
 from aim_platform.jobs.study_floor import floor_key
@@ -40,7 +41,10 @@ from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recip
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 VAL_SPLITS = ("val", "test")  # the split scored on, by the folder's name
-FEATURE_BATCH = 256  # images per forward of the frozen trunk
+# Images per forward of the frozen trunk, and so rows per feature-cache shard: the probes read
+# a few shards at a time in a seeded order, so shards as small as the platform's (its feature
+# stream's batch of 64) keep the probes' batches as mixed as there.
+FEATURE_BATCH = 64
 
 
 @dataclass
@@ -87,7 +91,8 @@ def _split_files(root: Path) -> Iterator[tuple[str, str, str, bytes]]:
 
 def read_image_folders(root: str | Path) -> LocalData:
     """Read ``root/train/<class>/*`` and ``root/{test,val}/<class>/*`` (folders or
-    ``.tar.gz`` archives of them) into memory; class indices follow the sorted class names.
+    ``.tar.gz`` archives of them) into memory, rows in the order ``aimctl ingest`` writes
+    them (hashed ids); class indices follow the sorted class names.
 
     Raises:
         DataError: no train split, no test/val split, or a class only the scored split has.
@@ -111,7 +116,9 @@ def read_image_folders(root: str | Path) -> LocalData:
     index = {c: i for i, c in enumerate(classes)}
     splits = {}
     for split in ("train", val_name):
-        rows = sorted(by_split[split], key=lambda r: r[1])
+        # ingest's row order (a seeded hash of the id, seed 0): classes mixed, so that the
+        # first ``val_limit`` rows are a sample and feature shards hold every class
+        rows = sorted(by_split[split], key=lambda r: (id_hash(r[1], f"{ORDER_SALT}0:"), r[1]))
         splits[split] = ImageSet(
             [sid for _, sid, _ in rows], [d for _, _, d in rows], [index[c] for c, _, _ in rows]
         )
