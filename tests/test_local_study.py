@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from aim_platform.data.folders import read_image_folders
 from aim_platform.errors import DataError
-from aim_platform.jobs.local_study import read_image_folders, run_local_studies
+from aim_platform.jobs.local_study import run_local_studies
 from aim_platform.jobs.study_spec import STUDIES_DIR, load_study, select_variants
 
 REPO = Path(__file__).resolve().parents[1]

@@ -384,6 +384,16 @@ class DataConfig(StrictModel):
     local_shuffle_buffer: int = Field(0, ge=0, description="consumer-side shuffle rows; 0: off")
     preserve_order: bool = Field(True, description="deterministic row order (same seed)")
 
+    def crop_args(self) -> dict[str, Any]:
+        """The training view's settings as :func:`~aim_platform.data.transforms.decode_batch`
+        takes them (``scale``, ``ratio``, ``flip_prob``, ``max_pixels``)."""
+        return {
+            "scale": tuple(self.crop_scale),
+            "ratio": tuple(self.crop_ratio),
+            "flip_prob": self.flip_prob,
+            "max_pixels": self.max_pixels,
+        }
+
     @field_validator("val_url")
     @classmethod
     def _val_url_set(cls, value: str | None, info: ValidationInfo) -> str | None:

@@ -188,15 +188,6 @@ def _model_args(model: ModelConfig) -> dict[str, int]:
     return {"img_size": model.img_size, "patch_size": model.patch_size}
 
 
-def _aug(data: DataConfig) -> dict[str, Any]:
-    return {
-        "scale": tuple(data.crop_scale),
-        "ratio": tuple(data.crop_ratio),
-        "flip_prob": data.flip_prob,
-        "max_pixels": data.max_pixels,
-    }
-
-
 def epoch_items(shards: list[Shards], seed: int, epoch: int) -> list[dict[str, Any]]:
     """One epoch's work items (source index, shard path), all sources' shards interleaved
     in an order seeded by (seed, epoch)."""
@@ -241,7 +232,7 @@ def _decode_dataset(
             "model": _model_args(model),
             "seed": seed,
             "chunk_rows": data.decode_batch_size,
-            "aug": _aug(data),
+            "aug": data.crop_args(),
         },
     )
     ds.context.target_max_block_size = BLOCK_BYTES

@@ -7,7 +7,7 @@ optimizer, decode and crop (:func:`~aim_platform.data.transforms.decode_batch`),
 (:func:`~aim_platform.eval.probe.probe_cached`) and the same table with its verdicts and
 random-trunk floor (:class:`~.study_table.StudyResult`). What differs from a Ray study: the
 images are read once into each process's memory from an image-folder tree (or its ``.tar.gz``
-archives), the model runs in float32 on one device with no FSDP, and nothing is tracked in
+archives), the model runs in float32 (TF32 matmuls on CUDA) on one device with no FSDP, and nothing is tracked in
 MLflow: the results are a JSON file and the tables.
 
 A deadline bounds the whole run (a lent GPU is short): a trial still training then stops and is
@@ -19,12 +19,11 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
-import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,154 +31,23 @@ import numpy as np
 import torch
 
 from aim_platform.config import DataConfig, DataSource, JobConfig, Scale, StudySpec
-from aim_platform.data.shards import ORDER_SALT
-from aim_platform.data.transforms import decode_batch, id_hash
-from aim_platform.errors import DataError
+from aim_platform.data.folders import (
+    ImageSet,
+    LocalData,
+    TrainBatches,
+    eval_patches,
+    labelled_rows,
+    read_image_folders,
+)
+from aim_platform.data.transforms import decode_batch
 from aim_platform.jobs.study_floor import floor_key
 from aim_platform.jobs.study_spec import trial_job
 from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recipe, trial_name
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-VAL_SPLITS = ("val", "test")  # the split scored on, by the folder's name
 # Images per forward of the frozen trunk, and so rows per feature-cache shard: the probes read
 # a few shards at a time in a seeded order, so shards as small as the platform's (its feature
 # stream's batch of 64) keep the probes' batches as mixed as there.
 FEATURE_BATCH = 64
-
-
-@dataclass
-class ImageSet:
-    """One split held in memory: encoded images, their ids and labels."""
-
-    ids: list[str] = field(default_factory=list)
-    images: list[bytes] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-
-@dataclass
-class LocalData:
-    """A labelled image-folder data set: ``train`` and the split probes are scored on."""
-
-    train: ImageSet
-    val: ImageSet
-    classes: list[str]
-
-
-def _split_files(root: Path) -> Iterator[tuple[str, str, str, bytes]]:
-    """(split, class, name, bytes) of every image under ``root/<split>/<class>/`` or in
-    ``root/<split>.tar.gz`` (members ``<split>/<class>/<name>``; read, never extracted)."""
-    for path in sorted(root.iterdir()):
-        if path.is_dir():
-            for f in sorted(path.glob("*/*")):
-                if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
-                    yield path.name, f.parent.name, f.name, f.read_bytes()
-        elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
-            with tarfile.open(path, "r:*") as tar:
-                for member in tar:
-                    parts = member.name.strip("/").split("/")
-                    if not member.isfile() or len(parts) != 3:
-                        continue
-                    if not parts[2].lower().endswith(IMAGE_SUFFIXES):
-                        continue
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        yield parts[0], parts[1], parts[2], f.read()
-
-
-def read_image_folders(root: str | Path) -> LocalData:
-    """Read ``root/train/<class>/*`` and ``root/{test,val}/<class>/*`` (folders or
-    ``.tar.gz`` archives of them) into memory, rows in the order ``aimctl ingest`` writes
-    them (hashed ids); class indices follow the sorted class names.
-
-    Raises:
-        DataError: no train split, no test/val split, or a class only the scored split has.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"local data: {root} is not a folder")
-    by_split: dict[str, list[tuple[str, str, bytes]]] = {}
-    for split, cls, name, data in _split_files(root):
-        by_split.setdefault(split, []).append((cls, f"{split}/{cls}/{name}", data))
-    val_name = next((s for s in VAL_SPLITS if s in by_split), None)
-    if "train" not in by_split or val_name is None:
-        raise DataError(
-            f"local data: {root} needs train/<class>/ and test/<class>/ (or val/), as folders "
-            f"or <split>.tar.gz; found splits {sorted(by_split) or 'none'}"
-        )
-    classes = sorted({cls for cls, _, _ in by_split["train"]})
-    unknown = sorted({cls for cls, _, _ in by_split[val_name]} - set(classes))
-    if unknown:
-        raise DataError(f"local data: {val_name} has classes train lacks: {unknown}")
-    index = {c: i for i, c in enumerate(classes)}
-    splits = {}
-    for split in ("train", val_name):
-        # ingest's row order (a seeded hash of the id, seed 0): classes mixed, so that the
-        # first ``val_limit`` rows are a sample and feature shards hold every class
-        rows = sorted(by_split[split], key=lambda r: (id_hash(r[1], f"{ORDER_SALT}0:"), r[1]))
-        splits[split] = ImageSet(
-            [sid for _, sid, _ in rows], [d for _, _, d in rows], [index[c] for c, _, _ in rows]
-        )
-    return LocalData(splits["train"], splits[val_name], classes)
-
-
-def _aug(data: DataConfig) -> dict[str, Any]:
-    return {
-        "scale": tuple(data.crop_scale),
-        "ratio": tuple(data.crop_ratio),
-        "flip_prob": data.flip_prob,
-        "max_pixels": data.max_pixels,
-    }
-
-
-class TrainBatches(torch.utils.data.Dataset):
-    """Step i's batch of the pre-training stream: epochs of a seeded permutation of the train
-    split (the last partial batch of an epoch dropped), decoded and cropped as the platform's
-    pipeline does. A map-style data set, so that DataLoader workers decode ahead."""
-
-    def __init__(self, images: ImageSet, job: JobConfig) -> None:
-        self.images = images
-        self.job = job
-        self.batch = job.train.global_batch_size
-        self.per_epoch = len(images) // self.batch
-        if self.per_epoch == 0:
-            raise DataError(f"local data: {len(images)} train images < one batch ({self.batch})")
-
-    def __len__(self) -> int:
-        return self.job.train.steps
-
-    def __getitem__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        epoch, pos = divmod(step, self.per_epoch)
-        seed = self.job.seed & 0xFFFFFFFF
-        order = np.random.default_rng([seed, epoch]).permutation(len(self.images))
-        idx = order[pos * self.batch : (pos + 1) * self.batch]
-        m = self.job.model
-        return decode_batch(
-            [self.images.ids[i] for i in idx],
-            [self.images.images[i] for i in idx],
-            img_size=m.img_size,
-            patch_size=m.patch_size,
-            train=True,
-            seed=self.job.seed,
-            epoch=epoch,
-            **_aug(self.job.data),
-        )  # (B, K, P) uint8, (B,) bool
-
-
-def eval_patches(images: ImageSet, job: JobConfig, limit: int | None = None) -> np.ndarray:
-    """The fixed centre view of the first ``limit`` images (all: None), valid rows only:
-    (N, K, P) uint8."""
-    n = len(images) if limit is None else min(limit, len(images))
-    patches, valid = decode_batch(
-        images.ids[:n],
-        images.images[:n],
-        img_size=job.model.img_size,
-        patch_size=job.model.patch_size,
-        train=False,
-    )
-    return patches[valid]
 
 
 class DeadlinePassed(RuntimeError):
@@ -246,17 +114,6 @@ def pretrain(
     return trainer.model.trunk, metrics
 
 
-def labelled_rows(images: ImageSet, per_class: int | None, seed: int) -> list[int]:
-    """Indices of ``per_class`` train rows a label chosen by a seeded hash of the id, as the
-    platform's probe chooses them (all rows: None)."""
-    if per_class is None:
-        return list(range(len(images)))
-    by_label: dict[int, list[tuple[int, int]]] = {}
-    for i, (sid, label) in enumerate(zip(images.ids, images.labels, strict=True)):
-        by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), i))
-    return sorted(i for rows in by_label.values() for _, i in sorted(rows)[:per_class])
-
-
 def probe(
     trunk: torch.nn.Module, job: JobConfig, data: LocalData, device: torch.device
 ) -> dict[str, float]:
@@ -274,7 +131,7 @@ def probe(
     inputs = probe_inputs(cfg, n_blocks)
     blocks = sorted({b for chosen in inputs.values() for b in chosen})
     order = sequence_order(job.model)  # (K,) or None: raster
-    aug = _aug(DataConfig(sources=[DataSource(url="local")]))  # the probe's default crops
+    aug = DataConfig(sources=[DataSource(url="local")]).crop_args()  # the probe's default crops
     m = job.model
     rows = labelled_rows(data.train, cfg.labels_per_class, cfg.seed)
     with tempfile.TemporaryDirectory(prefix="aim-local-probe-") as folder:
