@@ -6,7 +6,8 @@ that has PyTorch but no Ray or MLflow. Same jobs, model, crops, probes, table an
     python jobs/gpu_study.py jobs/studies/attention.yaml jobs/studies/capacity.yaml \\
         --data cifar10/ --scale cifar10 --seeds 3 --parallel 8 --set train.steps=3000 \\
         --deadline-s 480 --out gpu_study/          # cifar10/{train,test}.tar.gz or folders
-    python jobs/gpu_study.py jobs/studies/head.yaml --scale tiny --data tests/assets/cifar10-mini
+    python jobs/gpu_study.py jobs/studies/head.yaml --variants none,mlp --scale tiny \
+        --data tests/assets/cifar10-mini
 
 Prints one line per finished trial and floor, then each study's table with its verdicts (also
 written to ``--out``: ``results.json``, ``<study>.md``, ``<study>.csv``).
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO / "platform"))  # runnable from a bare checkout, no 
 
 from aim_platform.config import SCALES  # noqa: E402
 from aim_platform.jobs.local_study import run_local_studies  # noqa: E402
-from aim_platform.jobs.study_spec import load_study  # noqa: E402
+from aim_platform.jobs.study_spec import load_study, select_variants  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="folder with train/ and test/ (or .tar.gz)")
     parser.add_argument("--scale", default="cifar10", choices=SCALES)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default=None, help="a,b: run only these variants")
     parser.add_argument("--parallel", type=int, default=2, help="trial processes at once")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="override")
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     specs = [load_study(p) for p in args.specs]
+    if args.variants:
+        specs = [select_variants(s, args.variants.split(",")) for s in specs]
     extra = [f"data.sources.0.url={Path(args.data).resolve()}", *args.extra]
     start = time.time()
     results = run_local_studies(

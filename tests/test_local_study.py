@@ -82,6 +82,8 @@ def test_past_the_deadline_no_trial_starts_and_the_script_says_so(tmp_path: Path
             "tiny",
             "--seeds",
             "2",
+            "--variants",
+            "mlp,transformer",
             "--parallel",
             "1",
             "--device",
@@ -98,5 +100,6 @@ def test_past_the_deadline_no_trial_starts_and_the_script_says_so(tmp_path: Path
     )
     assert out.returncode == 1, out.stderr  # nothing finished
     assert "head: mlp/s0: failed (not started: deadline" in out.stdout
-    assert "| linear | failed | failed | failed |" in out.stdout
+    assert "| linear | failed | failed |\n" in out.stdout  # the two variants asked for
+    assert "none/s0" not in out.stdout
     assert json.loads((tmp_path / "results.json").read_text())
