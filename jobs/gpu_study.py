@@ -6,7 +6,7 @@ that has PyTorch but no Ray or MLflow. Same jobs, model, crops, probes, table an
     python jobs/gpu_study.py jobs/studies/attention.yaml jobs/studies/capacity.yaml \\
         --data cifar10/ --scale cifar10 --seeds 3 --parallel 8 --set train.steps=3000 \\
         --deadline-s 480 --out gpu_study/          # cifar10/{train,test}.tar.gz or folders
-    python jobs/gpu_study.py jobs/studies/head.yaml --variants none,mlp --scale tiny \
+    python jobs/gpu_study.py jobs/studies/head.yaml --variants none,mlp --scale tiny \\
         --data tests/assets/cifar10-mini
 
 Prints one line per finished trial and floor, then each study's table with its verdicts (also
