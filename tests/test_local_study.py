@@ -47,7 +47,7 @@ def test_a_study_runs_without_ray_and_gives_the_table_verdicts_and_floor(tmp_pat
         str(MINI),
         seeds=2,
         extra=[f"data.sources.0.url={MINI}", *TINY],
-        parallel=2,
+        parallel=1,  # one spawned worker (importing torch is most of the cost here)
         out=tmp_path,
         say=lambda text: None,
     )
