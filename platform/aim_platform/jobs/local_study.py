@@ -50,6 +50,10 @@ from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recip
 FEATURE_BATCH = 64
 
 
+def _can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
 class DeadlinePassed(RuntimeError):
     """The run's deadline came before this trial finished."""
 
@@ -89,7 +93,9 @@ def pretrain(
         shuffle=False,
         num_workers=workers,
         prefetch_factor=4 if workers else None,
-        persistent_workers=False,
+        # forked decoders share the images with this process; spawned ones (a spawned
+        # trial's default) would each import torch and receive a pickled copy of them
+        multiprocessing_context="fork" if workers and _can_fork() else None,
     )
     metrics: dict[str, float] = {}
     quarter = max(1, tc.steps // 4)
