@@ -70,6 +70,30 @@ def test_a_study_runs_without_ray_and_gives_the_table_verdicts_and_floor(tmp_pat
     assert "Verdicts:" in md and "random trunk (attentive)" in md
 
 
+def test_trials_that_differ_only_in_the_probe_share_one_pretraining(tmp_path: Path) -> None:
+    causal, bidir = "causal-pt.causal-probe", "causal-pt.bidir-probe"
+    spec = select_variants(load_study(STUDIES_DIR / "attention.yaml"), [causal, bidir])
+    [result] = run_local_studies(
+        [spec],
+        "tiny",
+        str(MINI),
+        extra=[f"data.sources.0.url={MINI}", *TINY],
+        parallel=1,
+        out=tmp_path,
+        say=lambda text: None,
+    )
+    saved = json.loads((tmp_path / "results.json").read_text())
+    trials = {r["variant"]: r for r in saved if r["kind"] == "trial"}
+    assert trials[causal]["shared_with"] == [bidir] and trials[bidir]["shared_with"] == [causal]
+    m = {t.variant: t.metrics for t in result.trials}
+    assert m[causal]["val/loss"] == m[bidir]["val/loss"]  # one trunk, pre-trained once
+    # probed twice: causally and bidirectionally (the floors differ the same way)
+    assert m[causal]["probe/attentive/top1"] != m[bidir]["probe/attentive/top1"] or (
+        m[causal]["probe/linear/top1"] != m[bidir]["probe/linear/top1"]
+    )
+    assert len([r for r in saved if r["kind"] == "floor"]) == 2
+
+
 def test_past_the_deadline_no_trial_starts_and_the_script_says_so(tmp_path: Path) -> None:
     out = subprocess.run(
         [

@@ -5,7 +5,9 @@ The same jobs as ``aimctl study`` (:func:`~.study_spec.trial_job`: the spec's va
 scale, seed index i adding i to the pre-training and probe seeds), the same model, objective,
 optimizer, decode and crop (:func:`~aim_platform.data.transforms.decode_batch`), the same probes
 (:func:`~aim_platform.eval.probe.probe_cached`) and the same table with its verdicts and
-random-trunk floor (:class:`~.study_table.StudyResult`). What differs from a Ray study: the
+random-trunk floor (:class:`~.study_table.StudyResult`). Trials whose jobs differ only in
+the probe (Table 3d's probe attention) share one pre-training, as they would share its trunk:
+the same seed gives the same trunk. What differs from a Ray study: the
 images are read once into each process's memory from an image-folder tree (or its ``.tar.gz``
 archives), the model runs in float32 (TF32 matmuls on CUDA) on one device with no FSDP, and nothing is tracked in
 MLflow: the results are a JSON file and the tables.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import multiprocessing
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -171,30 +174,43 @@ def probe(
 
 @dataclass(frozen=True, eq=False)  # hashed by identity: one entry per task
 class Task:
-    """One unit of work: a trial (pre-train, then probe) or a random-trunk floor (probe)."""
+    """One unit of work: a pre-training and the probes of every trial that shares it (variants
+    whose jobs differ only in their probe, e.g. Table 3d's probe attention), or the random-trunk
+    floor of one variant (probes only)."""
 
     kind: str  # "trial" or "floor"
     study: str
-    variant: str
+    variants: tuple[str, ...]
     seed: int
     seeds: int
-    job: dict[str, Any]  # the JobConfig as JSON
+    jobs: tuple[dict[str, Any], ...]  # each variant's JobConfig as JSON
 
     @property
     def name(self) -> str:
-        label = trial_name(self.variant, self.seed, self.seeds)
+        label = " + ".join(trial_name(v, self.seed, self.seeds) for v in self.variants)
         return f"{self.study}: {'random trunk ' if self.kind == 'floor' else ''}{label}"
+
+
+def pretraining_key(job: JobConfig) -> str:
+    """What a pre-training depends on: the whole job but its probe and run name."""
+    fields = job.model_dump(mode="json")
+    return json.dumps(
+        {k: v for k, v in fields.items() if k not in ("probe", "name")}, sort_keys=True
+    )
 
 
 _DATA: dict[str, LocalData] = {}  # per worker process: the data set, read once
 
 
-def run_task(task: Task, data_root: str, device: str, deadline: float) -> dict[str, Any]:
-    """Run one task in a worker process; returns ``{"metrics", "error", "wall_s"}``."""
+def run_task(
+    task: Task, data_root: str, device: str, deadline: float, threads: int = 2
+) -> dict[str, Any]:
+    """Run one task in a worker process; returns ``{"metrics": {variant: metrics}, "error",
+    "wall_s"}``."""
     t0 = time.time()
     if t0 > deadline:
         return {"metrics": {}, "error": "not started: deadline", "wall_s": 0.0}
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     dev = torch.device(device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 weights, TF32 matmuls
@@ -207,44 +223,53 @@ def run_task(task: Task, data_root: str, device: str, deadline: float) -> dict[s
         if data_root not in _DATA:
             _DATA[data_root] = read_image_folders(data_root)
         data = _DATA[data_root]
-        job = JobConfig.model_validate(task.job)
+        jobs = [JobConfig.model_validate(j) for j in task.jobs]
+        out: dict[str, dict[str, float]] = {}
         if task.kind == "floor":
             from aim_platform.models.aim import build_trunk
 
-            torch.manual_seed(job.seed)  # the trunk the trial starts from
-            metrics = probe(build_trunk(job.model), job, data, dev)
+            torch.manual_seed(jobs[0].seed)  # the trunk the trial starts from
+            out[task.variants[0]] = probe(build_trunk(jobs[0].model), jobs[0], data, dev)
         else:
-            trunk, metrics = pretrain(job, data, dev, deadline, say)
-            say("probing the trunk")
-            metrics.update(probe(trunk, job, data, dev))
+            trunk, metrics = pretrain(jobs[0], data, dev, deadline, say)
+            for variant, job in zip(task.variants, jobs, strict=True):
+                say(f"probing the trunk for {variant}")
+                out[variant] = {**metrics, **probe(trunk, job, data, dev)}
     except DeadlinePassed as exc:
         return {"metrics": {}, "error": f"deadline: {exc}", "wall_s": time.time() - t0}
     except Exception as exc:  # noqa: BLE001 - one failed trial is reported, never fatal
         return {"metrics": {}, "error": f"{type(exc).__name__}: {exc}", "wall_s": time.time() - t0}
-    return {"metrics": metrics, "error": None, "wall_s": time.time() - t0}
+    return {"metrics": out, "error": None, "wall_s": time.time() - t0}
 
 
 def plan_tasks(
     specs: list[StudySpec], scale: Scale, seeds: int, extra: list[str]
 ) -> tuple[list[Task], dict[str, dict[tuple[str, int], str]]]:
-    """Every trial and every distinct floor, seed by seed (so that a deadline leaves whole
-    seeds), and per study which floor each (variant, seed) reads."""
+    """Every pre-training (shared by the trials whose jobs differ only in the probe) and every
+    distinct floor, seed by seed (so that a deadline leaves whole seeds), and per study which
+    floor each (variant, seed) reads."""
     tasks: list[Task] = []
     floor_of: dict[str, dict[tuple[str, int], str]] = {s.name: {} for s in specs}
     floors: set[str] = set()
     for seed in range(seeds):
         for spec in specs:
+            groups: dict[str, list[tuple[str, JobConfig]]] = {}
             for variant in spec.variants:
                 job = trial_job(spec, variant, scale, extra, seed, seeds)
-                as_json = job.model_dump(mode="json")
-                tasks.append(Task("trial", spec.name, variant, seed, seeds, as_json))
-                if job.probe is None:
-                    continue
-                key = floor_key(job)
-                floor_of[spec.name][(variant, seed)] = key
-                if key not in floors:
-                    floors.add(key)
-                    tasks.append(Task("floor", spec.name, variant, seed, seeds, as_json))
+                groups.setdefault(pretraining_key(job), []).append((variant, job))
+            for group in groups.values():
+                variants = tuple(v for v, _ in group)
+                jobs = tuple(j.model_dump(mode="json") for _, j in group)
+                tasks.append(Task("trial", spec.name, variants, seed, seeds, jobs))
+                for variant, job in group:
+                    if job.probe is None:
+                        continue
+                    key = floor_key(job)
+                    floor_of[spec.name][(variant, seed)] = key
+                    if key not in floors:
+                        floors.add(key)
+                        as_json = job.model_dump(mode="json")
+                        tasks.append(Task("floor", spec.name, (variant,), seed, seeds, (as_json,)))
     return tasks, floor_of
 
 
@@ -270,11 +295,14 @@ def run_local_studies(
     extra = [*(extra or []), "train.num_workers=1"]
     tasks, floor_of = plan_tasks(specs, scale, seeds, extra)
     deadline = time.time() + (deadline_s if deadline_s is not None else 1e9)
+    trials = sum(len(t.variants) for t in tasks if t.kind == "trial")
+    pretrainings = sum(t.kind == "trial" for t in tasks)
     say(
-        f"{len(tasks)} tasks ({sum(t.kind == 'trial' for t in tasks)} trials, "
-        f"{sum(t.kind == 'floor' for t in tasks)} random-trunk floors) in {parallel} "
-        f"processes on {device}"
+        f"{trials} trials ({pretrainings} pre-trainings: trials that differ only in the probe "
+        f"share one), {sum(t.kind == 'floor' for t in tasks)} random-trunk floors; "
+        f"{parallel} processes on {device}"
     )
+    threads = max(1, (os.cpu_count() or 1) // parallel) if device == "cpu" else 2
     done: dict[Task, dict[str, Any]] = {}
     floor_metrics: dict[str, dict[str, float]] = {}
     if out is not None:
@@ -282,24 +310,26 @@ def run_local_studies(
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(max_workers=parallel, mp_context=ctx) as pool:
         futures: dict[Future, Task] = {
-            pool.submit(run_task, t, data_root, device, deadline): t for t in tasks
+            pool.submit(run_task, t, data_root, device, deadline, threads): t for t in tasks
         }
         for fut in as_completed(futures):
             task = futures[fut]
             result = fut.result()
             done[task] = result
             if task.kind == "floor" and not result["error"]:
-                key = floor_of[task.study][(task.variant, task.seed)]
-                floor_metrics[key] = result["metrics"]
-            say(_outcome_line(task, result))
+                key = floor_of[task.study][(task.variants[0], task.seed)]
+                floor_metrics[key] = result["metrics"][task.variants[0]]
+            for line in _outcome_lines(task, result):
+                say(line)
             if out is not None:
                 _write_results(out / "results.json", done)
     results = []
     for spec in specs:
-        trials = [
-            TrialOutcome(t.variant, None, r["metrics"], r["error"], t.seed)
+        outcomes = [
+            TrialOutcome(v, None, r["metrics"].get(v, {}), r["error"], t.seed)
             for t, r in done.items()
             if t.kind == "trial" and t.study == spec.name
+            for v in t.variants
         ]
         floor: dict[str, dict[int, dict[str, float]]] = {}
         for (variant, seed), key in floor_of[spec.name].items():
@@ -307,7 +337,7 @@ def run_local_studies(
                 floor.setdefault(variant, {})[seed] = floor_metrics[key]
         first = trial_job(spec, next(iter(spec.variants)), scale, extra, 0, 1)
         recipe = probe_recipe(first.probe) if first.probe else ""
-        result = StudyResult(spec, scale, None, "", trials, floor, recipe)
+        result = StudyResult(spec, scale, None, "", outcomes, floor, recipe)
         results.append(result)
         if out is not None:
             (out / f"{spec.name}.md").write_text(result.markdown())
@@ -315,24 +345,41 @@ def run_local_studies(
     return results
 
 
-def _outcome_line(task: Task, result: dict[str, Any]) -> str:
+def _outcome_lines(task: Task, result: dict[str, Any]) -> list[str]:
+    """One console line per variant of a finished task."""
     wall = f"{result['wall_s']:.0f} s"
-    if result["error"]:
-        return f"{task.name}: failed ({result['error']}; {wall})"
-    m = result["metrics"]
-    parts = [f"val/loss {m['val/loss']:.4f}"] if "val/loss" in m else []
-    parts += [
-        f"{k} {100 * m[f'probe/{k}/top1']:.1f}%"
-        for k in ("linear", "attentive")
-        if f"probe/{k}/top1" in m
-    ]
-    return f"{task.name}: done ({', '.join(parts)}; {wall})"
+    prefix = f"{task.study}: {'random trunk ' if task.kind == 'floor' else ''}"
+    lines = []
+    for v in task.variants:
+        name = prefix + trial_name(v, task.seed, task.seeds)
+        if result["error"]:
+            lines.append(f"{name}: failed ({result['error']}; {wall})")
+            continue
+        m = result["metrics"][v]
+        parts = [f"val/loss {m['val/loss']:.4f}"] if "val/loss" in m else []
+        parts += [
+            f"{k} {100 * m[f'probe/{k}/top1']:.1f}%"
+            for k in ("linear", "attentive")
+            if f"probe/{k}/top1" in m
+        ]
+        lines.append(f"{name}: done ({', '.join(parts)}; {wall})")
+    return lines
 
 
 def _write_results(path: Path, done: dict[Task, dict[str, Any]]) -> None:
     rows = [
-        {"kind": t.kind, "study": t.study, "variant": t.variant, "seed": t.seed, **r}
+        {
+            "kind": t.kind,
+            "study": t.study,
+            "variant": v,
+            "seed": t.seed,
+            "metrics": r["metrics"].get(v, {}),
+            "error": r["error"],
+            "wall_s": r["wall_s"],
+            "shared_with": [w for w in t.variants if w != v],
+        }
         for t, r in done.items()
+        for v in t.variants
     ]
     buf = io.StringIO()
     json.dump(rows, buf, indent=1)
