@@ -233,7 +233,7 @@ def run_task(
         else:
             trunk, metrics = pretrain(jobs[0], data, dev, deadline, say)
             for variant, job in zip(task.variants, jobs, strict=True):
-                say(f"probing the trunk for {variant}")
+                say(f"probing the trunk for {variant}" if len(jobs) > 1 else "probing the trunk")
                 out[variant] = {**metrics, **probe(trunk, job, data, dev)}
     except DeadlinePassed as exc:
         return {"metrics": {}, "error": f"deadline: {exc}", "wall_s": time.time() - t0}
@@ -297,11 +297,14 @@ def run_local_studies(
     deadline = time.time() + (deadline_s if deadline_s is not None else 1e9)
     trials = sum(len(t.variants) for t in tasks if t.kind == "trial")
     pretrainings = sum(t.kind == "trial" for t in tasks)
-    say(
-        f"{trials} trials ({pretrainings} pre-trainings: trials that differ only in the probe "
-        f"share one), {sum(t.kind == 'floor' for t in tasks)} random-trunk floors; "
-        f"{parallel} processes on {device}"
+    shared = (
+        f" ({pretrainings} pre-trainings: trials that differ only in the probe share one)"
+        if pretrainings < trials
+        else ""
     )
+    floors = sum(t.kind == "floor" for t in tasks)
+    process = "process" if parallel == 1 else "processes"
+    say(f"{trials} trials{shared}, {floors} random-trunk floors; {parallel} {process} on {device}")
     threads = max(1, (os.cpu_count() or 1) // parallel) if device == "cpu" else 2
     done: dict[Task, dict[str, Any]] = {}
     floor_metrics: dict[str, dict[str, float]] = {}
