@@ -15,7 +15,7 @@ import torch
 
 from aim_platform.config import JobConfig
 from aim_platform.data.shards import ORDER_SALT
-from aim_platform.data.transforms import decode_batch, id_hash
+from aim_platform.data.transforms import choose_labelled, decode_batch, id_hash
 from aim_platform.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
@@ -153,7 +153,5 @@ def labelled_rows(images: ImageSet, per_class: int | None, seed: int) -> list[in
     platform's probe chooses them (all rows: None)."""
     if per_class is None:
         return list(range(len(images)))
-    by_label: dict[int, list[tuple[int, int]]] = {}
-    for i, (sid, label) in enumerate(zip(images.ids, images.labels, strict=True)):
-        by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), i))
-    return sorted(i for rows in by_label.values() for _, i in sorted(rows)[:per_class])
+    chosen = choose_labelled(zip(images.ids, images.labels, strict=True), per_class, seed)
+    return [i for i, sid in enumerate(images.ids) if sid in chosen]

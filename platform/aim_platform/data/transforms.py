@@ -24,7 +24,7 @@ import math
 import struct
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -68,6 +68,17 @@ def id_hash(sample_id: str, salt: str = "") -> int:
 def hash_unit(sample_id: str, salt: str = "") -> float:
     """A stable number in [0, 1) derived from a sample id (for splits and sampling)."""
     return id_hash(sample_id, salt) / 2.0**64
+
+
+def choose_labelled(rows: Iterable[tuple[str, int]], per_class: int, seed: int) -> set[str]:
+    """Ids of ``per_class`` rows per label among ``(id, label)`` rows, chosen by a seeded hash
+    of the id (the probes' labelled subset: the same rows whatever the order they come in).
+    Rows with a negative label (unlabelled) are never chosen."""
+    by_label: dict[int, list[tuple[int, str]]] = {}
+    for sid, label in rows:
+        if label >= 0:
+            by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
+    return {sid for chosen in by_label.values() for _, sid in sorted(chosen)[:per_class]}
 
 
 def sample_rng(seed: int, epoch: int, sample_id: str, repeat: int = 0) -> np.random.Generator:

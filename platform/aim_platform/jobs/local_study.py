@@ -18,7 +18,6 @@ recorded as not finished, and trials not yet started are skipped; the tables sho
 
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
 import os
@@ -75,19 +74,11 @@ def pretrain(
     Raises:
         DeadlinePassed: at the first step past ``deadline`` (a ``time.time()``).
     """
-    from aim_platform.models.aim import AIMForPretraining, sample_prefix_lengths
+    from aim_platform.models.aim import sample_prefix_lengths
     from aim_platform.train.trainer import Trainer
 
     tc = job.train
-    torch.manual_seed(job.seed)  # the initialization Trainer.setup gives, without FSDP
-    model = AIMForPretraining(
-        job.model,
-        activation_checkpointing=tc.activation_checkpointing,
-        storage_options=tc.storage_options,
-    ).to(device)
-    if tc.compile:
-        model.compile_blocks()
-    trainer = Trainer(model, job.optim, tc.steps)
+    trainer = Trainer.setup(job, device, "fp32")  # no process group here: no FSDP
     lo, hi = job.model.prefix_range
     val = torch.from_numpy(eval_patches(data.val, job, job.data.val_limit))  # (N, K, P)
     loader = torch.utils.data.DataLoader(
@@ -384,8 +375,6 @@ def _write_results(path: Path, done: dict[Task, dict[str, Any]]) -> None:
         for t, r in done.items()
         for v in t.variants
     ]
-    buf = io.StringIO()
-    json.dump(rows, buf, indent=1)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(buf.getvalue())
+    tmp.write_text(json.dumps(rows, indent=1))
     tmp.replace(path)

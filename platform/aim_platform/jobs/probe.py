@@ -151,19 +151,19 @@ def select_labelled(
 
     from aim_platform.data.pipeline import source_shards
     from aim_platform.data.safety import require_plain_columns
-    from aim_platform.data.transforms import id_hash
+    from aim_platform.data.transforms import choose_labelled
 
     shards = source_shards(DataSource(url=url), "train", storage_options)
-    by_label: dict[int, list[tuple[int, str]]] = {}
+    rows: list[tuple[str, int]] = []
     for path in shards.paths:
         table = pq.read_table(path, columns=["id", "label"], filesystem=shards.filesystem)
         require_plain_columns(table.schema, path)  # a pickled column is refused, never read
         for sid, label in zip(table["id"].to_pylist(), table["label"].to_pylist(), strict=True):
-            if label is not None and label >= 0:
-                by_label.setdefault(label, []).append((id_hash(sid, f"labels-{seed}"), sid))
-    if not by_label:
+            rows.append((sid, -1 if label is None else label))
+    chosen = choose_labelled(rows, n_per_class, seed)
+    if not chosen:
         raise DataError(f"dataset: {url} has no labelled training rows")
-    return {sid for rows in by_label.values() for _, sid in sorted(rows)[:n_per_class]}
+    return chosen
 
 
 def probe_datasets(cfg: ProbeConfig, model_cfg: Any, dataset: str) -> tuple[Any, Any]:

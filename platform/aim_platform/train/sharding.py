@@ -26,11 +26,14 @@ def resolve_precision(
 
 
 def shard_model(model: AIMForPretraining, precision: Literal["fp32", "bf16"]) -> nn.Module:
-    """Wrap ``model`` in place with FSDP2 and return it.
+    """Wrap ``model`` in place with FSDP2 and return it; without a process group (one
+    process on one device, no Ray Train) it is left as it is.
 
     Each trunk block and each head block is its own FSDP unit (all-gathered just before use,
     freed after), then the root holds the rest (patch embedding, norms, head projections).
     """
+    if not torch.distributed.is_initialized():
+        return model
     mp = None
     if precision == "bf16":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
