@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "platform"))  # runnable from a bare checkout, no install
 
 from aim_platform.config import SCALES  # noqa: E402
+from aim_platform.errors import PlatformError  # noqa: E402
 from aim_platform.jobs.local_study import run_local_studies  # noqa: E402
 from aim_platform.jobs.study_spec import load_study, select_variants  # noqa: E402
 
@@ -70,4 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except PlatformError as exc:  # bad data, spec or override: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -39,6 +39,25 @@ def test_image_folders_and_their_tar_archives_read_the_same(tmp_path: Path) -> N
         read_image_folders(tmp_path)
 
 
+def test_bad_data_is_one_clear_error_before_any_trial(tmp_path: Path) -> None:
+    script = [sys.executable, str(REPO / "jobs" / "gpu_study.py"), str(STUDIES_DIR / "head.yaml")]
+    for data, says in (
+        (tmp_path / "missing", "is not a folder"),
+        (tmp_path, "needs train/<class>/ and test/<class>/"),  # empty
+    ):
+        out = subprocess.run(
+            [*script, "--data", str(data), "--scale", "tiny", "--device", "cpu"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+        assert "trials" not in out.stdout  # nothing started
+    (tmp_path / "train.tar.gz").write_bytes(b"\x1f\x8b truncated")  # a corrupt archive
+    with pytest.raises(DataError, match="not a readable archive"):
+        read_image_folders(tmp_path)
+
+
 def test_a_study_runs_without_ray_and_gives_the_table_verdicts_and_floor(tmp_path: Path) -> None:
     spec = select_variants(load_study(STUDIES_DIR / "head.yaml"), ["none", "mlp"])
     [result] = run_local_studies(

@@ -52,16 +52,23 @@ def _split_files(root: Path) -> Iterator[tuple[str, str, str, bytes]]:
                 if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file():
                     yield path.name, f.parent.name, f.name, f.read_bytes()
         elif path.name.endswith((".tar.gz", ".tgz", ".tar")):
-            with tarfile.open(path, "r:*") as tar:
-                for member in tar:
-                    parts = member.name.strip("/").split("/")
-                    if not member.isfile() or len(parts) != 3:
-                        continue
-                    if not parts[2].lower().endswith(IMAGE_SUFFIXES):
-                        continue
-                    f = tar.extractfile(member)
-                    if f is not None:
-                        yield parts[0], parts[1], parts[2], f.read()
+            try:
+                yield from _tar_files(path)
+            except (tarfile.TarError, EOFError, OSError) as exc:  # truncated, not a tar, ...
+                raise DataError(f"local data: {path} is not a readable archive ({exc})") from None
+
+
+def _tar_files(path: Path) -> Iterator[tuple[str, str, str, bytes]]:
+    with tarfile.open(path, "r:*") as tar:
+        for member in tar:
+            parts = member.name.strip("/").split("/")
+            if not member.isfile() or len(parts) != 3:
+                continue  # links, folders and other layouts are skipped, never followed
+            if not parts[2].lower().endswith(IMAGE_SUFFIXES):
+                continue
+            f = tar.extractfile(member)
+            if f is not None:
+                yield parts[0], parts[1], parts[2], f.read()
 
 
 def read_image_folders(root: str | Path) -> LocalData:

@@ -285,6 +285,7 @@ def run_local_studies(
     # the tiny scale's 2, would otherwise be checked against batch sizes it no longer splits).
     extra = [*(extra or []), "train.num_workers=1"]
     tasks, floor_of = plan_tasks(specs, scale, seeds, extra)
+    read_image_folders(data_root)  # a missing or malformed folder: one clear error, here
     deadline = time.time() + (deadline_s if deadline_s is not None else 1e9)
     trials = sum(len(t.variants) for t in tasks if t.kind == "trial")
     pretrainings = sum(t.kind == "trial" for t in tasks)
