@@ -151,6 +151,23 @@ def test_dcp_metadata_that_runs_code_is_refused(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_byte_item_that_runs_code_is_refused(tmp_path: Path) -> None:
+    """A shard's non-tensor item (here the optimizer's ``lr``) replaced by a crafted pickle:
+    torch's own planner would unpickle it with ``weights_only=False`` and run it."""
+    from aim_platform.train import checkpoint as ckpt
+
+    folder, marker = tmp_path / "checkpoint_00000010", tmp_path / "marker"
+    crafted = _app()
+    crafted.optimizer.param_groups[0]["lr"] = Payload(marker)  # type: ignore[attr-defined]
+    ckpt.save(folder, crafted, ckpt.TrainState(step=10, epoch=1), "name: x\n", rank=0)
+    with pytest.raises(UnsafeFile) as exc:
+        ckpt.load(folder, _app())
+    line = _refused(exc, folder / "__0_0.distcp")
+    assert "optim.param_groups" in line and "names io.open" in line
+    assert not marker.exists()
+
+
 def test_latest_and_run_id_records_are_json_only(tmp_path: Path) -> None:
     from aim_platform.config import JobConfig
     from aim_platform.jobs.pretrain import latest_train_state, run_paths

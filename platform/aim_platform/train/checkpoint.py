@@ -14,15 +14,20 @@ previous checkpoint as the one to resume from.
 DCP writes ``.metadata`` with pickle, and torch reads it back with a plain ``pickle.load``: a
 crafted ``.metadata`` would run code on every rank that resumes. :func:`load` reads it with
 an unpickler that builds only DCP's own metadata classes, torch sizes, dtypes and layouts
-(:class:`SafeMetadataReader`), and refuses anything else with one line naming the file;
-the shards' non-tensor items are read by torch with ``weights_only=True``.
+(:class:`SafeMetadataReader`), and refuses anything else with one line naming the file.
+The shards' non-tensor items (an optimizer's ``lr``, ``betas``, a scheduler's counters) are
+pickles too, and DCP's own planner reads them with ``torch.load(weights_only=False)``:
+:class:`SafeLoadPlanner` reads them with torch's ``weights_only`` unpickler (plain values,
+containers and tensors only) and refuses anything else with one line naming the shard file.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import pickle
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +38,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -153,16 +162,56 @@ class SafeMetadataReader(FileSystemReader):
         return metadata
 
 
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP's load planner with the shards' byte items read by torch's ``weights_only``
+    unpickler instead of ``torch.load(weights_only=False)``: a byte item that names anything
+    but plain values, containers and tensors is refused before any of it is built."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - weights_only refuses with UnpicklingError
+            assert self.metadata is not None  # set by set_up_planner before any read
+            info = self.metadata.storage_data.get(read_item.storage_index)
+            name = info.relative_path if info is not None else "a shard"
+            # torch's message goes on to say how to load it anyway: keep only what it names
+            said = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+            reason = f"it names {said.group(1)}" if said else type(exc).__name__
+            raise UnsafeFile(
+                f"{self.folder / name}: refused: the item {read_item.dest_index.fqn} is not a "
+                f"plain value ({reason}; loading it could run code)"
+            ) from None
+        fqn = read_item.dest_index.fqn
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
 def load(folder: Path, app: AppState) -> TrainState:
     """Restore ``app`` in place from a checkpoint folder (collective) and return its state.
 
     Raises:
-        UnsafeFile: ``.metadata`` names anything but DCP's own records, or the train state
-            is malformed (one line naming the file).
+        UnsafeFile: ``.metadata`` names anything but DCP's own records, a shard's byte item
+            is not a plain value, or the train state is malformed (one line naming the file).
     """
     # Checked here first: inside dcp.load a refusal would come back wrapped in torch's errors.
     SafeMetadataReader(str(folder)).read_metadata()
-    dcp.load({"app": app}, storage_reader=SafeMetadataReader(str(folder)))
+    try:
+        dcp.load(
+            {"app": app},
+            storage_reader=SafeMetadataReader(str(folder)),
+            planner=SafeLoadPlanner(folder),
+        )
+    except CheckpointException as exc:  # a refusal on any rank comes back wrapped
+        refused = [e for e, _ in exc.failures.values() if isinstance(e, UnsafeFile)]
+        if refused:
+            raise refused[0] from None
+        raise
     path = folder / TRAIN_STATE
     try:
         return TrainState(**json.loads(path.read_text()))
