@@ -41,7 +41,14 @@ K8S_KINDS = {
     "Service": "v1",
     "PersistentVolumeClaim": "v1",
     "Job": "batch/v1",
+    "ConfigMap": "v1",
+    "NetworkPolicy": "networking.k8s.io/v1",
 }
+# The Kubernetes releases whose own JSON schemas (the kubernetes-validate package ships them,
+# generated from each release's OpenAPI document) the core objects are validated against: the
+# oldest still in the package's window we claim and the newest it ships.
+KUBERNETES = ("1.30.0", "1.37.0")
+PART_OF = {"app.kubernetes.io/part-of": "aim-platform"}  # the label the NetworkPolicies let in
 
 
 def _docs(path: Path) -> list[dict[str, Any]]:
@@ -69,7 +76,7 @@ def _pod_specs() -> Iterator[tuple[str, dict[str, Any]]]:
     """Every pod spec in the Kubernetes manifests, with a label saying where it is."""
     for _, d in _k8s_docs():
         name = f"{d['kind']}/{d['metadata']['name']}"
-        spec = d["spec"]
+        spec = d.get("spec", {})
         if d["kind"] in ("Deployment", "Job"):
             yield name, spec["template"]["spec"]
         if d["kind"] == "RayJob":
@@ -115,10 +122,10 @@ def test_kubernetes_kinds_and_required_fields() -> None:
         assert kind in K8S_KINDS, f"{path}: unexpected kind {kind!r}"
         assert d.get("apiVersion") == K8S_KINDS[kind], f"{path}: {kind} apiVersion"
         assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", d["metadata"]["name"]), path
-        assert isinstance(d.get("spec"), dict), f"{path}: {kind} without spec"
+        assert isinstance(d.get("spec" if kind != "ConfigMap" else "data"), dict), path
         kinds.add(kind)
     # The issue's list: a Ray cluster, a RayJob, MLflow and MinIO as Deployments with Services.
-    assert {"RayCluster", "RayJob", "Deployment", "Service"} <= kinds
+    assert {"RayCluster", "RayJob", "Deployment", "Service", "NetworkPolicy"} <= kinds
     deployments = {d["metadata"]["name"]: d for d in _by_kind("Deployment")}
     assert {"aim-mlflow", "aim-minio"} <= set(deployments)
     for name, d in deployments.items():
@@ -207,14 +214,30 @@ def test_a_misspelled_field_fails_crd_validation(path: tuple[Any, ...], wrong: s
     assert len(errors) == 1 and f"'{wrong}' was unexpected" in errors[0], errors
 
 
-def test_ray_containers_request_what_they_limit() -> None:
-    """Ray sizes a node from its container's limits: requests equal to them keep the pod's
-    share of the node what Ray believes it is (KubeRay's recommendation; Guaranteed QoS)."""
-    for where, c in _containers():
-        if not where.startswith(("RayCluster", "RayJob")):
-            continue  # MLflow, MinIO, PostgreSQL: no Ray in them, requests alone are fine
-        res = c["resources"]
-        assert res["requests"] == res["limits"], f"{where}: requests {res}"
+def _quantity(value: str | int) -> float:
+    units = {"m": 1e-3, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    text = str(value)
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return float(text.removesuffix(unit)) * factor
+    return float(text)
+
+
+def test_every_container_requests_and_limits_cpu_and_memory() -> None:
+    """Every container (the KubeRay autoscaler sidecars too) says what it needs and may use;
+    Ray sizes a node from its container's limits, so the Ray containers request exactly their
+    limits (KubeRay's recommendation; Guaranteed QoS)."""
+    resources = [(w, c.get("resources", {})) for w, c in _containers()]
+    for name, spec in _ray_cluster_specs():
+        resources.append((f"{name}/autoscaler", spec["autoscalerOptions"].get("resources", {})))
+    assert len(resources) >= 12
+    for where, res in resources:
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(res.get(kind, {})), f"{where}: no {kind} {res}"
+        for key in ("cpu", "memory"):
+            assert _quantity(res["requests"][key]) <= _quantity(res["limits"][key]), where
+        if where.startswith(("RayCluster", "RayJob")):
+            assert res["requests"] == res["limits"], f"{where}: requests {res}"
 
 
 def test_ray_clusters_head_gpu_workers_and_autoscaling() -> None:
@@ -254,8 +277,13 @@ def _check_aimctl_command(command: str, where: str) -> None:
     group = typer.main.get_command(app)
     cmd = group.commands.get(args[1])  # type: ignore[attr-defined]
     assert cmd is not None, f"{where}: aimctl has no command {args[1]!r}"
+    rest = args[2:]
+    if hasattr(cmd, "commands"):  # a group: `aimctl services user ...`
+        cmd = cmd.commands.get(rest[0])
+        assert cmd is not None, f"{where}: aimctl {args[1]} has no command {rest[0]!r}"
+        rest = rest[1:]
     options = {o for p in cmd.params for o in getattr(p, "opts", [])}
-    for arg in args[2:]:
+    for arg in rest:
         if arg in sets:
             continue
         if arg.startswith("--"):
@@ -281,6 +309,12 @@ def test_entrypoints_and_config_paths_exist() -> None:
     assert re.search(rf"^WORKDIR {APP}$", dockerfile, re.M), "manifests assume WORKDIR /app"
     for job in _by_kind("RayJob"):
         _check_aimctl_command(job["spec"]["entrypoint"], f"RayJob/{job['metadata']['name']}")
+    for where, c in _containers():
+        if c.get("command", [""])[0] == "aimctl":
+            _check_aimctl_command(shlex.join(c["command"]), where)
+    for name, svc in _compose()["services"].items():
+        if svc.get("command", [""])[0] == "aimctl":
+            _check_aimctl_command(shlex.join(svc["command"]), f"compose {name}")
     # aimctl submit's default entrypoint must be a command that exists as well.
     _check_aimctl_command(
         submit.default_entrypoint("jobs/configs/aim-600M.yaml", ["seed=1", *DATA_URLS]), "submit"
@@ -299,6 +333,9 @@ def test_entrypoints_and_config_paths_exist() -> None:
         folder = (COMPOSE.parent / secret["file"]).resolve().parent
         assert folder == INFRA / "secrets", f"compose secret {name}: outside infra/secrets"
         assert (folder / ".gitignore").read_text().splitlines()[-2:] == ["*", "!.gitignore"]
+        assert Path(secret["file"]).name == name
+    # `aimctl services secrets` makes exactly the files compose mounts.
+    assert set(compose["secrets"]) == set(services.COMPOSE_SECRETS)
 
 
 def _dockerfile() -> tuple[str, list[str]]:
@@ -372,9 +409,9 @@ def test_image_references() -> None:
         if "aim-platform" in image:
             assert OUR_IMAGE.match(image), f"{where}: {image} is not aim-platform:{VERSION}"
             ours += 1
-        else:  # third-party images: pinned, never latest
-            name, _, tag = image.rpartition(":")
-            assert name and tag and tag != "latest" and "/" not in tag, f"{where}: {image}"
+        else:  # third-party images: a release tag and the digest it was published with
+            m = re.fullmatch(r"([\w./-]+):([\w.-]+)@sha256:([0-9a-f]{64})", image)
+            assert m and m[2] != "latest", f"{where}: {image} is not NAME:TAG@sha256:DIGEST"
     assert ours >= 8
     assert (INFRA / "Dockerfile").is_file()
 
@@ -475,7 +512,7 @@ def test_ray_auth_token_mode_in_every_cluster_manifest() -> None:
         assert "secretKeyRef" in sub_env["RAY_AUTH_TOKEN"]["valueFrom"]
     head = _compose_env("ray-head")
     assert head["RAY_AUTH_MODE"] == "token"
-    assert head["RAY_AUTH_TOKEN_PATH"] == "/run/secrets/ray_auth_token"
+    assert head["RAY_AUTH_TOKEN_FILE"] == "/run/secrets/ray_auth_token"
     cluster = _docs(AWS)[0]
     assert "-e RAY_AUTH_MODE=token" in cluster["docker"]["run_options"]
     assert any("RAY_AUTH_TOKEN_PATH=" in o for o in cluster["docker"]["run_options"])
@@ -542,8 +579,8 @@ def test_ports_and_env_names_consistent_across_files() -> None:
     compose = _compose()
     head = _compose_env("ray-head")
     assert NODE_ENV <= set(head)
-    bare = {k.removesuffix("_FILE") for k in head if k != "RAY_AUTH_TOKEN_PATH"}
-    assert bare | {"RAY_AUTH_TOKEN"} == set(names[0]), "compose ray-head vs KubeRay env names"
+    bare = {k.removesuffix("_FILE") for k in head if k != "AIM_RUN_AS"}
+    assert bare == set(names[0]), "compose ray-head vs KubeRay env names"
     ml_host, ml_port = _url_host_port(head["MLFLOW_TRACKING_URI"])
     ml = compose["services"][ml_host]["command"]
     assert ml[ml.index("--port") + 1] == str(ml_port)
@@ -595,3 +632,248 @@ def test_compose_entrypoint_exports_file_secrets(path: str, tmp_path: Path) -> N
     env["AWS_SECRET_ACCESS_KEY_FILE"] = str(tmp_path / "missing")
     bad = subprocess.run(["sh", str(REPO / path), "true"], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "not readable" in bad.stderr
+
+
+# ------------------------------------------- core objects against Kubernetes' own schemas
+
+
+def _core_errors(doc: dict[str, Any], version: str) -> list[str]:
+    """Violations of Kubernetes' own JSON schema (strict: unknown fields are errors) for
+    ``doc``'s kind and apiVersion in Kubernetes ``version``."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{'.'.join(map(str, exc.absolute_path)) or '(top)'}: {exc.message}"]
+    return []
+
+
+def test_core_manifests_match_kubernetes_schemas() -> None:
+    docs = [(p.name, d) for p, d in _k8s_docs() if d["kind"] not in CRD_FILES]
+    kinds = {d["kind"] for _, d in docs}
+    assert {"Deployment", "Service", "Job", "ConfigMap", "NetworkPolicy"} <= kinds
+    for version in KUBERNETES:
+        for name, doc in docs:
+            where = f"{name} {doc['kind']}/{doc['metadata']['name']} (Kubernetes {version})"
+            assert _core_errors(doc, version) == [], where
+
+
+@pytest.mark.parametrize(
+    ("kind", "path", "wrong"),
+    [
+        ("Deployment", ("spec", "template", "spec", "containers", 0, "resources", "limits"),
+         "limit"),
+        ("NetworkPolicy", ("spec", "podSelector"), "podSelecter"),
+        ("Job", ("spec", "template", "spec", "restartPolicy"), "restartpolicy"),
+    ],
+)  # fmt: skip
+def test_a_misspelled_field_fails_kubernetes_validation(
+    kind: str, path: tuple[Any, ...], wrong: str
+) -> None:
+    import copy
+
+    doc = copy.deepcopy(_by_kind(kind)[0])
+    parent = doc
+    for key in path[:-1]:
+        parent = parent[key]
+    parent[wrong] = parent.pop(path[-1])
+    errors = _core_errors(doc, KUBERNETES[-1])
+    assert errors and wrong in errors[0], errors
+
+
+# ---------------------------------------------- who reaches what: NetworkPolicy, users
+
+
+def _policy_for(deployment: str) -> dict[str, Any]:
+    pods = next(d for d in _by_kind("Deployment") if d["metadata"]["name"] == deployment)
+    labels = pods["spec"]["template"]["metadata"]["labels"]
+    found = [
+        p for p in _by_kind("NetworkPolicy")
+        if p["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]  # fmt: skip
+    assert len(found) == 1, f"{deployment}: {len(found)} NetworkPolicies select its pods"
+    return found[0]["spec"]
+
+
+def _pod_templates() -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, labels, pod spec) of every pod the manifests make."""
+    for _, d in _k8s_docs():
+        name, spec = f"{d['kind']}/{d['metadata']['name']}", d.get("spec", {})
+        templates = []
+        if d["kind"] in ("Deployment", "Job"):
+            templates.append((name, spec["template"]))
+        if d["kind"] == "RayJob":
+            templates.append((f"{name}/submitter", spec["submitterPodTemplate"]))
+            spec = spec["rayClusterSpec"]
+        if d["kind"] in ("RayCluster", "RayJob"):
+            templates.append((f"{name}/head", spec["headGroupSpec"]["template"]))
+            for g in spec["workerGroupSpecs"]:
+                templates.append((f"{name}/{g['groupName']}", g["template"]))
+        for where, t in templates:
+            yield where, t.get("metadata", {}).get("labels", {}), t["spec"]
+
+
+def test_network_policies_let_only_the_platforms_pods_in() -> None:
+    allowed = {}
+    for name, port in (("aim-mlflow", 5000), ("aim-minio", 9000), ("aim-postgres", 5432)):
+        spec = _policy_for(name)
+        assert spec["policyTypes"] == ["Ingress"], name
+        (rule,) = spec["ingress"]
+        assert rule["ports"] == [{"protocol": "TCP", "port": port}], f"{name}: only {port}"
+        # Pods of this namespace only: no namespaceSelector, no ipBlock.
+        assert all(set(peer) == {"podSelector"} for peer in rule["from"]), name
+        allowed[name] = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert allowed["aim-mlflow"] == allowed["aim-minio"] == [PART_OF]
+    assert allowed["aim-postgres"] == [{"app.kubernetes.io/name": "aim-mlflow"}]
+    # Every pod of the manifests that talks to MLflow or MinIO carries the label let in.
+    talkers = 0
+    for where, labels, pod in _pod_templates():
+        text = json.dumps(pod)
+        for host, name in (("aim-mlflow:5000", "aim-mlflow"), ("aim-minio:9000", "aim-minio")):
+            if host in text:
+                talkers += 1
+                assert any(sel.items() <= labels.items() for sel in allowed[name]), (
+                    f"{where} uses {host} without the label its NetworkPolicy lets in"
+                )
+    assert talkers >= 8
+
+
+def _secret_refs(container: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {
+        e["name"]: (e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+        for e in container.get("env", [])
+        if "secretKeyRef" in e.get("valueFrom", {})
+    }
+
+
+def _policy_buckets(policy: dict[str, Any]) -> set[str]:
+    return {
+        r.removeprefix("arn:aws:s3:::").split("/", 1)[0]
+        for st in policy["Statement"]
+        for r in st["Resource"]
+    }
+
+
+def test_one_minio_user_per_consumer_limited_to_its_buckets() -> None:
+    (cm,) = [d for d in _by_kind("ConfigMap") if d["metadata"]["name"] == "aim-minio-policies"]
+    policies = {k.removesuffix(".json"): json.loads(v) for k, v in cm["data"].items()}
+    for name, policy in policies.items():  # compose runs the very same policies
+        assert json.loads((INFRA / "compose" / "minio" / f"{name}.json").read_text()) == policy
+        assert all(st["Effect"] == "Allow" for st in policy["Statement"])
+        assert not any("admin:" in a or a == "s3:*" for st in policy["Statement"]
+                       for a in st["Action"]), name  # fmt: skip
+    mlflow_cmd = next(c for w, c in _containers() if w.startswith("Deployment/aim-mlflow"))
+    artifacts = mlflow_cmd["command"][mlflow_cmd["command"].index("--artifacts-destination") + 1]
+    assert _policy_buckets(policies["aim-mlflow"]) == {urlparse(artifacts).netloc}
+    ray_buckets = _policy_buckets(policies["aim-ray"])
+    for job in _by_kind("RayJob"):
+        used = set(re.findall(r"s3://([\w-]+)/", job["spec"]["entrypoint"]))
+        assert used and used <= ray_buckets, f"Ray pods use {used}, may use {ray_buckets}"
+    assert not ray_buckets & _policy_buckets(policies["aim-mlflow"])
+
+    # Who holds which key: root only MinIO and the setup Job; MLflow and Ray their own.
+    setup = next(c for w, c in _containers() if w.startswith("Job/aim-minio-setup"))
+    script = setup["command"][-1]
+    for where, c in _containers():
+        secrets_used = {ref[0] for ref in _secret_refs(c).values()}
+        if "aim-minio-root" in secrets_used:
+            assert where.startswith(("Deployment/aim-minio/", "Job/aim-minio-setup/")), where
+        if where.startswith("Deployment/aim-mlflow/"):
+            refs = _secret_refs(c)
+            assert refs["AWS_ACCESS_KEY_ID"] == ("aim-s3-mlflow", "access_key_id")
+            assert refs["AWS_SECRET_ACCESS_KEY"] == ("aim-s3-mlflow", "secret_access_key")
+        if where.startswith(("RayCluster", "RayJob")) and "AWS_ACCESS_KEY_ID" in _secret_refs(c):
+            assert _secret_refs(c)["AWS_ACCESS_KEY_ID"] == ("aim-s3-ray", "access_key_id")
+    refs = _secret_refs(setup)
+    for policy in policies:  # the setup Job gives each policy to the user of its Secret
+        line = next(ln for ln in script.splitlines() if ln.strip().startswith(f"user {policy} "))
+        key_var, secret_var = re.findall(r'"\$(\w+)"', line)
+        assert refs[key_var] == (policy.replace("aim-", "aim-s3-"), "access_key_id"), line
+        assert refs[secret_var] == (policy.replace("aim-", "aim-s3-"), "secret_access_key")
+    assert "mc admin policy attach" in script and "mc admin user add" in script
+
+
+def _ini(text: str) -> dict[str, str]:
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read_string(text)
+    return dict(parser["mlflow"])
+
+
+def test_mlflow_runs_basic_auth_and_ray_pods_log_in_as_their_own_user() -> None:
+    (deployment,) = [d for d in _by_kind("Deployment") if d["metadata"]["name"] == "aim-mlflow"]
+    pod = deployment["spec"]["template"]["spec"]
+    (mlflow,) = pod["containers"]
+    cmd = mlflow["command"]
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth"
+    env, refs = _env(mlflow["env"]), _secret_refs(mlflow)
+    assert refs["MLFLOW_AUTH_ADMIN_PASSWORD"] == ("aim-mlflow-admin", "password")
+    assert refs["MLFLOW_FLASK_SERVER_SECRET_KEY"][0] == "aim-mlflow-admin"
+    # The configuration file is the ConfigMap, mounted where MLFLOW_AUTH_CONFIG_PATH points.
+    config_path = Path(env["MLFLOW_AUTH_CONFIG_PATH"]["value"])
+    mount = next(m for m in mlflow["volumeMounts"] if m["mountPath"] == str(config_path.parent))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    (cm,) = [
+        d for d in _by_kind("ConfigMap") if d["metadata"]["name"] == volume["configMap"]["name"]
+    ]
+    cluster = _ini(cm["data"][config_path.name])
+    # The same configuration as `aimctl services up --auth` (tested live in test_services.py)
+    # and the compose stack, apart from where the users' database lives.
+    local = _ini(services.basic_auth_ini("sqlite:///x.db"))
+    compose = _ini((INFRA / "compose" / "basic_auth.ini").read_text())
+    for ini in (cluster, compose):
+        assert {k: v for k, v in ini.items() if k != "database_uri"} == {
+            k: v for k, v in local.items() if k != "database_uri"
+        }
+    assert cluster["default_permission"] == "NO_PERMISSIONS" and "admin_password" not in cluster
+    db = cluster["database_uri"].removeprefix("sqlite:///")
+    assert any(
+        Path(db).parent == Path(m["mountPath"])
+        and "persistentVolumeClaim" in next(v for v in pod["volumes"] if v["name"] == m["name"])
+        for m in mlflow["volumeMounts"]
+    ), "the auth database is not on a persistent volume"
+    assert (
+        _compose_env("mlflow")["MLFLOW_AUTH_CONFIG_PATH"] == f"{APP}/infra/compose/basic_auth.ini"
+    )
+    assert "basic-auth" in _compose()["services"]["mlflow"]["command"]
+
+    # Ray pods: their own user, by reference; the Job makes that user from the same Secret.
+    for where, c in _containers():
+        if where.startswith(("RayCluster", "RayJob")) and not where.endswith("submitter"):
+            assert _secret_refs(c)["MLFLOW_TRACKING_USERNAME"] == ("aim-mlflow-ray", "username")
+            assert _secret_refs(c)["MLFLOW_TRACKING_PASSWORD"] == ("aim-mlflow-ray", "password")
+    users = next(c for w, c in _containers() if w.startswith("Job/aim-mlflow-users"))
+    refs = _secret_refs(users)
+    assert users["command"][:3] == ["aimctl", "services", "user"]
+    var = re.fullmatch(r"\$\((\w+)\)", users["command"][3])[1]
+    assert refs[var] == ("aim-mlflow-ray", "username")
+    assert refs["AIM_MLFLOW_USER_PASSWORD"] == ("aim-mlflow-ray", "password")
+    assert refs["MLFLOW_TRACKING_PASSWORD"] == ("aim-mlflow-admin", "password")
+    assert _env(users["env"])["MLFLOW_TRACKING_USERNAME"]["value"] == cluster["admin_username"]
+
+
+def test_compose_entrypoint_drops_root_after_reading_secrets(tmp_path: Path) -> None:
+    """Started as root, it reads a 0600 secret and runs the command as AIM_RUN_AS."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root, as the compose containers start")
+    secret = tmp_path / "pw"
+    secret.write_text("s3cr3t")
+    secret.chmod(0o600)
+    env = {
+        "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+        "AIM_RUN_AS": "nobody",
+        "AWS_SECRET_ACCESS_KEY_FILE": str(secret),
+    }
+    script = str(REPO / "infra/compose/with-secrets.sh")
+    out = subprocess.run(
+        ["sh", script, "sh", "-c", 'echo "$(id -un)|$AWS_SECRET_ACCESS_KEY|${AIM_RUN_AS:-}"'],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert out.stdout.strip() == "nobody|s3cr3t|"
+    for name in ("mlflow", "mlflow-users", "ray-head"):
+        svc = _compose()["services"][name]
+        assert svc["user"] == "0:0" and svc["environment"]["AIM_RUN_AS"] == "ray", name

@@ -301,3 +301,187 @@ def _processes_mentioning(text: str) -> list[str]:
         except OSError:
             continue
     return found
+
+
+# ------------------------------------------------ exposure, private files, the auth server
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--expose"], "--expose/--host 0.0.0.0 without --auth"),
+        (["--host", "10.1.2.3"], "--expose/--host 10.1.2.3 without --auth"),
+        (["--expose", "--auth", "--s3"], "--s3 with --expose/--host 0.0.0.0"),
+    ],
+)
+def test_exposing_without_a_login_is_refused(tmp_path: Path, args: list[str], says: str) -> None:
+    """Nothing starts: one line, exit 2, before any server or state file exists."""
+    cmd = ["services", "up", "--state-dir", str(tmp_path), "--mlflow-port", "0", "--s3-port", "0"]
+    result = CliRunner().invoke(app, [*cmd, *args, "--timeout", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], lines
+    assert not list(tmp_path.iterdir())  # no state, no log: nothing was started
+
+
+def test_loopback_needs_no_auth() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        svc.check_exposure(host, mlflow=True, auth=False, s3=True)
+    svc.check_exposure("0.0.0.0", mlflow=True, auth=True, s3=False)
+
+
+def _spy_creations(monkeypatch: pytest.MonkeyPatch, under: Path) -> list[tuple[str, int]]:
+    """Record (path, mode) of every file created under ``under`` through os.open, the mode
+    being the file's own at its first moment (fstat right after the call)."""
+    created: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def spy(path: object, flags: int, mode: int = 0o777, *a: object, **k: object) -> int:
+        existed = os.path.exists(path)  # type: ignore[arg-type]
+        fd = real_open(path, flags, mode, *a, **k)  # type: ignore[arg-type]
+        if str(path).startswith(str(under)) and flags & os.O_CREAT and not existed:
+            created.append((str(path), os.fstat(fd).st_mode & 0o777))
+        return fd
+
+    monkeypatch.setattr(os, "open", spy)
+    return created
+
+
+def test_compose_secret_files_are_private_from_their_first_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "infra" / "secrets"
+    created = _spy_creations(monkeypatch, tmp_path)
+    old = os.umask(0)  # the widest umask there is: the code, not the umask, keeps them private
+    try:
+        result = CliRunner().invoke(app, ["services", "secrets", "--dir", str(folder)])
+    finally:
+        os.umask(old)
+    assert result.exit_code == 0, result.output
+    files = {p.name: p for p in folder.iterdir()}
+    assert set(files) == set(svc.COMPOSE_SECRETS)
+    assert created and all(mode == 0o600 for _, mode in created), created  # born 0600
+    for p in files.values():
+        assert p.stat().st_mode & 0o777 == 0o600, p
+        assert p.read_text().strip(), p
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert len({files[n].read_text() for n in ("postgres_password", "mlflow_ray_password")}) == 2
+    # A second run keeps what exists (a database initialised with a password keeps it).
+    before = {n: p.read_text() for n, p in files.items()}
+    (folder / "ray_auth_token").unlink()
+    again = CliRunner().invoke(app, ["services", "secrets", "--dir", str(folder)])
+    assert again.output.strip() == "created ray_auth_token"
+    assert {n: p.read_text() for n, p in files.items() if n != "ray_auth_token"} == {
+        n: v for n, v in before.items() if n != "ray_auth_token"
+    }
+
+
+def test_auth_config_is_written_private_from_its_first_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`up --auth` writes basic_auth.ini 0600 in a 0700 state folder (the server, not started
+    here, makes its databases under umask 077)."""
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", PLANTED)
+    monkeypatch.setattr(svc, "_has_module", lambda name: True)
+
+    def no_start(name: str, cmd: list[str], **kwargs: object) -> None:
+        raise svc.ServiceError("not started in this test")
+
+    monkeypatch.setattr(svc, "_start", no_start)
+    created = _spy_creations(monkeypatch, tmp_path)
+    old = os.umask(0)
+    try:
+        with pytest.raises(svc.ServiceError, match="not started"):
+            svc.mlflow_up(tmp_path / "state", port=0, auth=True)
+    finally:
+        os.umask(old)
+    ini = tmp_path / "state" / "basic_auth.ini"
+    assert ini.stat().st_mode & 0o777 == 0o600
+    assert created and all(mode == 0o600 for _, mode in created), created
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700
+    assert f"default_permission = {svc.AUTH_DEFAULT_PERMISSION}" in ini.read_text()
+    assert PLANTED not in ini.read_text()  # the admin password stays in the environment
+
+
+def _post(url: str, body: dict[str, object], auth: tuple[str, str] | None = None) -> int:
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    req = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.slow
+def test_auth_server_refuses_anonymous_writes_and_accepts_the_pods_user(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cluster's MLflow configuration on a real local server (`aimctl services up --auth`),
+    its Ray pods' user made as the cluster's Job makes it (`aimctl services user`)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    state = tmp_path / "state"
+    admin_pw, ray_pw = "admin-" + PLANTED, "ray-" + PLANTED
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+    env["MLFLOW_AUTH_ADMIN_PASSWORD"] = admin_pw
+    up = _aimctl(
+        "services", "up", "--auth", "--state-dir", str(state), "--mlflow-port", "0", env=env
+    )
+    assert up.returncode == 0, up.stdout + up.stderr
+    rec = svc.status(state)[0].record
+    assert rec is not None and rec.details["auth"] == "basic-auth"
+    url = rec.url
+    try:
+        create = f"{url}/api/2.0/mlflow/experiments/create"
+        assert _post(create, {"name": "anonymous"}) == 401  # no login, no write
+        assert _post(create, {"name": "x"}, ("admin", "wrong")) == 401
+
+        def user(name: str, password: str, admin: str = admin_pw) -> subprocess.CompletedProcess:
+            user_env = dict(env, MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin)
+            user_env["AIM_MLFLOW_USER_PASSWORD"] = password
+            return _aimctl("services", "user", name, "--tracking-uri", url, env=user_env)
+
+        made = user("aim-ray", ray_pw)
+        assert made.returncode == 0 and "mlflow user aim-ray: created" in made.stdout, made
+        again = user("aim-ray", ray_pw)  # the Job may run twice: idempotent
+        assert again.returncode == 0 and "aim-ray: updated" in again.stdout, again
+        wrong = user("aim-other", "pw", admin="wrong")
+        assert wrong.returncode == 2 and "HTTP 401" in wrong.stdout, wrong
+        short = user("aim-short", "pw")  # the server's own rule, said in one line
+        assert short.returncode == 2 and len(short.stdout.splitlines()) == 1, short
+        assert short.stdout.startswith("error: mlflow user 'aim-short': ")
+        assert user("someone", "someone-Pw-0123456789").returncode == 0
+
+        # The pods' user, through the MLflow client and the variables the pods get.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "aim-ray")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ray_pw)
+        client = MlflowClient(tracking_uri=url)
+        exp = client.create_experiment("pods")
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "train/loss", 0.25, step=1)
+        assert client.get_run(run.info.run_id).data.metrics["train/loss"] == 0.25
+
+        # default_permission NO_PERMISSIONS: another user sees none of it.
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "someone-Pw-0123456789")
+        with pytest.raises(MlflowException, match="PERMISSION_DENIED|403|Permission denied"):
+            MlflowClient(tracking_uri=url).get_run(run.info.run_id)
+
+        # Everything the server and the services wrote is private.
+        assert state.stat().st_mode & 0o777 == 0o700
+        files = [p for p in state.rglob("*") if p.is_file()]
+        assert {"basic_auth.db", "basic_auth.ini", "mlflow.db"} <= {p.name for p in files}
+        wide = [f"{p.name} {p.stat().st_mode & 0o777:o}" for p in files if p.stat().st_mode & 0o077]
+        assert not wide, wide
+    finally:
+        down = CliRunner().invoke(app, ["services", "down", "--state-dir", str(state)])
+    assert down.exit_code == 0, down.output

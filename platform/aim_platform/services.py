@@ -9,7 +9,11 @@ log file are recorded in a state folder (default ``./runs/services``, or ``AIM_S
 - ``s3``: a **development stand-in** for S3 (moto's server, everything in memory and lost on
   ``down``). Production points at AWS S3 or MinIO instead.
 
-Both bind to 127.0.0.1 unless a host is given explicitly. ``up`` returns only once the service
+Both bind to 127.0.0.1 unless a host is given explicitly; MLflow is served beyond loopback
+only behind its basic-auth app, and the development S3 endpoint (which takes any credentials)
+never is. The state folder is private (0700) and every file the services or ``aimctl services
+secrets`` write is created 0600 (a server's own files through its umask, 077), so no secret
+is ever readable by another user, not even for a moment. ``up`` returns only once the service
 answers over HTTP; ``down`` stops the process and every process below it and waits until
 they are gone. Processes are found, told apart from reused PIDs and stopped with psutil, so
 the same commands work on Linux and macOS.
@@ -20,7 +24,9 @@ messages a person needs when one fails.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import ipaddress
 import json
 import os
 import secrets
@@ -51,6 +57,30 @@ DEV_S3_LABEL = (
 _SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 # Two readings of one process's start time agree within this; a reused PID started later.
 START_TOLERANCE_S = 0.5
+PRIVATE_FILE = 0o600  # every secret or state file: owner read/write, nobody else
+PRIVATE_DIR = 0o700
+SERVER_UMASK = 0o077  # what the servers create (SQLite stores, artifacts) is private too
+# MLflow's basic-auth configuration, the same here and in infra/k8s/mlflow.yaml (ConfigMap
+# aim-mlflow-auth; tests/test_infra.py compares them): a user sees only what they created or
+# were granted (NO_PERMISSIONS), and every request must log in (the app has no anonymous user).
+AUTH_DEFAULT_PERMISSION = "NO_PERMISSIONS"
+AUTH_ADMIN_USERNAME = "admin"
+# The compose stack's secret files (infra/compose/compose.yaml, `aimctl services secrets`):
+# name -> how its value is made. MinIO's root user and one user per consumer (MLflow's artifacts,
+# the Ray containers' data and checkpoints), each limited to its buckets by infra/compose.
+COMPOSE_SECRETS = {
+    "ray_auth_token": "hex32",
+    "postgres_password": "hex24",
+    "mlflow_admin_password": "hex24",
+    "mlflow_flask_secret_key": "hex32",
+    "mlflow_ray_password": "hex24",
+    "s3_access_key_id": "aimadmin",
+    "s3_secret_access_key": "hex24",
+    "s3_mlflow_access_key_id": "aim-mlflow",
+    "s3_mlflow_secret_access_key": "hex24",
+    "s3_ray_access_key_id": "aim-ray",
+    "s3_ray_secret_access_key": "hex24",
+}
 
 
 class ServiceError(PlatformError, RuntimeError):
@@ -254,6 +284,182 @@ def _check_host(host: str) -> str:
     return host
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: assume it resolves to a reachable interface
+
+
+def check_exposure(host: str, *, mlflow: bool, auth: bool, s3: bool) -> None:
+    """Refuse to serve anything beyond loopback without a login.
+
+    Args:
+        host: the interface the services would bind.
+        mlflow: the MLflow server is started.
+        auth: with MLflow's basic-auth app.
+        s3: the development S3 endpoint is started (it accepts any credentials).
+
+    Raises:
+        ServiceError: ``host`` is not loopback and MLflow runs without ``--auth``, or the
+            development S3 endpoint would be exposed.
+    """
+    if is_loopback(host):
+        return
+    if mlflow and not auth:
+        raise ServiceError(
+            f"--expose/--host {host} without --auth would let anyone on the network read, write "
+            f"and delete runs; add --auth (and set MLFLOW_AUTH_ADMIN_PASSWORD)"
+        )
+    if s3:
+        raise ServiceError(
+            f"--s3 with --expose/--host {host}: the development S3 endpoint accepts any "
+            f"credentials and stays on 127.0.0.1 (MLflow proxies its artifacts); drop --s3 "
+            f"or use MinIO (infra/compose)"
+        )
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) if needed and make it 0700: nobody else may list or open
+    what is inside, whatever their modes."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+    os.chmod(path, PRIVATE_DIR)
+    return path
+
+
+def write_private(path: Path, text: str, *, overwrite: bool = True) -> bool:
+    """Write ``text`` to a file created 0600 from the start (never wider, whatever the umask;
+    no moment at which another user could open it). Replaces an existing file atomically when
+    ``overwrite``, else leaves it alone.
+
+    Returns:
+        Whether the file was written.
+    """
+    if path.exists() and not overwrite:
+        return False
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, PRIVATE_FILE)
+    try:
+        os.fchmod(fd, PRIVATE_FILE)  # os.open's mode is masked by the umask, never widened
+        with os.fdopen(fd, "w") as fh:
+            fd = -1
+            fh.write(text)
+        if overwrite:
+            tmp.replace(path)
+        else:
+            os.link(tmp, path)  # fails if it appeared meanwhile: never overwrite
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def write_compose_secrets(folder: str | Path) -> list[str]:
+    """Create the compose stack's secret files that are missing, each 0600 from the start.
+
+    Existing files are kept (a database initialised with a password keeps needing it). The
+    containers read them as root and then drop to their unprivileged user
+    (``infra/compose/with-secrets.sh``), so they need no wider mode.
+
+    Args:
+        folder: where compose.yaml looks for them (``infra/secrets``).
+
+    Returns:
+        The names of the files created.
+    """
+    root = private_dir(Path(folder))
+    made = []
+    for name, kind in COMPOSE_SECRETS.items():
+        value = secrets.token_hex(int(kind[3:])) if kind.startswith("hex") else kind
+        if write_private(root / name, value + "\n", overwrite=False):
+            made.append(name)
+    return made
+
+
+def basic_auth_ini(database_uri: str, admin_username: str = AUTH_ADMIN_USERNAME) -> str:
+    """MLflow's basic-auth configuration (``MLFLOW_AUTH_CONFIG_PATH``), as the cluster runs it.
+
+    The admin's password is never in it: MLflow reads ``MLFLOW_AUTH_ADMIN_PASSWORD``.
+    """
+    return (
+        "[mlflow]\n"
+        f"default_permission = {AUTH_DEFAULT_PERMISSION}\n"
+        f"database_uri = {database_uri}\n"
+        f"admin_username = {admin_username}\n"
+    )  # authorization_function: MLflow's default, basic auth
+
+
+def mlflow_user(
+    url: str,
+    username: str,
+    password: str,
+    *,
+    admin_username: str,
+    admin_password: str,
+    timeout: float = 30.0,
+) -> str:
+    """Create MLflow basic-auth user ``username``, or set its password if it exists.
+
+    The same call makes the Ray pods' user in the cluster (Job ``aim-mlflow-users`` in
+    infra/k8s/mlflow.yaml runs ``aimctl services user``) and a local one.
+
+    Args:
+        url: the tracking server, e.g. ``http://aim-mlflow:5000``.
+        username: the user to create.
+        password: its password.
+        admin_username: an admin of the server.
+        admin_password: that admin's password.
+        timeout: seconds for each request.
+
+    Returns:
+        ``"created"`` or ``"updated"``.
+
+    Raises:
+        ServiceError: the server refused (wrong admin credentials, not an auth server) or did
+            not answer.
+    """
+    if not username or not password:
+        raise ServiceError("mlflow user: the username and the password must not be empty")
+    token = base64.b64encode(f"{admin_username}:{admin_password}".encode()).decode()
+    body = json.dumps({"username": username, "password": password}).encode()
+
+    def call(path: str, method: str) -> tuple[int, str]:
+        req = urllib.request.Request(
+            url.rstrip("/") + path,
+            data=body,
+            method=method,
+            headers={"Authorization": f"Basic {token}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return int(r.status), ""
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode(errors="replace")
+        except (urllib.error.URLError, OSError) as exc:
+            raise ServiceError(f"mlflow user: {url} did not answer ({exc})") from None
+
+    status, text = call("/api/2.0/mlflow/users/create", "POST")
+    if status == 200:
+        return "created"
+    if "RESOURCE_ALREADY_EXISTS" in text:  # set the password it should have
+        status, text = call("/api/2.0/mlflow/users/update-password", "PATCH")
+        if status == 200:
+            return "updated"
+    try:
+        said = str(json.loads(text).get("message", ""))
+    except (ValueError, AttributeError):
+        said = text
+    hint = {401: "wrong admin username or password", 403: "not an admin"}.get(
+        status, said.splitlines()[0][:200] if said.strip() else "is it running with --auth?"
+    )
+    raise ServiceError(f"mlflow user {username!r}: {url} answered HTTP {status} ({hint})")
+
+
 def _start(
     name: str,
     cmd: list[str],
@@ -277,9 +483,10 @@ def _start(
         _record_path(root, name).unlink()  # stale state from a run that died
     if _port_in_use(host, port):
         raise ServiceError(f"port {port} on {host} is already in use; choose another port")
-    root.mkdir(parents=True, exist_ok=True)
+    private_dir(root)
     log = root / f"{name}.log"
-    with open(log, "ab") as fh:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE)
+    with os.fdopen(fd, "ab") as fh:
         proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -291,6 +498,7 @@ def _start(
             # session: `mlflow server` started with setsid takes 50 s or more to answer
             # (10 s otherwise, measured), and never with its job runner off.
             process_group=0,
+            umask=SERVER_UMASK,  # its SQLite stores, auth database and artifacts: 0600
         )
     local = LOOPBACK if host in ("0.0.0.0", "::") else host
     url = f"http://{local}:{port}"
@@ -310,9 +518,7 @@ def _start(
         proc_start=_proc_start_time(proc.pid),
         details=details,
     )
-    tmp = _record_path(root, name).with_suffix(".tmp")
-    tmp.write_text(json.dumps(asdict(rec), indent=2))
-    tmp.replace(_record_path(root, name))
+    write_private(_record_path(root, name), json.dumps(asdict(rec), indent=2))
     return rec
 
 
@@ -371,9 +577,10 @@ def mlflow_up(
             database password never shows in the process list.
         artifacts: artifact destination served by the server (a folder or ``s3://...``);
             default ``artifacts/`` in the state folder.
-        auth: run MLflow's basic-auth app (``--app-name basic-auth``); needs
-            ``mlflow[auth]`` installed and ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the environment on
-            first start.
+        auth: run MLflow's basic-auth app (``--app-name basic-auth``) with the cluster's
+            configuration (:func:`basic_auth_ini`: every request logs in, a user sees only what
+            it created or was granted); needs ``mlflow[auth]`` installed and
+            ``MLFLOW_AUTH_ADMIN_PASSWORD`` in the environment on first start.
         workers: server worker processes.
         s3_endpoint: S3 endpoint for an ``s3://`` artifact store (MinIO, the dev endpoint).
         timeout: seconds to wait for ``/health``.
@@ -428,15 +635,9 @@ def mlflow_up(
                 "--auth needs MLFLOW_AUTH_ADMIN_PASSWORD in the environment on first start "
                 "(MLflow ships no default admin password)"
             )
-        folder.mkdir(parents=True, exist_ok=True)
-        ini = folder / "basic_auth.ini"
-        ini.write_text(
-            "[mlflow]\n"
-            "default_permission = READ\n"
-            f"database_uri = sqlite:///{folder / 'basic_auth.db'}\n"
-            f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME', 'admin')}\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
+        ini = private_dir(folder) / "basic_auth.ini"
+        admin = env.get("MLFLOW_AUTH_ADMIN_USERNAME") or AUTH_ADMIN_USERNAME
+        write_private(ini, basic_auth_ini(f"sqlite:///{folder / 'basic_auth.db'}", admin))
         env["MLFLOW_AUTH_CONFIG_PATH"] = str(ini)
         env.setdefault("MLFLOW_FLASK_SERVER_SECRET_KEY", secrets.token_hex(32))
         cmd += ["--app-name", "basic-auth"]
