@@ -71,7 +71,11 @@ def test_one_outage_seen_by_rank_0_then_the_driver_is_reported_once() -> None:
     lines = report.lines("http://m:5000", 60)
     assert "MLflow: 3 writes dropped" in lines[0] and "2 buffered writes lost" in lines[1]
     assert "7 writes not written after waiting 60s" in lines[2]
-    assert report.metrics() == {tracking.DROPPED_METRIC: 3, "tracking/unwritten_writes": 9}
+    assert report.metrics() == {
+        tracking.DROPPED_METRIC: 3,
+        "tracking/unwritten_writes": 9,
+        tracking.REFUSED_ARTIFACTS_METRIC: 0,
+    }
 
 
 def test_a_study_names_the_trials_whose_writes_mlflow_missed() -> None:

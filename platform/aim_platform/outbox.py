@@ -8,7 +8,9 @@ down (MLflow) leave the caller at once, and none is lost without being counted.
   service unreachable) is tried again, the same write first, after a back-off that doubles
   from ``min_wait`` to ``max_wait`` seconds; from the first such failure the outbox is *down*
   (since when, how much is buffered) until a write gets through. A write the service refuses
-  for good is counted as failed and skipped, so that one bad write cannot hold up the rest.
+  for good is counted as failed and skipped, so that one bad write cannot hold up the rest;
+  ``describe`` names it (e.g. an artifact's path and the store's answer), once, in
+  :attr:`OutboxStatus.refused`.
 - :meth:`close` waits for the queue to empty, up to a time limit, stops the thread and returns
   what is left, so that the caller can say what could not be written, or hand it on.
 
@@ -45,6 +47,7 @@ class OutboxStatus:
         first_down: When the first outage began (``time.time()``), None if none did.
         last_up: When the last outage that ended, ended.
         last_error: The last error, one line.
+        refused: The writes refused for good that ``describe`` named, each once, in order.
     """
 
     buffered: int = 0
@@ -57,6 +60,7 @@ class OutboxStatus:
     first_down: float | None = None
     last_up: float | None = None
     last_error: str = ""
+    refused: tuple[str, ...] = ()
 
     @property
     def down(self) -> bool:
@@ -86,6 +90,8 @@ class Outbox(Generic[W]):
         min_wait: First back-off after a transient failure, seconds.
         max_wait: Longest back-off, seconds (how soon a returning service is noticed).
         name: The thread's name.
+        describe: Names a write refused for good, from the write and its error (None: it is
+            counted in ``failed`` only).
     """
 
     def __init__(
@@ -97,11 +103,14 @@ class Outbox(Generic[W]):
         min_wait: float = 0.5,
         max_wait: float = 5.0,
         name: str = "outbox",
+        describe: Callable[[W, BaseException], str | None] | None = None,
     ) -> None:
         if capacity < 1:
             raise ValueError(f"capacity: {capacity} must be at least 1")
         self._apply = apply
         self._transient = transient
+        self._describe = describe
+        self._refused: list[str] = []
         self.capacity = capacity
         self._min_wait, self._max_wait = min_wait, max_wait
         self._queue: deque[W] = deque()
@@ -140,6 +149,7 @@ class Outbox(Generic[W]):
                 first_down=self._first_down,
                 last_up=self._last_up,
                 last_error=self._last_error,
+                refused=tuple(self._refused),
             )
 
     def flush(self, timeout: float, *, until_down: bool = False) -> bool:
@@ -182,6 +192,7 @@ class Outbox(Generic[W]):
                 self._apply(write)
             except Exception as exc:  # noqa: BLE001 - every failure is counted, none escapes
                 transient = self._transient(exc)
+                label = None if transient or self._describe is None else self._describe(write, exc)
                 with self._cond:
                     self._last_error = one_line(exc)
                     if self._closed:
@@ -196,6 +207,8 @@ class Outbox(Generic[W]):
                     else:
                         self._queue.popleft()
                         self._failed += 1
+                        if label:
+                            self._refused.append(label)
                         self._cond.notify_all()
                 if transient:
                     wait = min(2 * wait, self._max_wait)

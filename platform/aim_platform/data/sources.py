@@ -48,6 +48,7 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
 
+import bracex
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -179,22 +180,12 @@ def expand_pattern(fs: Any, pattern: str) -> list[str]:
 
 
 def expand_braces(text: str) -> list[str]:
-    """Shell-style brace expansion: ``a{0..2}b`` and ``{x,y}`` (zero padding kept)."""
-    m = re.search(r"\{([^{}]*)\}", text)
-    if not m:
-        return [text]
-    head, tail, body = text[: m.start()], text[m.end() :], m.group(1)
-    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if rng:
-        lo, hi = rng.groups()
-        width = len(lo) if lo.startswith("0") else 0
-        choices = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    elif "," in body:
-        choices = body.split(",")
-    else:
-        choices = ["{" + body + "}"]
-        return [head + choices[0] + t for t in expand_braces(tail)]
-    return [x for c in choices for x in expand_braces(head + c + tail)]
+    """Shell-style brace expansion (bash's rules, by ``bracex``): ``a{0..2}b``, ``{x,y}``,
+    zero padding kept (``{08..11}``), nested lists; a brace that expands to nothing (``{x}``,
+    an unbalanced ``{``) stays as written, so the pattern then matches no file."""
+    # keep_escapes: a backslash is left for the glob that follows; limit 0: no cap on the
+    # number of paths (a DFN-scale pattern names hundreds of thousands of shards)
+    return bracex.expand(text, keep_escapes=True, limit=0)
 
 
 def _shard_files(fs: Any, root: str) -> list[str]:

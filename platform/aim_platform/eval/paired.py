@@ -3,8 +3,9 @@
 Two variants run with the same seeds (seed i of A and seed i of B share the pre-training
 data order, crops and probe seed) are compared through their per-seed differences
 ``d_i = a_i - b_i``: the mean of d and a two-sided 95% Student-t interval
-``mean +/- t(0.975, n-1) * sd(d) / sqrt(n)``. The interval, not the sign of the mean,
-says whether the runs can tell the two apart.
+``mean +/- t(0.975, n-1) * sd(d) / sqrt(n)`` (scipy's ``stats.t.interval``: the interval of
+``stats.ttest_rel``). The interval, not the sign of the mean, says whether the runs can tell
+the two apart.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 from scipy import stats
 
 CONFIDENCE = 0.95
@@ -42,10 +44,14 @@ class PairedDifference:
         return self.low > 0 or self.high < 0
 
 
-def _half_width(sd: float, n: int) -> float:
+def _interval(mean: float, sd: float, n: int) -> tuple[float, float]:
+    """The t interval of ``n`` differences of mean ``mean`` and sample deviation ``sd``."""
     if n < 2:
-        return math.inf
-    return float(stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1)) * sd / math.sqrt(n)
+        return -math.inf, math.inf
+    if sd == 0:  # scipy needs a positive scale: every difference the same, no spread
+        return mean, mean
+    low, high = stats.t.interval(CONFIDENCE, n - 1, loc=mean, scale=sd / math.sqrt(n))
+    return float(low), float(high)
 
 
 def paired_difference(a: list[float], b: list[float]) -> PairedDifference:
@@ -56,12 +62,12 @@ def paired_difference(a: list[float], b: list[float]) -> PairedDifference:
     """
     if len(a) != len(b) or not a:
         raise ValueError(f"paired values need equal, non-empty lists, got {len(a)} and {len(b)}")
-    d = [x - y for x, y in zip(a, b, strict=True)]
+    d = np.subtract(a, b, dtype=np.float64)  # (n,)
     n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    h = _half_width(sd, n)
-    return PairedDifference(n, mean, mean - h, mean + h, sd)
+    mean = float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    low, high = _interval(mean, sd, n)
+    return PairedDifference(n, mean, low, high, sd)
 
 
 def seeds_to_resolve(diff: PairedDifference) -> int | None:
@@ -73,6 +79,6 @@ def seeds_to_resolve(diff: PairedDifference) -> int | None:
     if diff.sd == 0:
         return 2
     for n in range(2, MAX_SEEDS + 1):
-        if _half_width(diff.sd, n) < abs(diff.mean):
+        if _interval(0.0, diff.sd, n)[1] < abs(diff.mean):
             return n
     return None
