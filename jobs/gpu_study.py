@@ -10,7 +10,8 @@ that has PyTorch but no Ray or MLflow. Same jobs, model, crops, probes, table an
         --data tests/assets/cifar10-mini
 
 Prints one line per finished trial and floor, then each study's table with its verdicts (also
-written to ``--out``: ``results.json``, ``<study>.md``, ``<study>.csv``).
+written to ``--out``: ``results.json``, ``<study>.md``, ``<study>.csv`` and the per-seed
+``<study>-trials.csv`` that ``docs/results/`` keeps and ``tests/test_results.py`` recomputes).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A study's results: its trials (variant, seed, metrics or error), the random-trunk floor,
 the table in the paper's layout (our probe top-1 beside the paper's, mean +/- std over seeds)
-and a verdict per pair of variants: the paired difference over seeds with its 95% interval,
-read against the paper's direction (agrees / opposite / inconclusive)."""
+and a verdict per pair of variants (:mod:`aim_platform.jobs.study_verdicts`: the paired
+difference over seeds with its 95% interval, read against the paper's direction)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,20 @@ import math
 from dataclasses import dataclass, field
 
 from aim_platform.config import ProbeConfig, StudySpec
-from aim_platform.eval.paired import PairedDifference, paired_difference, seeds_to_resolve
-
-ROWS = ("linear", "attentive")
-LOSS_ROW = "val_loss"  # the final validation loss: lower is better
-FLOOR = "random trunk"
+from aim_platform.eval.paired import paired_difference
+from aim_platform.jobs.study_verdicts import (
+    CLEAR_POINTS,
+    FLOOR,
+    LOSS_ROW,
+    ROWS,
+    VERDICT_HEADER,
+    Verdict,
+    metric_of,
+    orient_pair,
+    pair_verdict,
+    scale_of,
+    summarize,
+)
 
 
 @dataclass
@@ -27,6 +36,7 @@ class TrialOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     seed: int = 0  # index of the seed (0 .. seeds-1), added to the job's seeds
+    steps: int | None = None  # pre-training steps of the job (None: the metrics' ``step``)
 
 
 def trial_name(variant: str, seed: int, seeds: int) -> str:
@@ -65,101 +75,6 @@ def probe_recipe(cfg: ProbeConfig) -> str:
     if cfg.sweep:
         text += " (The per-block sweep's best block, not in this table, is picked on it.)"
     return text
-
-
-def metric_of(row: str) -> str:
-    """The trial metric behind a table row."""
-    return "val/loss" if row == LOSS_ROW else f"probe/{row}/top1"
-
-
-def scale_of(row: str) -> float:
-    """Accuracies are shown in points (%), losses as they are."""
-    return 1.0 if row == LOSS_ROW else 100.0
-
-
-@dataclass
-class Verdict:
-    """One paired comparison ``a - b`` of a row (probe top-1 in points, or the val loss).
-
-    ``paper`` is the paper's ``a - b`` in points when it gives numbers, ``expected`` the sign
-    of ``a - b`` the paper implies (+1: a above b, -1: below; on the loss row, where a is the
-    paper's better variant, -1: a lower), None when it says nothing about the pair.
-    """
-
-    row: str
-    a: str
-    b: str
-    diff: PairedDifference
-    paper: float | None
-    expected: int | None
-
-    @property
-    def verdict(self) -> str:
-        """``agrees`` / ``opposite`` (interval excludes 0, same / other sign as the paper),
-        ``inconclusive`` (interval holds 0, or fewer than 2 seeds), or, without a paper
-        direction, ``a > b`` / ``a < b`` when the interval excludes 0; against the floor
-        ``above floor`` / ``below floor``."""
-        if not self.diff.excludes_zero:
-            return "inconclusive"
-        sign = 1 if self.diff.mean > 0 else -1
-        if self.b == FLOOR:
-            return "above floor" if sign > 0 else "below floor"
-        if self.expected is None:
-            return f"{self.a} {'>' if sign > 0 else '<'} {self.b}"
-        return "agrees" if sign == self.expected else "opposite"
-
-    @property
-    def seeds_needed(self) -> int | None:
-        return seeds_to_resolve(self.diff)
-
-    def cells(self) -> list[str]:
-        """Row, pair, ours with interval and n, paper, verdict, seeds to resolve."""
-        d, digits = self.diff, (3 if self.row == LOSS_ROW else 1)
-        interval = (
-            f"[{d.low:+.{digits}f}, {d.high:+.{digits}f}]" if d.n > 1 else "[no interval: 1 seed]"
-        )
-        if self.b == FLOOR:
-            paper = "-"
-        elif self.paper is not None:
-            paper = f"{self.paper:+.1f}"
-        elif self.expected is not None and self.row == LOSS_ROW:  # the sign of a - b
-            paper = f"{self.a} {'higher' if self.expected > 0 else 'lower'} (text)"
-        elif self.expected is not None:
-            paper = f"{self.a} {'better' if self.expected > 0 else 'worse'} (text)"
-        else:
-            paper = "-"
-        need = self.seeds_needed
-        if d.n < 2 or d.mean == 0:
-            resolve = "-"  # no spread to extrapolate from, or no difference to resolve
-        else:
-            resolve = str(need) if need else "> 1000"
-        return [
-            self.row.replace("_", " "),
-            f"{self.a} − {self.b}",
-            f"{d.mean:+.{digits}f} {interval} (n={d.n})",
-            paper,
-            self.verdict,
-            resolve,
-        ]
-
-
-VERDICT_HEADER = ["row", "pair", "ours a − b [95% CI]", "paper a − b", "verdict", "seeds"]
-
-
-def paper_direction(spec: StudySpec, row: str, a: str, b: str) -> tuple[float | None, int | None]:
-    """The paper's ``a - b`` (points, when it has both numbers) and its sign in "better"
-    terms (+1: a is better), from the numbers or the text's ``directions``."""
-    cols = spec.paper.get(row, {})
-    if a in cols and b in cols and cols[a] != cols[b]:
-        diff = cols[a] - cols[b]
-        return diff, (1 if diff > 0 else -1)
-    for text in spec.directions.get(row, []):
-        better, worse = (s.strip() for s in text.split(">"))
-        if (better, worse) == (a, b):
-            return None, 1
-        if (better, worse) == (b, a):
-            return None, -1
-    return None, None
 
 
 @dataclass
@@ -249,21 +164,16 @@ class StudyResult:
             seeds = self.per_seed(row)
             for i, first in enumerate(names):
                 for second in names[i + 1 :]:
-                    a, b = first, second
-                    paper, expected = paper_direction(self.spec, row, a, b)
-                    if row == LOSS_ROW and expected is None:
+                    pair = orient_pair(self.spec, row, first, second)
+                    if pair is None:
                         continue  # losses of different objectives are not comparable
-                    if expected == -1:  # the paper's better variant first
-                        a, b = b, a
-                        paper, expected = (-paper if paper is not None else None), 1
-                    if row == LOSS_ROW and expected is not None:
-                        expected = -expected  # better = lower loss
+                    a, b = pair
                     common = sorted(set(seeds[a]) & set(seeds[b]))
                     if common:
                         diff = paired_difference(
                             [k * seeds[a][s] for s in common], [k * seeds[b][s] for s in common]
                         )
-                        out.append(Verdict(row, a, b, diff, paper, expected))
+                        out.append(pair_verdict(self.spec, row, a, b, diff))
         for row in ROWS:
             k = scale_of(row)
             seeds, floor = self.per_seed(row), self.floor_per_seed(row)
@@ -277,26 +187,8 @@ class StudyResult:
         return out
 
     def verdict_summary(self) -> list[str]:
-        """Per row: how many pairs with a paper direction agree, are opposite or inconclusive,
-        and how many variants stand above their random-trunk floor."""
-        out = []
-        verdicts = self.verdicts()
-        for row in (*ROWS, LOSS_ROW):
-            mine = [v for v in verdicts if v.row == row and v.b != FLOOR and v.expected]
-            if mine:
-                counts = {s: sum(v.verdict == s for v in mine) for s in VERDICTS}
-                out.append(
-                    f"{row.replace('_', ' ')}: of {len(mine)} pair(s) the paper orders, "
-                    + ", ".join(f"{n} {s}" for s, n in counts.items())
-                )
-            floors = [v for v in verdicts if v.row == row and v.b == FLOOR]
-            if floors:
-                above = sum(v.verdict == "above floor" for v in floors)
-                out.append(
-                    f"{row}: {above} of {len(floors)} variants above the random-trunk floor "
-                    "(95% interval over seeds)"
-                )
-        return out
+        """The summary lines under the verdicts (:func:`summarize`)."""
+        return summarize(self.verdicts())
 
     def paper_rows(self) -> list[list[str]]:
         """The paper's top-1 (%) per probe row, beside ours: ``paper (linear)``, ... ("-" where
@@ -342,8 +234,10 @@ class StudyResult:
                 "Verdicts: per-seed differences a − b of seed-matched trials (points of top-1; "
                 "the loss as it is), mean and 95% t interval; **agrees** / **opposite**: the "
                 "interval excludes 0 with the paper's sign / the other sign; **inconclusive**: "
-                "it holds 0. `seeds`: how many seeds would resolve the observed mean at the "
-                "observed spread.",
+                "it holds 0; **paper: no clear direction**: the paper's a − b is under "
+                f"{CLEAR_POINTS:g} point or its other probe orders the pair the other way (that "
+                "probe's a − b beside it), so the pair is neither agrees nor opposite. `seeds`: "
+                "how many seeds would resolve the observed mean at the observed spread.",
                 "",
             ]
             out += _md_table([VERDICT_HEADER, *(v.cells() for v in verdicts)])
@@ -367,9 +261,6 @@ class StudyResult:
                     + [v.cells()[3], v.verdict, v.seeds_needed or ""]
                 )
         return buf.getvalue()
-
-
-VERDICTS = ("agrees", "opposite", "inconclusive")
 
 
 def _md_table(rows: list[list[str]], bold_marked: bool = False) -> list[str]:
