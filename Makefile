@@ -2,11 +2,33 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU build by default (it lies on this machine's disk); on a CUDA machine, e.g.
+# Every install takes its versions from one lock (pip constraints): `make setup`, the
+# Dockerfile and CI (.ci/run -> make test). `make lock` regenerates it after a change to
+# pyproject.toml's dependencies (LOCK_ARGS=--upgrade: newest of everything that fits).
+LOCK := infra/constraints.txt
+LOCK_ARGS ?=
+SETUP_EXTRAS := dev,server
+# torch: TORCH_BUILD=cpu (the default without a GPU; the CPU wheel, which pip also finds on a
+# machine's local disk) or cuda (the default where `nvidia-smi -L` lists a GPU: the CUDA wheel
+# from TORCH_CUDA_INDEX, its CUDA libraries from PyPI). Switching an existing .venv from cuda
+# back to cpu: `make clean setup`. TORCH_SPEC/TORCH_INDEX still override both, e.g.
 #   make setup TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
-TORCH_SPEC ?= torch==2.13.0
+TORCH_VERSION ?= 2.13.0
+TORCH_BUILD ?= $(shell nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)
+TORCH_CUDA ?= cu128
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/$(TORCH_CUDA)
+ifeq ($(TORCH_BUILD),cuda)
+TORCH_SPEC ?= torch==$(TORCH_VERSION)+$(TORCH_CUDA)
+TORCH_INDEX ?= $(TORCH_CUDA_INDEX)
+else ifeq ($(TORCH_BUILD),cpu)
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
 TORCH_INDEX ?=
+else
+$(error TORCH_BUILD=$(TORCH_BUILD): use cpu or cuda)
+endif
 STAMP := $(VENV)/.setup-done
+# Which torch build the venv was set up with: choosing another re-runs the set-up.
+TORCH_STAMP := $(VENV)/.torch-$(TORCH_BUILD)
 PYTEST_ARGS ?=
 # `make test` runs the suite in this many pytest processes (pytest-xdist), whole files each: a
 # file's journeys keep their order and module fixtures; each process starts its own Ray. Files
@@ -14,17 +36,27 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-.PHONY: setup demo test test-faults test-fast lint doctor clean
+.PHONY: setup demo test test-faults test-fast lint doctor clean lock
 
 setup: $(STAMP)
 	@bash infra/pillow_simd.sh --check $(PY)
 
-$(STAMP): pyproject.toml Makefile infra/pillow_simd.sh
+# torch first (from TORCH_INDEX without its dependencies, which come from PyPI with the rest,
+# pinned by the lock), then the package and every dependency pinned by the lock, then the
+# Pillow-SIMD swap, last.
+$(STAMP): pyproject.toml Makefile infra/pillow_simd.sh $(LOCK) $(TORCH_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX),-c $(LOCK)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(SETUP_EXTRAS)]"
 	bash infra/pillow_simd.sh $(PY)
 	touch $(STAMP)
+
+$(TORCH_STAMP):
+	mkdir -p $(VENV) && rm -f $(VENV)/.torch-* && touch $@
+
+# Regenerate the lock from pyproject.toml (pip resolves without installing); then `make setup`.
+lock:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) infra/lock.py --torch "torch==$(TORCH_VERSION)" $(LOCK_ARGS)
 
 demo: setup
 	$(VENV)/bin/aimctl selfcheck --steps 20

@@ -8,6 +8,7 @@ sourced, so no Pillow-SIMD is built here.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,190 @@ def test_make_setup_runs_the_codec_check_every_time() -> None:
         env=env,
     )
     assert dry.stdout.splitlines()[-1].startswith("bash infra/pillow_simd.sh --check "), dry.stdout
+
+
+# --- One lock for every install (infra/constraints.txt) ---------------------------------------
+
+LOCK = REPO / "infra" / "constraints.txt"
+# The installer, and the package itself: never in a lock.
+NOT_LOCKED = {"pip", "aim-platform"}
+# What torch's CUDA build adds (torch pins them itself): only where torch is a CUDA build.
+CUDA_EXTRAS = ("nvidia-", "triton")
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in LOCK.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            assert line.count("==") == 1, f"{LOCK.name}: {line!r} is not name==version"
+            name, version = line.split("==")
+            pins[_canonical(name)] = version
+    return pins
+
+
+def _pillow_simd_version() -> str:
+    """The Pillow-SIMD release infra/pillow_simd.sh builds (its default)."""
+    m = re.search(r"^VERSION=\$\{PILLOW_SIMD_VERSION:-(\S+)\}$", SCRIPT.read_text(), re.M)
+    assert m, "infra/pillow_simd.sh: no default VERSION"
+    return m[1]
+
+
+def lock_mismatches(installed: dict[str, str], pins: dict[str, str], simd: str) -> list[str]:
+    """How an environment (``{canonical name: version}``) differs from the lock, one line per
+    package; empty when it matches. Named exceptions: the Pillow-SIMD swap (pillow absent,
+    pillow-simd at ``simd``; or pillow at the lock's version when the swap could not build),
+    torch's build label (2.13.0+cpu matches 2.13.0), and nvidia-*/triton beside a CUDA torch."""
+    installed = dict(installed)
+    for name in NOT_LOCKED:
+        installed.pop(name, None)
+    if "pillow-simd" in installed:
+        if installed.pop("pillow-simd") != simd:
+            return [f"pillow-simd is not {simd}, the release infra/pillow_simd.sh builds"]
+        if "pillow" not in installed:  # the swap: Pillow uninstalled, Pillow-SIMD in its place
+            installed["pillow"] = pins.get("pillow", "?")
+    torch = installed.get("torch", "")
+    if "+" in torch:
+        installed["torch"] = torch.split("+", 1)[0]
+    if "+cu" in torch:
+        installed = {k: v for k, v in installed.items() if not k.startswith(CUDA_EXTRAS)}
+    problems = []
+    for name in sorted(set(installed) | set(pins)):
+        have, want = installed.get(name), pins.get(name)
+        if have != want:
+            problems.append(f"{name}: installed {have or '-'}, locked {want or '-'}")
+    return problems
+
+
+def test_the_environment_make_setup_made_matches_the_lock() -> None:
+    """The suite's own environment (.venv, made by `make setup`) holds exactly the lock."""
+    from importlib import metadata
+
+    installed = {_canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    problems = lock_mismatches(installed, _lock(), _pillow_simd_version())
+    assert not problems, (
+        f"{sys.prefix} differs from {LOCK.relative_to(REPO)} (a dependency added to "
+        "pyproject.toml: `make lock`; then, or for the rest: `make setup`):\n  "
+        + "\n  ".join(problems)
+    )
+
+
+def test_lock_comparison_names_its_exceptions() -> None:
+    pins = {"pillow": "13.0.0", "torch": "2.13.0", "ray": "2.60.0"}
+    swapped = {"pillow-simd": "12.1.1.post0", "torch": "2.13.0+cpu", "ray": "2.60.0", "pip": "1"}
+    assert lock_mismatches(swapped, pins, "12.1.1.post0") == []
+    kept = {"pillow": "13.0.0", "torch": "2.13.0+cu128", "ray": "2.60.0", "nvidia-nccl-cu12": "2"}
+    assert lock_mismatches(kept, pins, "12.1.1.post0") == []
+    drifted = {"pillow": "13.0.0", "torch": "2.13.0", "ray": "2.61.0", "triton": "3"}
+    assert lock_mismatches(drifted, pins, "x") == [
+        "ray: installed 2.61.0, locked 2.60.0",
+        "triton: installed 3, locked -",
+    ]
+
+
+def _declared() -> list[str]:
+    """Every requirement pyproject.toml declares: dependencies and every extra but the
+    screenshots tool (not installed by `make setup`)."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    return project["dependencies"] + [r for k, v in extras.items() if k != "screenshots" for r in v]
+
+
+def test_lock_pins_every_declared_dependency_and_the_torch_setup_installs() -> None:
+    pins = _lock()
+    names = {_canonical(re.split(r"[\s\[<>=!~;]", req, maxsplit=1)[0]) for req in _declared()}
+    missing = sorted(names - set(pins))
+    assert not missing, f"declared in pyproject.toml but not locked ({missing}): run `make lock`"
+    makefile = (REPO / "Makefile").read_text()
+    assert f"TORCH_VERSION ?= {pins['torch']}\n" in makefile
+    docker = (REPO / "infra" / "Dockerfile").read_text()
+    assert f"ARG TORCH_SPEC=torch=={pins['torch']}+" in docker
+
+
+def test_version_caps_carry_their_reason() -> None:
+    """An upper bound (<, <=, ==, ~=) in pyproject.toml says why on its line."""
+    text = (REPO / "pyproject.toml").read_text()
+    capped = [r for r in _declared() if re.search(r"(<|==|~=)", r)]
+    assert capped, "no caps at all: then this test is moot"
+    for req in capped:
+        (line,) = [ln for ln in text.splitlines() if f'"{req}"' in ln]
+        assert "#" in line.split(f'"{req}"', 1)[1], f"pyproject.toml: {req} has no reason beside it"
+
+
+def _make_setup_dry(tmp_path: Path, nvidia_smi: str | None, *args: str) -> list[str]:
+    """`make -n setup` for a fresh venv, with a fake nvidia-smi (None: one that fails, as
+    on a machine without a GPU driver)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho '{nvidia_smi}'\n" if nvidia_smi else "#!/bin/sh\nexit 9\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    env.pop("TORCH_BUILD", None)
+    dry = subprocess.run(
+        ["make", "--no-print-directory", "-n", "setup", f"VENV={tmp_path / 'venv'}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert dry.returncode == 0, dry.stderr
+    return [ln for ln in dry.stdout.splitlines() if " pip install " in ln]
+
+
+def test_make_setup_installs_from_the_lock_with_the_torch_build_the_machine_wants(
+    tmp_path: Path,
+) -> None:
+    torch_version = _lock()["torch"]
+    cpu = _make_setup_dry(tmp_path, None)
+    assert len(cpu) == 2 and all("-c infra/constraints.txt" in ln for ln in cpu), cpu
+    assert cpu[0].endswith(f'"torch=={torch_version}"') and "--index-url" not in cpu[0]
+    assert cpu[1].endswith('-e ".[dev,server]"'), cpu
+
+    gpu = _make_setup_dry(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
+    assert gpu[0].endswith(f'"torch=={torch_version}+cu128"'), gpu
+    assert "--no-deps --index-url https://download.pytorch.org/whl/cu128" in gpu[0]
+    assert "-c infra/constraints.txt" in gpu[1]  # torch's own dependencies: the lock's
+
+    chosen = _make_setup_dry(tmp_path, "GPU 0: NVIDIA H100", "TORCH_BUILD=cpu")
+    assert chosen == cpu
+    forced = _make_setup_dry(tmp_path, None, "TORCH_BUILD=cuda", "TORCH_CUDA=cu126")
+    assert forced[0].endswith(f'"torch=={torch_version}+cu126"') and "whl/cu126" in forced[0]
+
+
+def _readme_versions() -> dict[str, str]:
+    """The README's versions table: component -> version."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Versions\n") :]
+    section = section[: section.index("\n## ")]
+    rows = [ln.split("|")[1:3] for ln in section.splitlines() if ln.startswith("| ")]
+    return {name.strip(): version.strip() for name, version in rows[1:]}
+
+
+def test_readme_versions_table_agrees_with_the_lock_and_manifests() -> None:
+    import tomllib
+
+    table = _readme_versions()
+    pins = _lock()
+    assert table["Ray"] == pins["ray"] and table["torch"] == pins["torch"], table
+    assert table["MLflow"] == pins["mlflow"], table
+    assert table["Pillow-SIMD"] == _pillow_simd_version(), table
+    for manifest in (REPO / "infra" / "k8s").glob("*.yaml"):
+        for found in re.findall(r'rayVersion: "?([\d.]+)', manifest.read_text()):
+            assert found == table["Ray"], f"{manifest.name}: rayVersion {found}"
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == f">={table['Python']}"
+    docker = (REPO / "infra" / "Dockerfile").read_text()
+    assert f"ARG PYTHON_VERSION={table['Python']}\n" in docker
+    (schemas,) = (REPO / "tests" / "fixtures" / "kuberay").glob("v*")
+    assert schemas.name == f"v{table['KubeRay']}"
+    helm = f"kuberay/kuberay-operator --version {table['KubeRay']}"
+    assert helm in (REPO / "infra" / "README.md").read_text()

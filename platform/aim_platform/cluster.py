@@ -20,8 +20,12 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aim_platform.errors import PlatformError
+
+if TYPE_CHECKING:
+    from aim_platform.config import JobConfig
 
 TOKEN_HELP = (
     "set RAY_AUTH_TOKEN to the cluster's token, or point --token-file (or RAY_AUTH_TOKEN_PATH) "
@@ -166,8 +170,9 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
         return True
     if address.startswith(("http://", "https://")):
         raise ClusterError(
-            f"--address {address}: that is a dashboard URL, which `aimctl submit` takes; a "
-            f"driver joins a cluster by its GCS address (HOST:6379) or `auto` on a node"
+            f"--address (or RAY_ADDRESS) {address}: that is a dashboard URL, which `aimctl "
+            f"submit` takes; a driver joins a cluster by its GCS address (HOST:6379) or "
+            f"`auto` on a node"
         )
     token = use_token(address, token_file)
     import ray
@@ -187,3 +192,38 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
     if "InvalidAuthToken" in said or "Unauthenticated" in said:
         raise auth_error(address, token)
     raise ClusterError(f"cannot join the Ray cluster at {address}: {failure}")
+
+
+def resolve_use_gpu(setting: bool | str, cluster_gpus: float) -> bool:
+    """``train.use_gpu`` as a bool: ``auto`` is True when the cluster has a GPU.
+
+    Args:
+        setting: the config's value, ``"auto"``, True or False.
+        cluster_gpus: the GPUs the cluster holds (Ray's ``cluster_resources()["GPU"]``; an
+            embedded Ray counts this machine's).
+
+    Returns:
+        Whether each training worker takes a GPU. An explicit True stays True on a cluster
+        without GPUs (an autoscaler may add GPU nodes).
+    """
+    if setting == "auto":
+        return cluster_gpus > 0
+    return bool(setting)
+
+
+def cluster_gpus() -> float:
+    """The GPUs of the Ray cluster this process has joined (0 when none)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def resolve_devices(job: JobConfig, gpus: float | None = None) -> JobConfig:
+    """The job with ``train.use_gpu`` a bool (see :func:`resolve_use_gpu`); ``gpus`` defaults
+    to the joined cluster's (:func:`cluster_gpus`), asked only when the setting is ``auto``."""
+    setting = job.train.use_gpu
+    if setting != "auto":
+        return job
+    use = resolve_use_gpu(setting, cluster_gpus() if gpus is None else gpus)
+    train = job.train.model_copy(update={"use_gpu": use})
+    return job.model_copy(update={"train": train})

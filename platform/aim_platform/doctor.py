@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 
@@ -80,6 +82,51 @@ def device_report() -> list[str]:
     return lines
 
 
+def nvidia_gpus() -> list[str]:
+    """The GPUs ``nvidia-smi -L`` lists (the driver's view, whatever torch was built for)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return []
+    try:
+        out = subprocess.run([exe, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU ")]
+
+
+def job_device(
+    torch_gpus: list[str], driver_gpus: list[str], torch_version: str, torch_cuda: str | None
+) -> str:
+    """Which device a job started here uses with ``train.use_gpu: auto`` (the default), and
+    what to do when a GPU is present that torch cannot use.
+
+    Args:
+        torch_gpus: the GPUs torch sees (names), what an embedded Ray offers the workers.
+        driver_gpus: the GPUs ``nvidia-smi -L`` lists.
+        torch_version: ``torch.__version__``.
+        torch_cuda: ``torch.version.cuda`` (None for a CPU build).
+    """
+    if torch_gpus:
+        return (
+            f"GPU: train.use_gpu auto gives each worker one of {len(torch_gpus)} GPU(s) "
+            f"({torch_gpus[0]}), bf16 mixed precision; `--set train.use_gpu=false` for CPUs"
+        )
+    if driver_gpus and torch_cuda is None:
+        return (
+            f"CPU: nvidia-smi lists {len(driver_gpus)} GPU(s) but torch {torch_version} is a "
+            f"CPU build: run `make clean setup TORCH_BUILD=cuda` for the CUDA build"
+        )
+    if driver_gpus:
+        return (
+            f"CPU: nvidia-smi lists {len(driver_gpus)} GPU(s) but torch {torch_version} (CUDA "
+            f"{torch_cuda}) cannot use them: check the driver against that CUDA version"
+        )
+    return (
+        "CPU: no GPU here, so train.use_gpu auto trains on CPUs, float32 (a job submitted to a "
+        "cluster uses GPUs when the cluster has any)"
+    )
+
+
 def report() -> dict[str, object]:
     """Everything ``aimctl doctor`` prints."""
     import torch
@@ -95,4 +142,9 @@ def report() -> dict[str, object]:
     }
     info.update(pil_report())
     info["devices"] = device_report()
+    gpus = [
+        torch.cuda.get_device_name(i)
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    ]
+    info["job device"] = job_device(gpus, nvidia_gpus(), torch.__version__, torch.version.cuda)
     return info

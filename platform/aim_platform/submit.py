@@ -23,6 +23,7 @@ sending, the Jobs API calls and their error messages); each function is small.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -275,7 +276,10 @@ def _validate(
             return scale
         if seeds != 1 or variants:
             raise ConfigError("--seeds and --variants apply to study specs (jobs/studies/)")
-        load_config(config_path, list(overrides))
+        from aim_platform.jobs.durable import check_durable_storage
+
+        # The job runs on the cluster, on whichever node: never with node-local checkpoints.
+        check_durable_storage(load_config(config_path, list(overrides)).train)
     except ConfigError as exc:
         raise SubmitError(str(exc)) from None
     return None
@@ -412,6 +416,43 @@ def status(address: str | None, job_id: str, token_file: str | Path | None = Non
         start_time=info.start_time,
         end_time=info.end_time,
     )
+
+
+# The one line a platform command prints when it fails (cli/app.py): ``error: ...`` for an
+# expected failure, ``<what> failed: <root cause>`` (aim_platform.failures.root_cause) for
+# the rest. A submitted job runs such a command, so its log holds that line.
+_PLATFORM_CAUSE = re.compile(r"^(?:error: (?P<error>.+)|(?P<failed>[\w -]+ failed: .+))$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def failure_cause(log: str, message: str | None = None) -> str:
+    """A failed job's root cause in one line, read from its log; the tracebacks stay there.
+
+    In order: the platform's own failure line (what the command would have printed on this
+    machine: ``pre-training failed: ValueError: ... (worker rank 0, ...)`` or, without its
+    ``error:``, an expected failure's message), else the exception line of the log's last
+    Python traceback, else the log's last line, else the first line of Ray's message.
+
+    Args:
+        log: the job's log (``aimctl jobs logs``).
+        message: Ray's status message for the job.
+    """
+    lines = [_ANSI.sub("", line).rstrip() for line in log.splitlines()]
+    lines = [line for line in lines if line.strip()]
+    for line in reversed(lines):
+        m = _PLATFORM_CAUSE.match(line)
+        if m:
+            return m["error"] or m["failed"]
+    headers = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    if headers:
+        after = lines[headers[-1] + 1 :]
+        raised = next((line for line in after if not line[:1].isspace()), None)
+        if raised:
+            return raised
+    if lines:
+        return lines[-1].strip()
+    said = (message or "").strip().splitlines()
+    return said[0] if said else "no log and no message from Ray"
 
 
 def logs(address: str | None, job_id: str, token_file: str | Path | None = None) -> str:

@@ -39,8 +39,13 @@ app = typer.Typer(
 )
 
 
+# Where Ray's own tools read them: ray.init() takes RAY_ADDRESS when no address is given, the
+# Jobs CLI RAY_API_SERVER_ADDRESS, falling back to RAY_ADDRESS.
 _CLUSTER_OPT = typer.Option(
-    None, "--address", help="Ray cluster to join (auto, HOST:6379); default: embedded Ray"
+    None,
+    "--address",
+    envvar="RAY_ADDRESS",
+    help="Ray cluster to join (auto, HOST:6379); default: $RAY_ADDRESS, else an embedded Ray",
 )
 
 
@@ -53,7 +58,10 @@ _VERBOSE_OPT = typer.Option(
     False, "--verbose", "-v", help="show Ray's and the workers' logs live instead of a log file"
 )
 _ADDRESS_OPT = typer.Option(
-    None, "--address", envvar="RAY_API_SERVER_ADDRESS", help="Ray dashboard, http://HOST:8265"
+    None,
+    "--address",
+    envvar=["RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"],
+    help="Ray dashboard, http://HOST:8265 [default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS]",
 )
 
 

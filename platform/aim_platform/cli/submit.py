@@ -68,18 +68,27 @@ def submit_cmd(
 def _print_job_failure(
     term: Console, address: str | None, job_id: str, token_file: Path | None
 ) -> None:
-    """The job's status message and the last lines of its log: why it failed."""
+    """The job's status and its root cause in one line, as a local command prints it; the
+    command that shows the whole log (the tracebacks stay there)."""
+    term.print(_status_line(address, job_id, token_file), markup=False, highlight=False)
+    term.print(
+        f"  the whole log: aimctl jobs logs {job_id} --address {address}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _status_line(address: str | None, job_id: str, token_file: Path | None) -> str:
+    """``ID: STATUS (Ray's message)``; a failed job's root cause instead of Ray's message
+    (which repeats the last 20,000 characters of the log)."""
     from aim_platform import submit as sub
 
     st = sub.status(address, job_id, token_file)
-    term.print(f"{job_id}: {st.status}", markup=False, highlight=False)
-    lines = [line for line in sub.logs(address, job_id, token_file).splitlines() if line.strip()]
-    if lines:
-        term.print(f"last {min(25, len(lines))} lines of its log:", highlight=False)
-        for line in lines[-25:]:
-            term.print(f"  {line}", markup=False, highlight=False)
-    if st.message:
-        term.print(f"Ray says: {st.message.strip().splitlines()[-1]}", markup=False)
+    if st.status == "FAILED":
+        cause = sub.failure_cause(sub.logs(address, job_id, token_file), st.message)
+        return f"{st.job_id}: FAILED: {cause}"
+    return f"{st.job_id}: {st.status}" + (f" ({st.message})" if st.message else "")
 
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Status, logs and stop of submitted jobs.")
@@ -90,15 +99,8 @@ app.add_typer(jobs_app, name="jobs")
 def jobs_status(
     job_id: str, address: str | None = _ADDRESS_OPT, token_file: Path | None = _TOKEN_OPT
 ) -> None:
-    """Print the job's status and message."""
-    from aim_platform import submit as sub
-
-    st = sub.status(address, job_id, token_file)
-    console.print(
-        f"{st.job_id}: {st.status}" + (f" ({st.message})" if st.message else ""),
-        markup=False,
-        soft_wrap=True,
-    )
+    """Print the job's status and message (a failed job: its root cause, in one line)."""
+    console.print(_status_line(address, job_id, token_file), markup=False, soft_wrap=True)
 
 
 @jobs_app.command("logs")
