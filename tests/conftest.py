@@ -50,11 +50,16 @@ HEAVY_FIRST = (
     "test_train.py",
     "test_tracking_outage.py",
     "test_node_loss.py",
+    "test_head_loss.py",
+    "test_preemption.py",  # four `aimctl pretrain` runs, each starting Ray
+    "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
     "test_eval_stream.py",
     "test_s3_faults.py",
+    "test_services.py",  # three real MLflow servers (one behind basic-auth): about 150 s
     "test_perf.py",
     "test_objectives.py",
     "test_tracking.py",
+    "test_artifact_store_errors.py",
     "test_data_s3.py",
     "test_data_pipeline.py",
     "test_data_ingest.py",

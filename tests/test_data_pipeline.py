@@ -16,13 +16,8 @@ from data_helpers import write_image_folder
 
 from aim_platform.config import DataConfig, ModelConfig
 from aim_platform.data import transforms as T
-from aim_platform.data.pipeline import (
-    build_train_dataset,
-    build_val_dataset,
-    collate_patches,
-    train_batches,
-    train_size,
-)
+from aim_platform.data.batches import collate_patches, train_batches
+from aim_platform.data.pipeline import build_train_dataset, build_val_dataset, train_size
 from aim_platform.jobs.ingest import ingest
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -50,7 +45,10 @@ def test_train_rows_are_reproducible_uint8_patch_sequences(dataset) -> None:
     train_ids = set(pq.read_table(dest / "train").column("id").to_pylist())
     assert train_size(data) == len(train_ids)
     rows = rows_of(build_train_dataset(data, MODEL, seed=3, epochs=2))
-    assert {k for k in rows[0]} == {"id", "patches", "valid", "epoch", "label", "source"}
+    assert {k for k in rows[0]} == {
+        *("id", "patches", "valid", "epoch", "label", "source"),
+        *("item", "epoch_items", "item_rows", "key"),  # what was trained: data/consumed.py
+    }
     for r in rows:
         assert r["patches"].shape == (MODEL.num_patches, MODEL.patch_dim) == (64, 48)
         assert r["patches"].dtype == np.uint8 and r["valid"]

@@ -1,15 +1,18 @@
-"""A node that disappears: a token-auth Ray head and a second ``ray start --address`` node on
-127.0.0.1 (2 CPUs each, the second with its own temp dir), the demo job with one worker on each
-(STRICT_SPREAD, 1 CPU a worker), and the second node's raylet killed after a checkpoint.
+"""A node that disappears with its disk: a token-auth Ray head and a second ``ray start
+--address`` node on 127.0.0.1 (2 CPUs each, the second with its own temp dir), the demo job with
+one worker on each (STRICT_SPREAD, 1 CPU a worker) and its checkpoints on the local S3 endpoint,
+and the second node's raylet killed after a checkpoint, its temp dir deleted at once.
 
 Before the platform restarted training itself, Ray Train brought both workers back on the
 surviving node, they took its 2 CPUs, the data pipeline's read tasks could never be scheduled
 and the job hung without a word. Now it resumes from the checkpoint on what fits (1 worker,
-0.5 CPU kept for data), says so, and finishes; the MLflow run records the restart.
+0.5 CPU kept for data), says so, and finishes; the MLflow run records the restart and holds
+every step once (the redone steps are not logged again).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from net_helpers import REPO, free_port
@@ -68,8 +72,9 @@ def _up(
     args: list[str], env: dict[str, str], temp_dir: str, gcs: str, nodes: int
 ) -> subprocess.Popen[bytes]:
     """``ray start --block ARGS`` until the cluster counts ``nodes`` nodes; a start that dies
-    (on a loaded machine the raylet can give up waiting for its agents) is tried again."""
-    for _ in range(3):
+    (on a loaded machine the raylet can give up waiting for its agents, Ray's own wait for
+    a node to register is 30 s) is tried again."""
+    for _ in range(6):
         proc = _start(args, env, temp_dir)
         while proc.poll() is None and _node_count(env, gcs) < nodes:
             time.sleep(2)
@@ -79,22 +84,28 @@ def _up(
     raise AssertionError(Path(temp_dir, "node.log").read_text()[-3000:])
 
 
-@pytest.fixture
-def two_nodes() -> Iterator[dict[str, str]]:
-    """Head and worker node (2 CPUs each) on 127.0.0.1 with token auth; yields the GCS
-    address, the environment that reaches it, and the worker node's temp dir."""
-    token = secrets.token_hex(24)
-    head_dir = tempfile.mkdtemp(prefix="aimh", dir="/tmp")  # short: unix socket paths
-    node_dir = tempfile.mkdtemp(prefix="aimn", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
+def cluster_env(head_dir: str) -> dict[str, str]:
+    """The environment of a token-auth cluster's nodes and drivers (the AWS variables of the
+    session's S3 endpoint included: its credentials, as a cluster's pods get them)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(
         RAY_AUTH_MODE="token",
-        RAY_AUTH_TOKEN=token,
+        RAY_AUTH_TOKEN=secrets.token_hex(24),
         HOME=head_dir,
         PATH=str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", ""),
         RAY_USAGE_STATS_ENABLED="0",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
     )
+    return env
+
+
+@contextlib.contextmanager
+def local_cluster(env: dict[str, str]) -> Iterator[dict[str, Any]]:
+    """Head and worker node (2 CPUs each) on 127.0.0.1, fresh temp dirs; yields the GCS
+    address, both temp dirs and both ``ray start`` processes. Stopped (and checked gone) on
+    the way out, even if the test killed them."""
+    head_dir = tempfile.mkdtemp(prefix="aimh", dir="/tmp")  # short: unix socket paths
+    node_dir = tempfile.mkdtemp(prefix="aimn", dir="/tmp")
     gcs_port = free_port()
     gcs = f"127.0.0.1:{gcs_port}"
     head = node = None
@@ -106,7 +117,7 @@ def two_nodes() -> Iterator[dict[str, str]]:
             env, head_dir, gcs, 1,
         )  # fmt: skip
         node = _up(["--address", gcs, "--temp-dir", node_dir, *_node_args()], env, node_dir, gcs, 2)
-        yield {"gcs": gcs, "node_dir": node_dir, "env": env}
+        yield {"gcs": gcs, "head_dir": head_dir, "node_dir": node_dir, "procs": [head, node]}
     finally:
         left = []
         for proc, folder in ((node, node_dir), (head, head_dir)):
@@ -115,6 +126,54 @@ def two_nodes() -> Iterator[dict[str, str]]:
         shutil.rmtree(head_dir, ignore_errors=True)
         shutil.rmtree(node_dir, ignore_errors=True)
         assert not left, f"Ray processes left running: {left}"
+
+
+@pytest.fixture
+def two_nodes(s3_endpoint: dict[str, str], tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Head and worker node (2 CPUs each) on 127.0.0.1 with token auth, started after the S3
+    endpoint (the nodes inherit its ``AWS_*`` credentials); yields the GCS address, the
+    environment that reaches it, and the worker node's temp dir."""
+    env = cluster_env(str(tmp_path))
+    with local_cluster(env) as nodes:
+        yield {**nodes, "env": env}
+
+
+def s3_storage(s3_endpoint: dict[str, str], prefix: str) -> tuple[str, dict[str, str]]:
+    """``train.storage_path`` and ``train.storage_options`` on the session's S3 endpoint."""
+    url = f"s3://{s3_endpoint['bucket']}/{prefix}"
+    return url, {"endpoint_url": s3_endpoint["endpoint_url"]}
+
+
+def read_state(url: str, options: dict[str, str]) -> dict | None:
+    """The JSON at ``url`` (local or S3), or None while it is not there."""
+    from aim_platform.storage import filesystem
+
+    fs, path = filesystem(url, options)
+    fs.invalidate_cache()  # s3fs lists once and remembers
+    if not fs.exists(path):
+        return None
+    with fs.open(path) as f:
+        return json.loads(f.read())
+
+
+def wait_past_checkpoint(
+    driver: subprocess.Popen[bytes], console: Path, run: str, options: dict, tracking: str
+) -> tuple[int, int]:
+    """Wait for a checkpoint at step 10 or later and two logged steps past it (steps a
+    restart redoes); returns the checkpoint's step and the last step logged so far."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    while True:
+        assert driver.poll() is None, console.read_text()[-3000:]
+        state = read_state(f"{run}/latest.json", options)
+        ids = read_state(f"{run}/mlflow_run_id.json", options)
+        if state and state["step"] >= 10 and ids:
+            losses = client.get_metric_history(ids["run_id"], "train/loss")
+            logged = max((m.step for m in losses), default=0)
+            if logged >= state["step"] + 2:
+                return state["step"], logged
+        time.sleep(1)
 
 
 def _raylet_of(temp_dir: str) -> int:
@@ -133,20 +192,25 @@ def _raylet_of(temp_dir: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.cluster
-def test_lost_node_resumes_on_what_is_left_and_finishes(two_nodes, tmp_path: Path) -> None:
+@pytest.mark.timeout(1800)  # a cluster start and a restart: minutes each on a loaded machine
+def test_lost_node_and_its_disk_lose_nothing(
+    two_nodes, s3_endpoint: dict[str, str], tmp_path: Path
+) -> None:
     from mlflow.tracking import MlflowClient
 
-    storage = tmp_path / "runs"
+    storage, options = s3_storage(s3_endpoint, f"node-loss-{tmp_path.name}")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     sets = {
         "name": "lost-node",
         "train.steps": STEPS,
         "train.checkpoint_every": 10,
         "train.val_every": 20,
+        "train.log_every": 1,
         "train.placement_strategy": "STRICT_SPREAD",  # one worker a node, or no start
         "train.cpus_per_worker": 1,
         "train.max_failures": 3,
-        "train.storage_path": str(storage),
+        "train.storage_path": storage,
+        "train.storage_options": json.dumps(options),
         "tracking.tracking_uri": tracking,
     }
     args = [item for k, v in sets.items() for item in ("--set", f"{k}={v}")]
@@ -157,15 +221,19 @@ def test_lost_node_resumes_on_what_is_left_and_finishes(two_nodes, tmp_path: Pat
          "--address", two_nodes["gcs"], *args],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    latest = storage / "lost-node" / "latest.json"
+    latest = f"{storage}/lost-node/latest.json"
     try:
-        # Kill the second node once a checkpoint is in (progress-based: no speed assumed).
-        while not (latest.exists() and json.loads(latest.read_text())["step"] >= 10):
-            assert driver.poll() is None, (tmp_path / "console.txt").read_text()[-3000:]
-            time.sleep(1)
-        killed_at = json.loads(latest.read_text())["step"]
-        assert killed_at < STEPS
+        # Kill the second node once a checkpoint is in and steps after it are logged
+        # (progress-based: no speed assumed), then take its disk (its temp dir: logs,
+        # spilled objects, the worker's files).
+        saved, logged = wait_past_checkpoint(
+            driver, tmp_path / "console.txt", f"{storage}/lost-node", options, tracking
+        )
         os.kill(_raylet_of(two_nodes["node_dir"]), signal.SIGKILL)
+        shutil.rmtree(two_nodes["node_dir"], ignore_errors=True)
+        time.sleep(3)  # a commit past its barrier when the node went finishes; no other can
+        kept = read_state(latest, options)["step"]
+        assert saved <= kept < logged < STEPS  # steps past the checkpoint: redone
         driver.wait(timeout=1800)
     finally:
         if driver.poll() is None:
@@ -174,20 +242,46 @@ def test_lost_node_resumes_on_what_is_left_and_finishes(two_nodes, tmp_path: Pat
     console = (tmp_path / "console.txt").read_text()
     assert driver.returncode == 0, console[-4000:]
     assert "lost 1 of 2 node(s)" in console, console[-4000:]
-    assert "resuming from the checkpoint at step" in console
+    assert f"resuming from the checkpoint at step {kept}" in console, console[-4000:]
     assert "on 1 worker(s) (of 2" in console
     assert f"step {STEPS}/{STEPS}" in console
 
-    run_id = json.loads((storage / "lost-node" / "mlflow_run_id.json").read_text())["run_id"]
+    run_id = read_state(f"{storage}/lost-node/mlflow_run_id.json", options)["run_id"]
     client = MlflowClient(tracking_uri=tracking)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["restarts"] == "1" and "lost 1 of 2 node(s)" in run.data.tags["restart_1"]
     (restart,) = client.get_metric_history(run_id, "train/restarts")
-    assert restart.value == 1 and restart.step >= killed_at
-    steps = {m.step for m in client.get_metric_history(run_id, "train/loss")}
-    assert max(steps) == STEPS
+    assert restart.value == 1 and restart.step == kept
+    (resumed,) = client.get_metric_history(run_id, "train/resumed_from_step")
+    assert resumed.value == kept
+    # Every step once: the steps after the checkpoint that the lost attempt had logged
+    # (kept + 1 to at least `logged`) are redone, not logged again.
+    steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
+    assert steps == list(range(1, STEPS + 1)), steps
     workers = sorted(client.get_metric_history(run_id, "train/workers"), key=lambda m: m.step)
     assert workers[0].value == 2 and workers[-1].value == 1
-    assert latest.exists() and json.loads(latest.read_text())["step"] == STEPS
-    assert (storage / "lost-node" / "final" / "trunk.safetensors").is_file()
+    assert read_state(latest, options)["step"] == STEPS
+    from aim_platform.storage import filesystem
+
+    fs, final = filesystem(f"{storage}/lost-node/final/trunk.safetensors", options)
+    assert fs.exists(final)
+
+
+def test_a_resumed_rank_0_logs_only_the_steps_the_run_lacks(tmp_path: Path) -> None:
+    """What a restart redoes was logged before it: rank 0 logs only the steps after the run's
+    last ``train/loss`` step; MLflow not answering, it logs them all (twice over a gap)."""
+    from aim_platform.tracking import RunLogger, Tracker
+    from aim_platform.train.loop import _logged_through
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    run_id = tracker.start_run("redo", "redo", {}, {}, None)
+    for step in range(1, 15):  # the failed attempt got to step 14; its checkpoint: step 10
+        tracker.log_metrics(run_id, {"train/loss": 1.0 / step}, step=step)
+    logger = RunLogger(uri, run_id)
+    assert _logged_through(logger) == 14
+    logger.close(timeout=10)
+    down = RunLogger(f"http://127.0.0.1:{free_port()}", run_id)
+    assert _logged_through(down) == 0
+    down.close(timeout=0)

@@ -260,3 +260,49 @@ def test_a_study_can_run_a_subset_of_its_variants() -> None:
         select_variants(spec, ["s9", "s0.4"])
     with pytest.raises(ConfigError, match="at least 2"):
         select_variants(spec, ["s0.4"])
+    # a subset keeps the text's directions between its own variants: each Tune trial
+    # validates the spec again
+    from aim_platform.config import StudySpec
+
+    kept = ["causal-pt.causal-probe", "causal-pt.bidir-probe", "prefix-pt.bidir-probe"]
+    spec = select_variants(load_study(STUDIES_DIR / "attention.yaml"), kept)
+    assert StudySpec.model_validate(spec.model_dump(mode="json")).directions["linear"] == [
+        "causal-pt.causal-probe > causal-pt.bidir-probe",
+        "prefix-pt.bidir-probe > causal-pt.causal-probe",
+        "prefix-pt.bidir-probe > causal-pt.bidir-probe",
+    ]
+
+
+def test_variants_that_differ_only_in_the_probe_share_one_pretraining() -> None:
+    from aim_platform.jobs.study_spec import pretraining_groups
+
+    spec = load_study(STUDIES_DIR / "attention.yaml")  # Table 3d: 2 pre-trainings x 2 probes
+    for seeds in (1, 3):
+        assert pretraining_groups(spec, "tiny", [], seeds) == [
+            ["causal-pt.causal-probe", "causal-pt.bidir-probe"],
+            ["prefix-pt.causal-probe", "prefix-pt.bidir-probe"],
+        ]
+    head = load_study(STUDIES_DIR / "head.yaml")  # every variant its own pre-training
+    assert pretraining_groups(head, "tiny", []) == [[v] for v in head.variants]
+
+
+def test_gpus_per_trial_shares_a_gpu_between_one_worker_trials() -> None:
+    from typer.testing import CliRunner
+
+    from aim_platform.cli import app
+    from aim_platform.jobs.study import _on_gpus, check_gpus_per_trial
+
+    job = load_study(STUDIES_DIR / "head.yaml").job("mlp", "small")  # one worker a trial
+    assert job.train.num_workers == 1
+    shared = _on_gpus(job, 0.25).train
+    assert shared.use_gpu is True and shared.gpus_per_worker == 0.25  # four trials a GPU
+    assert _on_gpus(job, None) == job
+    check_gpus_per_trial(2, 2)  # one whole GPU a worker
+    with pytest.raises(ConfigError, match="--gpus-per-trial: 1 GPUs for 2 workers"):
+        check_gpus_per_trial(1, 2)  # two workers of one trial on one GPU: NCCL refuses
+    with pytest.raises(ConfigError, match="--gpus-per-trial"):
+        check_gpus_per_trial(1.5, 1)
+    out = CliRunner().invoke(
+        app, ["study", str(STUDIES_DIR / "head.yaml"), "--scale", "tiny", "--gpus-per-trial", "0.5"]
+    )
+    assert out.exit_code != 0 and "--gpus-per-trial: 0.5 GPUs for 2 workers" in out.output

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from net_helpers import REPO, free_port
@@ -76,9 +77,10 @@ def _stop_head(proc: subprocess.Popen[bytes], temp_dir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def ray_head() -> Iterator[dict[str, str]]:
+def ray_head(s3_endpoint: dict[str, str]) -> Iterator[dict[str, str]]:
     """A token-auth Ray head on 127.0.0.1 (2 CPUs, as the demo needs; dashboard on): address,
-    GCS address, token, temp dir."""
+    GCS address, token, temp dir. Started after the S3 endpoint: its nodes have the object
+    store's credentials in their environment, as a cluster's nodes do."""
     temp_dir = tempfile.mkdtemp(prefix="aimray", dir="/tmp")  # short: unix socket paths
     token = secrets.token_hex(24)
     venv_bin = str(Path(sys.executable).parent)
@@ -390,7 +392,7 @@ RAW_RAY_LINE = re.compile(
 JOURNEY_STEPS = 40  # the demo job, stopped after its first checkpoint (step 10), resubmitted
 
 
-def _journey_args(storage: Path) -> list[str]:
+def _journey_args(storage: str) -> list[str]:
     sets = {
         "name": "journey",
         "train.steps": JOURNEY_STEPS,
@@ -409,31 +411,50 @@ def journey_env(token_env: None, mlflow_server: str, monkeypatch: pytest.MonkeyP
 
 
 @pytest.fixture(scope="module")
-def shared_storage(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Storage every job of the cluster reaches (one machine here; S3 on a real cluster)."""
-    return tmp_path_factory.mktemp("shared")
+def shared_storage(s3_endpoint: dict[str, str]) -> str:
+    """Storage every job of the cluster reaches: object storage, as on a real cluster (a
+    local folder is refused by `aimctl submit`: it would stay on one node's disk)."""
+    return f"s3://{s3_endpoint['bucket']}/submit-{secrets.token_hex(4)}"
 
 
-def _wait_for_checkpoint(run_root: Path, job_id: str, address: str, timeout: float) -> int:
-    latest = run_root / "latest.json"
+def _read_json(url: str) -> Any:
+    """A small JSON object of the storage, read afresh (no cached listing)."""
+    import json
+
+    from aim_platform.storage import filesystem
+
+    fs, path = filesystem(url)
+    return json.loads(fs.cat_file(path))
+
+
+def _exists(url: str, *, folder: bool = False) -> bool:
+    from aim_platform.storage import filesystem
+
+    fs, path = filesystem(url)
+    fs.invalidate_cache()
+    return fs.isdir(path) if folder else fs.exists(path)
+
+
+def _wait_for_checkpoint(run_root: str, job_id: str, address: str, timeout: float) -> int:
+    latest = f"{run_root}/latest.json"
     deadline = time.monotonic() + timeout
-    while not latest.exists():
+    while not _exists(latest):
         state = sub.status(address, job_id).status
         assert state in ("PENDING", "RUNNING"), sub.logs(address, job_id)[-3000:]
         assert time.monotonic() < deadline, sub.logs(address, job_id)[-3000:]
         time.sleep(1)
-    import json
-
-    return int(json.loads(latest.read_text())["step"])
+    return int(_read_json(latest)["step"])
 
 
 @pytest.mark.slow
 def test_demo_submitted_stopped_and_resubmitted_resumes(
-    ray_head: dict[str, str], journey_env: str, shared_storage: Path
+    ray_head: dict[str, str], journey_env: str, shared_storage: str
 ) -> None:
     import json
 
     from mlflow.tracking import MlflowClient
+
+    from aim_platform.storage import filesystem
 
     runner = CliRunner()
     address = ray_head["address"]
@@ -441,18 +462,18 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     first = runner.invoke(app, [*args, *_journey_args(shared_storage)])
     assert first.exit_code == 0, first.output
     job_id = _job_id(first.output)
-    run_root = shared_storage / "journey"
+    run_root = f"{shared_storage}/journey"
     _wait_for_checkpoint(run_root, job_id, address, timeout=600)  # a loaded CI machine
     stopped = runner.invoke(app, ["jobs", "stop", job_id, "--address", address])
     assert stopped.exit_code == 0 and f"{job_id}: STOPPED" in stopped.output, stopped.output
-    saved = json.loads((run_root / "latest.json").read_text())
-    assert (run_root / saved["checkpoint"]).is_dir() and 10 <= saved["step"] < JOURNEY_STEPS
+    saved = _read_json(f"{run_root}/latest.json")
+    assert _exists(f"{run_root}/{saved['checkpoint']}", folder=True)
+    assert 10 <= saved["step"] < JOURNEY_STEPS
     # A save that crashed half-way (rank 0's files without rank 1's, never committed to
     # latest.json) is newer than the last good one: the restart must not take it.
-    half = run_root / "checkpoint_00000099"
-    half.mkdir()
-    (half / "train_state.json").write_text(json.dumps({"step": 99, "epoch": 9, "data_seed": 0}))
-    (half / ".metadata").write_bytes(b"partial")
+    fs, half = filesystem(f"{run_root}/checkpoint_00000099")
+    fs.pipe_file(f"{half}/train_state.json", json.dumps({"step": 99, "epoch": 9, "data_seed": 0}))
+    fs.pipe_file(f"{half}/.metadata", b"partial")
 
     # Through the real entry point, stdout and stderr both: what a person sees is ours only
     # (Ray's packaging and upload lines go to runs/logs/submit-*.log).
@@ -462,7 +483,7 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )  # fmt: skip
     seen = (again.stdout + again.stderr).splitlines()
-    assert again.returncode == 0, seen
+    assert again.returncode == 0, [*seen, sub.logs(address, _job_id(again.stdout))[-4000:]]
     job_id = _job_id(again.stdout)
     assert [line for line in seen if line.strip()] == [
         f"submitted {job_id}",
@@ -477,7 +498,7 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     assert f"resuming from the checkpoint at step {saved['step']}" in log
     assert f"step {JOURNEY_STEPS}/{JOURNEY_STEPS}" in log and "mlflow" in log.lower()
 
-    run_id = json.loads((run_root / "mlflow_run_id.json").read_text())["run_id"]
+    run_id = _read_json(f"{run_root}/mlflow_run_id.json")["run_id"]
     client = MlflowClient(tracking_uri=journey_env)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -487,17 +508,18 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     losses = sorted(client.get_metric_history(run_id, "train/loss"), key=lambda m: m.step)
     assert losses[-1].step == JOURNEY_STEPS and losses[-1].value < 0.8 * losses[0].value
     assert losses[0].step <= saved["step"]  # one MLflow run: the steps before the stop too
-    assert (run_root / "final" / "trunk.safetensors").is_file()
+    assert _exists(f"{run_root}/final/trunk.safetensors")
+    assert not _exists(f"{run_root}/lease.json")  # the run's lease, released at its end
 
 
 @pytest.mark.slow
 def test_probe_of_a_trunk_on_shared_storage_submitted(
-    ray_head: dict[str, str], journey_env: str, shared_storage: Path
+    ray_head: dict[str, str], journey_env: str, shared_storage: str
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    trunk = shared_storage / "journey" / "final"
-    if not (trunk / "trunk.safetensors").is_file():
+    trunk = f"{shared_storage}/journey/final"
+    if not _exists(f"{trunk}/trunk.safetensors"):
         pytest.skip("needs the trunk of test_demo_submitted_stopped_and_resubmitted_resumes")
     command = (
         f"aimctl probe {trunk} builtin:digits --set labels_per_class=20 --set steps=100 "

@@ -254,7 +254,18 @@ class TrainConfig(StrictModel):
     steps: int = Field(100, ge=1, description="optimizer steps")
     num_workers: int = Field(2, ge=1, description="Ray Train workers")
     cpus_per_worker: float = Field(0.5, gt=0, description="logical CPUs each worker reserves")
-    use_gpu: bool = False
+    use_gpu: Literal["auto"] | bool = Field(
+        "auto",
+        description="auto: one GPU per worker when the cluster has GPUs (decided on the driver "
+        "when the job starts, aim_platform.cluster.resolve_use_gpu), else CPUs; true/false",
+    )
+    gpus_per_worker: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of a GPU each worker takes with use_gpu: a fraction puts workers of "
+        "several jobs (study trials: aimctl study --gpus-per-trial) on one GPU",
+    )
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="how workers are placed on nodes (SPREAD: one per node if possible)"
     )
@@ -287,11 +298,34 @@ class TrainConfig(StrictModel):
         description="after a failure, how long to wait for Ray to report lost nodes before "
         "restarting (Ray's health checks take about 15 s to declare a node dead)",
     )
+    step_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="a rank that makes no step for this long (after its first step; "
+        "validation and checkpoints excepted) ends and the job restarts from its checkpoint",
+    )
+    preempt_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="after SIGTERM (a pod deleted, a spot node reclaimed), how long the "
+        "checkpoint at the next step boundary may take before the run stops without it",
+    )
     storage_path: str = Field("./runs", description="any fsspec URL: folder or s3://bucket/x")
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
         description="fsspec options for storage_path (endpoint_url, region); credentials come "
         "from the environment (AWS_ACCESS_KEY_ID, ...) and are redacted if given here",
+    )
+    storage_shared: bool = Field(
+        False,
+        description="a local storage_path is a filesystem every node mounts (NFS, a PVC): "
+        "allows it on a cluster of several nodes (see aim_platform.jobs.durable)",
+    )
+    lease_ttl_s: float = Field(
+        120.0,
+        gt=0,
+        description="the run's lease (<storage>/<name>/lease.json) is taken over by another "
+        "run once its holder has not renewed it for this long (see aim_platform.jobs.lease)",
     )
     warmup_throughput_steps: int = Field(3, ge=0, description="steps excluded from images/s")
     peak_flops: float | None = Field(None, gt=0, description="override the device peak for MFU")
@@ -383,6 +417,12 @@ class DataConfig(StrictModel):
     prefetch_batches: int = Field(2, ge=0, description="batches prefetched by the consumer")
     local_shuffle_buffer: int = Field(0, ge=0, description="consumer-side shuffle rows; 0: off")
     preserve_order: bool = Field(True, description="deterministic row order (same seed)")
+    max_shard_failures: int = Field(
+        3, ge=1, description="failed reads of one shard (across restarts) before giving up on it"
+    )
+    skip_bad_shards: bool = Field(
+        False, description="past max_shard_failures, train without the shard instead of failing"
+    )
 
     def crop_args(self) -> dict[str, Any]:
         """The training view's settings as :func:`~aim_platform.data.transforms.decode_batch`

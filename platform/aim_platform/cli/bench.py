@@ -111,3 +111,15 @@ def bench_pretrain(
     result = bench.run(config or bench.DEMO, steps, set_)
     for line in result.lines():
         console.print(line)
+
+
+@bench_app.command("record")
+def bench_record(
+    rows: int = typer.Option(256, help="JPEG rows decoded beside their keys"),
+    rounds: int = typer.Option(5, help="timed rounds (median)"),
+    size: str = typer.Option("aim-tiny", help="model size of the step and checkpoint"),
+) -> None:
+    """What exact data resume costs: keys vs decode, record vs step, record vs checkpoint."""
+    from aim_platform.bench import record
+
+    record.run(rows=rows, rounds=rounds, size=size, echo=console.print)

@@ -1,5 +1,9 @@
 """The jobs: ``pretrain``, ``study``, ``probe``, ``ingest``, ``tokenizer-fit``. Each long-running one shows a progress display and a summary; the rest of what it
-prints goes to a log file (:func:`~aim_platform.cli.app.run_console`)."""
+prints goes to a log file (:func:`~aim_platform.cli.app.run_console`).
+
+Over 400 lines on purpose: one typer command per job, each a thin wrapper (options, the
+console frame, the call into :mod:`aim_platform.jobs`); splitting them would scatter the
+command line over several files."""
 
 from __future__ import annotations
 
@@ -46,6 +50,7 @@ def pretrain(
     from aim_platform.jobs.pretrain import pretrain as run_pretrain
     from aim_platform.jobs.pretrain_outputs import summary
     from aim_platform.train.paths import storage_url
+    from aim_platform.train.preempt import EXIT_CODE, Preempted
 
     job = load_or_fail(config, set_, JobConfig)
     tc = job.train
@@ -60,14 +65,19 @@ def pretrain(
     uri = tracking.resolve_tracking_uri(job.tracking.tracking_uri, storage_url(tc.storage_path))
     with run_console("pre-training", header, log, address=address, token_file=token_file) as term:
         display = TrainDisplay(term, job.name, tc.steps, tracking_uri=uri)
+        preempted = None  # SIGTERM: the run stopped at a step boundary (see train/preempt.py)
         try:
             result = run_pretrain(
                 job, address=address, on_progress=display.update, on_event=display.notice
             )
+        except Preempted as stop:
+            result, preempted = stop.result, str(stop)
         finally:
             display.close()
-        for line in summary(result):
+        for line in [*summary(result), *([preempted] if preempted else [])]:
             term.print(line, markup=False, highlight=False)
+    if preempted:
+        raise typer.Exit(EXIT_CODE)
     if result.error:
         raise typer.Exit(1)
 
@@ -79,13 +89,25 @@ def study(
     set_: list[str] = typer.Option([], "--set", help="override for every trial a.b=c"),
     address: str = _CLUSTER_OPT,
     token_file: Path | None = _TOKEN_OPT,
-    storage: str = typer.Option("./runs/studies", help="study folder root"),
+    storage: str = typer.Option(
+        "./runs/studies", help="study folder root: a local folder or s3://bucket/prefix"
+    ),
+    storage_options: str = typer.Option(
+        "",
+        help='fsspec options JSON of --storage, e.g. {"endpoint_url": ...} (every trial '
+        "gets them as train.storage_options)",
+    ),
     tracking_uri: str = typer.Option(
         None, help="MLflow URI; default $MLFLOW_TRACKING_URI, else mlflow.db above --storage"
     ),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
     concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
+    gpus_per_trial: float = typer.Option(
+        None,
+        help="GPUs a trial's workers take together; a fraction (one-worker trials, e.g. 0.5) "
+        "puts several trials on one GPU",
+    ),
     variants: str = typer.Option("", help="only these variants, comma-separated"),
     floor: bool = typer.Option(
         True, help="also probe randomly initialized trunks (the table's floor row)"
@@ -94,14 +116,18 @@ def study(
 ) -> None:
     """Run one of the paper's ablations (Tables 3-5) with Ray Tune; print its table."""
     use_token(address, token_file)  # before anything imports Ray
+    import json
+
     import yaml
 
     from aim_platform import tracking
     from aim_platform.config import SCALES, ConfigError, yaml_problem
     from aim_platform.console import StudyDisplay, log_path
-    from aim_platform.jobs.study import run_study
-    from aim_platform.jobs.study_spec import load_study, select_variants
+    from aim_platform.jobs.lease import acquire as hold_name
+    from aim_platform.jobs.study import check_gpus_per_trial, run_study
+    from aim_platform.jobs.study_spec import load_study, pretraining_groups, select_variants
     from aim_platform.jobs.study_table import trial_name
+    from aim_platform.storage import is_remote, parse_storage_options
     from aim_platform.train.paths import storage_url
 
     if scale not in SCALES:
@@ -114,15 +140,39 @@ def study(
         raise ConfigError(f"study spec {spec}: not valid YAML: {yaml_problem(exc)}") from None
     if variants:
         parsed = select_variants(parsed, [v.strip() for v in variants.split(",") if v.strip()])
+    if storage_options:  # every trial's storage, so the trials' train.storage_options
+        try:
+            opts = parse_storage_options(storage_options)
+        except ValueError as exc:  # bad JSON from the command line
+            raise ConfigError(f"--storage-options: {exc}") from None
+        set_ = [*set_, f"train.storage_options={json.dumps(opts)}"]
     first = parsed.job(next(iter(parsed.variants)), scale, set_)  # validates the overrides
-    folder = Path(storage_url(storage)) / f"{parsed.name}-{scale}"
+    if gpus_per_trial is not None:
+        for v in parsed.variants:
+            check_gpus_per_trial(gpus_per_trial, parsed.job(v, scale, set_).train.num_workers)
+    root = f"{storage_url(storage).rstrip('/')}/{parsed.name}-{scale}"  # the study's folder
+    # the console log stays on this machine: ./runs/studies/<study> for a study on s3://
+    folder = Path("runs/studies").resolve() / Path(root).name if is_remote(root) else Path(root)
     log = None if verbose else log_path(folder, "study")
     header = (
         f"study {parsed.name} (Table {parsed.table}), scale {scale}: "
         f"{len(parsed.variants) * seeds} trials of {first.train.steps} steps"
     )
+    groups = pretraining_groups(parsed, scale, set_, seeds)
+    if len(groups) < len(parsed.variants):
+        header += (
+            f" ({len(groups) * seeds} pre-trainings: trials that differ only in the probe "
+            "share one)"
+        )
     names = [trial_name(v, i, seeds) for v in parsed.variants for i in range(seeds)]
     with run_console("the study", header, log, address=address, token_file=token_file) as term:
+        # One driver per study folder (aim_platform.jobs.lease), held until the study ends.
+        held = hold_name(
+            f"{storage_url(storage).rstrip('/')}/{parsed.name}-{scale}",
+            ttl=first.train.lease_ttl_s,
+            storage_options=first.train.storage_options,
+            say=lambda text: term.print(text, markup=False, highlight=False),
+        )
         display = StudyDisplay(term, parsed.name, names, first.train.steps)
         try:
             result = run_study(
@@ -137,16 +187,18 @@ def study(
                 seeds=seeds,
                 concurrent=concurrent,
                 floor=floor,
+                gpus_per_trial=gpus_per_trial,
             )
         finally:
             display.close()
+            held.release()
         term.print(result.markdown(), markup=False, highlight=False)
         for t in result.trials:
             if t.error:
                 first_line = t.error.strip().splitlines()[0]
                 name = trial_name(t.variant, t.seed, seeds)
                 term.print(f"trial {name} failed: {first_line}", markup=False)
-        term.print(f"table: {folder / 'table.md'} (and table.csv)", markup=False)
+        term.print(f"table: {root}/table.md (and table.csv)", markup=False)
         term.print(
             f"MLflow study run {result.parent_run_id}: {tracking.ui_command(result.tracking_uri)}",
             markup=False,

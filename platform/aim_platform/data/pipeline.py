@@ -7,15 +7,17 @@ Use::
     TorchTrainer(..., datasets={"train": train_ds, "val": val_ds},
                  dataset_config=ray.train.DataConfig(
                      datasets_to_split=["train"], execution_options=execution_options(cfg.data)))
-    # in each worker:
+    # in each worker (aim_platform.data.batches):
     shard = ray.train.get_dataset_shard("train")
-    for patches, dropped in torch_batches(train_batches(shard, cfg.data, batch_size=B)):
-        ...  # patches: (b, K, P) uint8, b <= B; dropped: undecodable images in this batch
+    for batch in train_batches(shard, cfg.data, batch_size=B):
+        ...  # batch["patches"]: (B, K, P) uint8; batch["valid"]: (B,) bool
 
 Rows: ``id`` (str), ``patches`` (K, P) uint8, ``valid`` (bool; False: the image failed to
 decode, its patches are zeros), ``epoch`` (int32), ``label`` (int32, -1 when none),
-``source`` (str). Strings cannot become tensors, so consume with ``collate_patches``
-(a :class:`PatchCollate`, what :func:`train_batches` passes to ``iter_torch_batches``).
+``source`` (str), and the provenance columns of :mod:`aim_platform.data.consumed` (``item``,
+``epoch_items``, ``item_rows``, ``key``). Strings cannot become tensors, so consume with
+:data:`aim_platform.data.batches.collate_patches` (what :func:`~aim_platform.data.batches.
+train_batches` passes to ``iter_torch_batches``).
 
 How it reads: the driver turns the manifests into work items (epoch, source, shard path),
 each epoch's shards of all sources interleaved in an order seeded by (seed, epoch); one
@@ -62,24 +64,23 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from ray.data.collate_fn import NumpyBatchCollateFn
 
 from aim_platform import storage
 from aim_platform.config import DataConfig, DataSource, ModelConfig
+from aim_platform.data.consumed import ResumePlan
 from aim_platform.data.shards import read_manifest
 from aim_platform.data.tasks import read_and_decode
+from aim_platform.data.transforms import id_hash
 from aim_platform.errors import DataError
 from aim_platform.security import check_relative
 
 if TYPE_CHECKING:
     import ray.data
-    import torch
 
 BLOCK_BYTES = 16 * 2**20  # Ray Data output block size: batches stream out sooner
 MAX_BLOCKS = 4096  # work-item blocks (a task each); more items share a task
@@ -112,6 +113,7 @@ class Shards:
     paths: list[str]  # inside ``filesystem``
     rows: int
     filesystem: Any  # pyarrow.fs.FileSystem
+    shard_rows: list[int] = field(default_factory=list)  # rows of each of ``paths``
 
 
 def cache_dir() -> Path:
@@ -166,6 +168,7 @@ def source_shards(
         ],
         rows=sum(int(s["rows"]) for s in shards),
         filesystem=fs,
+        shard_rows=[int(s["rows"]) for s in shards],
     )
 
 
@@ -188,14 +191,42 @@ def _model_args(model: ModelConfig) -> dict[str, int]:
     return {"img_size": model.img_size, "patch_size": model.patch_size}
 
 
-def epoch_items(shards: list[Shards], seed: int, epoch: int) -> list[dict[str, Any]]:
+def epoch_items(
+    shards: list[Shards],
+    seed: int,
+    epoch: int,
+    resume: ResumePlan | None = None,
+    exclude: frozenset[str] = frozenset(),
+) -> list[dict[str, Any]]:
     """One epoch's work items (source index, shard path), all sources' shards interleaved
-    in an order seeded by (seed, epoch)."""
+    in an order seeded by (seed, epoch); ``item`` identifies the shard (a stable hash of its
+    path), ``epoch_items`` counts the epoch's shards (those of ``exclude`` left out).
+
+    Args:
+        resume: Shards to leave out and rows to skip (what a checkpoint says was trained).
+        exclude: Shard paths the run skips (``data.skip_bad_shards``).
+    """
     items = [
         {"epoch": epoch, "source": i, "path": p} for i, s in enumerate(shards) for p in s.paths
     ]
     rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0])
-    return [items[j] for j in rng.permutation(len(items))]
+    ordered = [items[j] for j in rng.permutation(len(items))]  # the same with or without
+    ordered = [it for it in ordered if it["path"] not in exclude]  # a bad shard left out
+    leave_out = resume.leave_out.get(epoch, set()) if resume else set()
+    skip = resume.skip.get(epoch, {}) if resume else {}
+    out = []
+    for it in ordered:
+        item = shard_item(it["path"])
+        if item in leave_out:
+            continue
+        keys = ",".join(map(str, sorted(skip.get(item, ()))))
+        out.append({**it, "item": item, "epoch_items": len(ordered), "skip": keys})
+    return out
+
+
+def shard_item(path: str) -> int:
+    """A shard's identity in the record of trained rows: a stable 62-bit hash of its path."""
+    return id_hash(path, "shard:") >> 2
 
 
 def num_blocks(items: list[dict[str, Any]], shards: list[Shards]) -> int:
@@ -241,7 +272,14 @@ def _decode_dataset(
 
 
 def build_train_dataset(
-    data: DataConfig, model: ModelConfig, *, seed: int, epochs: int, start_epoch: int = 0
+    data: DataConfig,
+    model: ModelConfig,
+    *,
+    seed: int,
+    epochs: int,
+    start_epoch: int = 0,
+    resume: ResumePlan | None = None,
+    exclude: frozenset[str] = frozenset(),
 ) -> ray.data.Dataset:
     """The training stream: epochs ``start_epoch .. epochs-1`` of augmented patch sequences.
 
@@ -258,6 +296,9 @@ def build_train_dataset(
         seed: Job seed.
         epochs: One past the last epoch to produce.
         start_epoch: First epoch (resuming a run).
+        resume: What the checkpoint says was trained (:meth:`DataState.resume_plan`): its
+            start epoch overrides ``start_epoch``, its shards are left out and its rows skipped.
+        exclude: Shard paths left out of every epoch (bad shards the run skips).
 
     Returns:
         A dataset with columns ``id``, ``patches`` (K, P) uint8, ``valid``, ``epoch`` (int32),
@@ -266,6 +307,8 @@ def build_train_dataset(
     Raises:
         ValueError: no epochs to produce, or a source without a manifest or train rows.
     """
+    if resume is not None:
+        start_epoch = resume.start_epoch
     if not 0 <= start_epoch < epochs:
         raise DataError(f"epochs: need 0 <= start_epoch ({start_epoch}) < epochs ({epochs})")
     shards = [source_shards(s, "train", data.storage_options) for s in data.sources]
@@ -274,7 +317,11 @@ def build_train_dataset(
             raise DataError(f"sources: {s.name!r} has no train rows")
     total = data.samples_per_epoch or sum(s.rows for s in shards)
     rates = mixture_rates([s.rows for s in shards], [s.weight for s in shards], total)
-    items = [it for e in range(start_epoch, epochs) for it in epoch_items(shards, seed, e)]
+    items = [
+        it
+        for e in range(start_epoch, epochs)
+        for it in epoch_items(shards, seed, e, resume, exclude)
+    ]
     return _decode_dataset(items, shards, rates, data, model, train=True, seed=seed)
 
 
@@ -313,60 +360,3 @@ def execution_options(data: DataConfig) -> Any:
         resource_limits=ctx.execution_options.resource_limits,
         preserve_order=data.preserve_order,
     )
-
-
-class PatchCollate(NumpyBatchCollateFn):
-    """``iter_torch_batches`` collate: the numeric columns as tensors (strings dropped).
-
-    The tensors may share the (read-only) memory of Ray's batch: move or convert them
-    (``.to(device)``, ``.float()``) rather than writing into them.
-
-    Returns (when called):
-        ``patches`` (B, K, P) uint8, ``valid`` (B,) bool, ``epoch`` and ``label`` (B,) int32.
-    """
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        import torch
-
-        with warnings.catch_warnings():  # read-only arrays from the object store; no copy
-            warnings.simplefilter("ignore", UserWarning)
-            return {
-                name: torch.as_tensor(np.ascontiguousarray(batch[name]))
-                for name in ("patches", "valid", "epoch", "label")
-            }
-
-
-collate_patches = PatchCollate()
-
-
-def train_batches(
-    iterator: Any,
-    data: DataConfig,
-    *,
-    batch_size: int,
-    seed: int = 0,
-    device: str | None = None,
-    drop_last: bool = True,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """``iterator.iter_torch_batches`` with the data section's knobs applied.
-
-    Args:
-        iterator: A ``ray.data.DataIterator`` (``ray.train.get_dataset_shard(...)``) or Dataset.
-        data: Gives ``prefetch_batches`` and ``local_shuffle_buffer``.
-        batch_size: Rows per batch (before invalid rows are dropped).
-        seed: Seed of the local shuffle buffer.
-        device: Where tensors go (None: Ray Train's device, or CPU).
-        drop_last: Drop the last incomplete batch.
-    """
-    kwargs: dict[str, Any] = {
-        "batch_size": batch_size,
-        "prefetch_batches": data.prefetch_batches,
-        "collate_fn": collate_patches,
-        "drop_last": drop_last,
-    }
-    if data.local_shuffle_buffer:
-        kwargs["local_shuffle_buffer_size"] = data.local_shuffle_buffer
-        kwargs["local_shuffle_seed"] = seed
-    if device is not None:
-        kwargs["device"] = device
-    return iterator.iter_torch_batches(**kwargs)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from aim_platform.data.consumed import row_keys
 from aim_platform.data.safety import require_plain_columns
 from aim_platform.data.transforms import decode_batch, hash_unit, id_hash
 
@@ -51,11 +52,19 @@ def decode_train_table(
     seed: int,
     epoch: int,
     aug: dict[str, Any],
+    item: tuple[int, int, int] = (0, 0, 0),
+    skip: frozenset[int] = frozenset(),
 ) -> dict[str, np.ndarray]:
     """Train view of one chunk of a shard: draw mixture counts, permute, decode+crop+flip+patchify.
 
+    Args:
+        item: (the shard's identity, shards in the epoch, rows the shard gives this epoch):
+            the provenance columns of :mod:`aim_platform.data.consumed`.
+        skip: Occurrence keys already consumed (resuming mid-epoch): left out, not decoded.
+
     Returns:
-        Columns ``id``, ``patches`` (M, K, P) uint8, ``valid``, ``epoch``, ``label``, ``source``.
+        Columns ``id``, ``patches`` (M, K, P) uint8, ``valid``, ``epoch``, ``label``,
+        ``source``, ``item``, ``epoch_items``, ``item_rows`` (int32) and ``key`` (int64).
     """
     ids = table.column("id").to_pylist()
     labels = table.column("label").fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32)
@@ -66,6 +75,10 @@ def decode_train_table(
         rng = np.random.default_rng([seed & 0xFFFFFFFF, epoch, id_hash(ids[0]), 1])
         order = rng.permutation(len(index))
         index, repeats = index[order], repeats[order]
+    keys = row_keys((id_hash(f"{source}/{ids[j]}") for j in index), repeats)  # (M,) int64
+    if skip:  # the same draw and order as before the restart, minus what was trained
+        kept = np.fromiter((int(k) not in skip for k in keys), dtype=bool, count=len(keys))
+        index, repeats, keys = index[kept], repeats[kept], keys[kept]
     images = table.column("image").to_pylist()
     patches, valid = decode_batch(
         [f"{source}/{ids[j]}" for j in index],
@@ -85,6 +98,10 @@ def decode_train_table(
         "epoch": np.full(len(index), epoch, np.int32),
         "label": labels[index],
         "source": np.full(len(index), source, dtype=object),
+        "item": np.full(len(index), item[0], np.int64),
+        "epoch_items": np.full(len(index), item[1], np.int32),
+        "item_rows": np.full(len(index), item[2], np.int32),
+        "key": keys,
     }
 
 
@@ -109,6 +126,10 @@ def decode_val_table(
         "epoch": np.zeros(len(ids), np.int32),
         "label": labels.astype(np.int32),
         "source": np.full(len(ids), source, dtype=object),
+        "item": np.zeros(len(ids), np.int64),
+        "epoch_items": np.zeros(len(ids), np.int32),
+        "item_rows": np.zeros(len(ids), np.int32),
+        "key": np.zeros(len(ids), np.int64),
     }
 
 
@@ -125,7 +146,9 @@ def read_and_decode(
     """Ray task body: read each (epoch, source, shard) work item and yield decoded chunks.
 
     Args:
-        batch: Work items: ``epoch``, ``source`` (index into ``sources``), ``path``.
+        batch: Work items: ``epoch``, ``source`` (index into ``sources``), ``path``; train
+            items also ``item`` (index in the epoch's order), ``epoch_items`` and ``skip``
+            (occurrence keys already trained, comma-separated; empty when none).
         sources: (name, draw rate, pyarrow filesystem) per source.
         train: Training view (augmented, mixture draws) or validation view.
         model: ``img_size`` and ``patch_size``.
@@ -136,14 +159,20 @@ def read_and_decode(
     Yields:
         Row batches with the pipeline's columns.
     """
-    for epoch, src, path in zip(batch["epoch"], batch["source"], batch["path"], strict=True):
+    for n, (epoch, src, path) in enumerate(
+        zip(batch["epoch"], batch["source"], batch["path"], strict=True)
+    ):
         name, rate, fs = sources[int(src)]
         try:
+            if train:
+                rows = shard_draws(fs, str(path), rate, seed=seed, epoch=int(epoch), source=name)
+                item = (int(batch["item"][n]), int(batch["epoch_items"][n]), rows)
+                skip = frozenset(int(k) for k in str(batch["skip"][n]).split(",") if k)
             for table in read_chunks(fs, str(path), chunk_rows):
                 if train:
                     yield decode_train_table(
                         table, source=name, rate=rate, model=model, seed=seed,
-                        epoch=int(epoch), aug=aug,
+                        epoch=int(epoch), aug=aug, item=item, skip=skip,
                     )  # fmt: skip
                 else:
                     yield decode_val_table(
@@ -152,6 +181,20 @@ def read_and_decode(
         except Exception as exc:  # which shard: the one thing the error itself may not say
             exc.add_note(f"reading shard {path}")
             raise
+
+
+def shard_draws(fs: Any, path: str, rate: float, *, seed: int, epoch: int, source: str) -> int:
+    """Rows a shard gives this epoch: its row count (from the footer) at a draw rate of
+    exactly 1, else the sum of the mixture's draws over its ids (the ``id`` column read)."""
+    import pyarrow.parquet as pq
+
+    with fs.open_input_file(path) as f:
+        reader = pq.ParquetFile(f)
+        require_plain_columns(reader.schema_arrow, path)  # no pickled columns
+        if rate == 1.0:
+            return int(reader.metadata.num_rows)
+        ids = reader.read(columns=["id"]).column("id").to_pylist()
+    return int(draw_counts(ids, rate, seed=seed, epoch=epoch, source=source).sum())
 
 
 def read_chunks(

@@ -43,7 +43,8 @@ from aim_platform.data.folders import (
 )
 from aim_platform.data.transforms import decode_batch
 from aim_platform.jobs.study_floor import floor_key
-from aim_platform.jobs.study_spec import trial_job
+from aim_platform.jobs.study_results import trials_csv
+from aim_platform.jobs.study_spec import pretraining_key, trial_job
 from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recipe, trial_name
 
 # Images per forward of the frozen trunk, and so rows per feature-cache shard: the probes read
@@ -182,14 +183,6 @@ class Task:
         return f"{self.study}: {'random trunk ' if self.kind == 'floor' else ''}{label}"
 
 
-def pretraining_key(job: JobConfig) -> str:
-    """What a pre-training depends on: the whole job but its probe and run name."""
-    fields = job.model_dump(mode="json")
-    return json.dumps(
-        {k: v for k, v in fields.items() if k not in ("probe", "name")}, sort_keys=True
-    )
-
-
 _DATA: dict[str, LocalData] = {}  # per worker process: the data set, read once
 
 
@@ -279,7 +272,8 @@ def run_local_studies(
 ) -> list[StudyResult]:
     """Run every trial and floor of ``specs`` in ``parallel`` processes on ``device``; return
     one :class:`StudyResult` per spec (its tables and verdicts). With ``out``, the outcomes are
-    written to ``out/results.json`` as they come and the tables to ``out/<study>.md``/``.csv``.
+    written to ``out/results.json`` as they come, the tables to ``out/<study>.md``/``.csv``
+    and the per-seed results to ``out/<study>-trials.csv`` (:mod:`.study_results`).
     """
     # One process a trial: the whole global batch in one step (a preset's worker count, e.g.
     # the tiny scale's 2, would otherwise be checked against batch sizes it no longer splits).
@@ -321,10 +315,12 @@ def run_local_studies(
     results = []
     for spec in specs:
         outcomes = [
-            TrialOutcome(v, None, r["metrics"].get(v, {}), r["error"], t.seed)
+            TrialOutcome(
+                v, None, r["metrics"].get(v, {}), r["error"], t.seed, job["train"]["steps"]
+            )
             for t, r in done.items()
             if t.kind == "trial" and t.study == spec.name
-            for v in t.variants
+            for v, job in zip(t.variants, t.jobs, strict=True)
         ]
         floor: dict[str, dict[int, dict[str, float]]] = {}
         for (variant, seed), key in floor_of[spec.name].items():
@@ -337,6 +333,7 @@ def run_local_studies(
         if out is not None:
             (out / f"{spec.name}.md").write_text(result.markdown())
             (out / f"{spec.name}.csv").write_text(result.csv())
+            (out / f"{spec.name}-trials.csv").write_text(trials_csv(result))  # per seed
     return results
 
 

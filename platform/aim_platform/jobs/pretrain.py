@@ -3,6 +3,12 @@ the studies call it.
 
 Driver side: connect to (or start) Ray, create the MLflow run, build the datasets, fit,
 then log the artifacts and print a summary. The per-worker loop is :mod:`.loop`.
+
+Over 400 lines on purpose: this is the one place that builds the ``TorchTrainer`` and runs
+its restart loop, and a reader should see every branch of that loop in one file (a bad shard,
+a hung rank, a lost node, a preemption); what each branch does lives in its own module
+(:mod:`.bad_shards`, :mod:`.restarts`, :mod:`aim_platform.train.preempt`, :mod:`.lease`,
+:mod:`.durable`, :mod:`.pretrain_data`).
 """
 
 from __future__ import annotations
@@ -11,24 +17,30 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from aim_platform import tracking
-from aim_platform.cluster import connect
+from aim_platform.cluster import connect, resolve_devices
 from aim_platform.config import JobConfig, dump_config, flatten
-from aim_platform.errors import DataError, UnsafeFile
+from aim_platform.errors import UnsafeFile
 from aim_platform.failures import root_cause
-from aim_platform.jobs import restarts
+from aim_platform.jobs import bad_shards, restarts
 from aim_platform.jobs.ingest import prepare_sources
+from aim_platform.jobs.pretrain_data import (
+    default_datasets,
+    record_skipped,
+    resume_plan,
+    rows_of_shard,
+)
 from aim_platform.jobs.pretrain_outputs import (
     PretrainResult,
     log_outputs,
     probe_checkpoints,
 )
 from aim_platform.storage import filesystem, is_remote, join, pyarrow_filesystem, read_json
+from aim_platform.train import preempt
 from aim_platform.train.loop import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board, take_handover
@@ -106,25 +118,56 @@ def _reuse_or_start_run(
     return run_id
 
 
-def default_datasets(job: JobConfig, start_epoch: int) -> dict[str, Any]:
-    """Train stream (enough epochs for the remaining steps) and validation view."""
-    from aim_platform.data.pipeline import build_train_dataset, build_val_dataset, train_size
-
-    n_train = train_size(job.data)
-    if n_train == 0:
-        raise DataError("data: the training split is empty")
-    images = job.train.steps * job.train.global_batch_size
-    epochs = start_epoch + math.ceil(images / n_train) + 1
-    train = build_train_dataset(
-        job.data, job.model, seed=job.seed, epochs=epochs, start_epoch=start_epoch
-    )
-    val = build_val_dataset(job.data, job.model)
-    # No select_columns here: a projection can become its own 1-CPU task that never gets
-    # scheduled beside the workers; the loop's collate function drops the string columns.
-    return {"train": train, "val": val}
-
-
 def pretrain(
+    job: JobConfig,
+    *,
+    address: str | None = None,
+    datasets: Mapping[str, Any] | None = None,
+    tags: Mapping[str, str | None] | None = None,
+    parent_run_id: str | None = None,
+    track: bool = True,
+    callbacks: list[Any] | None = None,
+    on_progress: Callable[[Snapshot], None] | None = None,
+    on_event: Callable[[str], None] | None = None,
+) -> PretrainResult:
+    """Run (or resume) a pre-training job as the one writer of its name; the arguments and
+    the result are :func:`_pretrain`'s.
+
+    Before any step, once Ray is joined: a job keeping checkpoints on node-local storage on a
+    cluster of several nodes is refused (:func:`~aim_platform.jobs.durable.
+    check_durable_storage`), and the run's lease ``<storage>/<name>/lease.json`` is taken
+    (:mod:`aim_platform.jobs.lease`): a live run of that name is refused with one line naming
+    it, a stale one taken over (``on_event`` says so). The lease is released at the end,
+    finished, failed or preempted.
+    """
+    from aim_platform.jobs import lease
+    from aim_platform.jobs.durable import check_durable_storage
+
+    connect(address)
+    check_durable_storage(job.train, nodes=len(restarts.alive_node_cpus()))
+    held = lease.acquire(
+        run_paths(job).root,
+        ttl=job.train.lease_ttl_s,
+        storage_options=job.train.storage_options,
+        say=on_event,
+    )
+    try:
+        return _pretrain(
+            job,
+            address=address,
+            datasets=datasets,
+            tags=tags,
+            parent_run_id=parent_run_id,
+            track=track,
+            callbacks=callbacks,
+            on_progress=on_progress,
+            on_event=on_event,
+        )
+    finally:
+        held.release()
+
+
+def _pretrain(
     job: JobConfig,
     *,
     address: str | None = None,
@@ -157,6 +200,11 @@ def pretrain(
 
     Failed training (a worker or node lost) restarts from the last checkpoint up to
     ``train.max_failures`` times on what fits (:mod:`aim_platform.jobs.restarts`).
+
+    Raises:
+        Preempted: SIGTERM to this process or to a worker (:mod:`aim_platform.train.preempt`):
+            training stopped at a step boundary, with its checkpoint if it was done within
+            ``train.preempt_grace_s``; the MLflow run ended ``KILLED``.
     """
     import ray
     import ray.train
@@ -167,6 +215,7 @@ def pretrain(
     from aim_platform.train.loop import train_loop_per_worker
 
     connect(address)
+    job = resolve_devices(job)  # train.use_gpu: auto -> a bool, from the cluster's GPUs
     # Built-in sources are ingested into the local cache first (a no-op when up to date).
     probe_url = job.probe.dataset if job.probe else None
     prepare_sources([*(s.url for s in job.data.sources), probe_url], job.data.storage_options)
@@ -175,7 +224,6 @@ def pretrain(
     paths = run_paths(job)
     root = paths.root
     previous = latest_train_state(job)
-    start_epoch = previous["epoch"] if previous else 0
 
     uri = run_id = tracker = None
     if track:
@@ -210,8 +258,10 @@ def pretrain(
             }
         )
     own_datasets = datasets is None
+    bad = bad_shards.load(job)  # shards that failed before (a resubmitted job counts on)
+    shard_rows = functools.partial(rows_of_shard, job.data)
     if datasets is None:
-        datasets = default_datasets(job, start_epoch)
+        datasets = default_datasets(job, resume_plan(job, previous), bad.skipped)
     # The board carries rank 0's progress and tracking state (and, at the end, its
     # unwritten writes) to this driver.
     board = create_board(tc.steps) if on_progress is not None or tracker else None
@@ -236,7 +286,7 @@ def pretrain(
                 use_gpu=tc.use_gpu,
                 resources_per_worker={
                     "CPU": tc.cpus_per_worker,
-                    **({"GPU": 1} if tc.use_gpu else {}),
+                    **({"GPU": tc.gpus_per_worker} if tc.use_gpu else {}),
                 },
                 placement_strategy=tc.placement_strategy,
             ),
@@ -265,21 +315,47 @@ def pretrain(
     )
     say = on_event or (lambda text: None)
     workers, restarted = tc.num_workers, 0
+    # SIGTERM from here on: a checkpoint at the next step boundary, then stop "preempted"
+    preemption = preempt.DriverPreemption(tc.preempt_grace_s, say)
+    preemption.start()
     try:
         while True:
+            if preemption.active:  # SIGTERM between two trainings: nothing new to save
+                raise preempt.GaveUp("before training started")
             nodes = set(restarts.alive_node_cpus())
             if restarted and board is not None and read_board(board) is None:  # on a lost node
                 board = create_board(tc.steps)
                 loop_args = dataclasses.replace(loop_args, progress=board)
+            stop_board = preempt.create_stop_board()  # the driver's SIGTERM to rank 0
+            preemption.attach(stop_board)
+            loop_args = dataclasses.replace(loop_args, stop_board=stop_board)
             try:
                 with _polling(board, on_progress):
                     fit = trainer(workers, datasets).fit()
                 break
             except (ray.train.TrainingFailedError, RayActorError) as exc:
+                if preemption.active:  # no restart: a signalled worker died before its save
+                    reason = f"training failed first: {restarts.failure_reason(exc)}"
+                    raise preempt.GaveUp(reason) from exc
+                if own_datasets and bad_shards.on_failure(job, exc, bad, shard_rows, say):
+                    previous = latest_train_state(job)  # a bad shard: its own budget
+                    resume = join(root, previous["checkpoint"]) if previous else None
+                    loop_args = dataclasses.replace(loop_args, resume_from=resume)
+                    datasets = default_datasets(job, resume_plan(job, previous), bad.skipped)
+                    record_skipped(tracker, run_id, bad, shard_rows)
+                    continue
                 if tc.max_failures != -1 and restarted >= tc.max_failures:
                     raise
                 restarted += 1
-                at_step = (read_board(board) or Snapshot()).step if board is not None else None
+                snap = (read_board(board) or Snapshot()) if board is not None else Snapshot()
+                at_step = snap.step if board is not None else None
+                if snap.hung:  # a rank's watchdog ended it (train/watchdog.py)
+                    h = snap.hung
+                    say(
+                        f"rank {h['rank']} on node {h['node']} made no step for "
+                        f"{h['seconds']:g} s after step {h['step']} (train.step_timeout_s): "
+                        "ended it"
+                    )
                 previous = latest_train_state(job)
                 workers = restarts.restart(
                     job,
@@ -295,15 +371,25 @@ def pretrain(
                 resume = join(root, previous["checkpoint"]) if previous else None
                 loop_args = dataclasses.replace(loop_args, resume_from=resume)
                 if own_datasets:
-                    datasets = default_datasets(job, previous["epoch"] if previous else 0)
+                    datasets = default_datasets(job, resume_plan(job, previous), bad.skipped)
+    except KeyboardInterrupt as exc:  # preempt.GaveUp (as ray.get passes it on), or Ctrl+C
+        if not preemption.gave_up and not isinstance(exc, preempt.GaveUp):
+            raise
+        why = preemption.gave_up or str(exc)  # SIGTERM, and no checkpoint of the step reached
+        raise _preempted(job, preemption, result, tracker, run_id, board, why) from None
     except Exception:  # a failed fit still closes the MLflow run, then re-raises
         if tracker and run_id:
             _end_tracking(tracker, run_id, board, result, "FAILED")
         raise
+    finally:
+        preemption.close()
     result.metrics = dict(fit.metrics or {})
     result.steps = int(result.metrics.get("step", 0))
     result.checkpoint = fit.checkpoint.path if fit.checkpoint else None
+    if "saved_step" in preemption.refresh():  # SIGTERM: stopped after a checkpoint
+        raise _preempted(job, preemption, result, tracker, run_id, board)
     result.error = root_cause(fit.error) if fit.error else None  # one line; tracebacks: log
+    result.notes += bad_shards.summary(bad)
     final = paths.final_trunk
     fs, path = filesystem(final, tc.storage_options)
     result.final_trunk = final if fs.exists(path) else None
@@ -333,6 +419,49 @@ def _end_tracking(
     args = (tracker, run_id, result.steps, status)
     result.tracking = tracking.end_run(*args, ranks=h.ranks, replaced=h.replaced, wait=wait)
     result.metrics.update(result.tracking.metrics())
+
+
+def _preempted(
+    job: JobConfig,
+    preemption: preempt.DriverPreemption,
+    result: PretrainResult,
+    tracker: tracking.Tracker | None,
+    run_id: str | None,
+    board: Any,
+    reason: str | None = None,
+) -> preempt.Preempted:
+    """The end of a preempted run: one console line (where it stopped, whether the checkpoint
+    is in, where a run of the same config resumes), the MLflow run ended ``KILLED`` with the
+    tags ``preempted=true``, ``preempted_at_step`` and ``preemption`` (the line).
+
+    Args:
+        reason: Why there is no checkpoint of the step reached (None: there is one).
+    """
+    stop = preemption.refresh()
+    who = stop.get("who") or "the driver"
+    latest = latest_train_state(job)
+    again = "run the same config again to " + (
+        f"resume from step {latest['step']}" if latest else "start over (no checkpoint yet)"
+    )
+    if reason is None:
+        step = int(stop["saved_step"])
+        line = (
+            f"preempted (SIGTERM to {who}) at step {step}: checkpoint saved in "
+            f"{stop['seconds']:.1f} s; run the same config again to resume from step {step}"
+        )
+    else:
+        reached = (read_board(board) or Snapshot()).step if board is not None else 0
+        step = int(stop.get("step", reached))
+        if reason.startswith("checkpoint not finished"):
+            reason = f"the {reason} (train.preempt_grace_s)"
+        line = f"preempted (SIGTERM to {who}) at step {step}: no checkpoint of it ({reason}); "
+        line += again
+    result.steps = step
+    if tracker and run_id:
+        tags = {"preempted": "true", "preempted_at_step": str(step), "preemption": line}
+        tracker.set_tags(run_id, tags)
+        _end_tracking(tracker, run_id, board, result, preempt.MLFLOW_STATUS)
+    return preempt.Preempted(line, result)
 
 
 @contextlib.contextmanager

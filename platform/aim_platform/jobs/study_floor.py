@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from aim_platform import tracking
 from aim_platform.config import JobConfig
+from aim_platform.errors import UnsafeFile
 from aim_platform.jobs.study_table import trial_name
+from aim_platform.storage import filesystem, read_json
 
 
 def floor_key(job: JobConfig) -> str:
@@ -32,7 +33,8 @@ def floor_key(job: JobConfig) -> str:
 def random_trunk_floor(
     trials: list[tuple[str, int, JobConfig]],
     seeds: int,
-    root: Path,
+    store: str,
+    storage_options: dict[str, Any] | None,
     tracker: tracking.Tracker,
     parent: str,
     experiment: str,
@@ -42,9 +44,9 @@ def random_trunk_floor(
     each trial's variant, seed index and job, as the study runs it): the trunk
     each trial starts from, never trained, probed exactly as the trial's. Each distinct
     floor (:func:`floor_key`) is probed once, logged as a probe run under the study run and
-    kept in ``<root>/floor.json`` (a resumed study does not redo it); a floor that fails is
-    left out, with a tag on the study run. ``on_trial`` sees each as a row
-    ``random trunk <trial>``."""
+    kept in ``store`` (the study's ``floor.json``, local or on object storage with
+    ``storage_options``: a resumed study does not redo it); a floor that fails is left out,
+    with a tag on the study run. ``on_trial`` sees each as a row ``random trunk <trial>``."""
     import tempfile
 
     import torch
@@ -54,8 +56,12 @@ def random_trunk_floor(
     from aim_platform.models.aim import build_trunk
     from aim_platform.models.trunk_file import write_trunk
 
-    store = root / "floor.json"
-    done: dict[str, dict[str, float]] = json.loads(store.read_text()) if store.exists() else {}
+    fs, path = filesystem(store, storage_options)
+    done: dict[str, dict[str, float]] = {}
+    if fs.exists(path):
+        done = read_json(fs, path, "a study's random-trunk floor record")
+        if not isinstance(done, dict):
+            raise UnsafeFile(f"{path}: not a study's random-trunk floor record (not a mapping)")
     out: dict[str, dict[int, dict[str, float]]] = {}
     for variant, seed, job in trials:
         if job.probe is None:
@@ -76,7 +82,7 @@ def random_trunk_floor(
                 tracker.set_tags(parent, {f"floor_failed.{name}": str(exc)[:500]})
                 continue
             done[key] = report_metrics(report)
-            store.write_text(json.dumps(done))
+            fs.pipe_file(path, json.dumps(done).encode())
             show(f"random trunk {name}", "done", done[key])
             log_probe(
                 tracker,

@@ -4,6 +4,7 @@ in local processes on one device."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,8 +58,18 @@ def select_variants(spec: StudySpec, names: list[str]) -> StudySpec:
         scale: {v: o for v, o in by.items() if v in keep}
         for scale, by in spec.variant_scales.items()
     }
+    # the text's directions between two kept variants (a trial re-validates the spec)
+    directions = {
+        row: [t for t in texts if all(side.strip() in keep for side in t.split(">"))]
+        for row, texts in spec.directions.items()
+    }
     return spec.model_copy(
-        update={"variants": variants, "paper": paper, "variant_scales": variant_scales}
+        update={
+            "variants": variants,
+            "paper": paper,
+            "variant_scales": variant_scales,
+            "directions": directions,
+        }
     )
 
 
@@ -102,3 +113,26 @@ def trial_job(
         return job
     shifted = seed_overrides(job.seed, job.probe.seed if job.probe else 0, seed)
     return spec.job(variant, scale, [*extra, *shifted, f"name={job.name}-s{seed}"])
+
+
+def pretraining_key(job: JobConfig) -> str:
+    """What a pre-training depends on: the whole job but its probe and run name. Trials whose
+    jobs have the same key (Table 3d's probe attention) can share one pre-training: the same
+    seed gives the same trunk."""
+    fields = job.model_dump(mode="json")
+    return json.dumps(
+        {k: v for k, v in fields.items() if k not in ("probe", "name")}, sort_keys=True
+    )
+
+
+def pretraining_groups(
+    spec: StudySpec, scale: Scale, extra: list[str], seeds: int = 1
+) -> list[list[str]]:
+    """The spec's variants grouped by the pre-training they need (:func:`pretraining_key`), in
+    the spec's order; each group's first variant names its pre-training. Seeds shift every
+    variant's seeds alike, so seed 0 decides for all."""
+    groups: dict[str, list[str]] = {}
+    for variant in spec.variants:
+        job = trial_job(spec, variant, scale, extra, 0, seeds)
+        groups.setdefault(pretraining_key(job), []).append(variant)
+    return list(groups.values())

@@ -3,10 +3,13 @@
 Linear control flow: :meth:`Trainer.setup` -> restore -> for each batch: accumulate, step,
 log, validate, checkpoint. Everything distributed is a collective that every rank reaches
 the same number of times (Ray Data's equal split gives every rank the same batch count).
+After SIGTERM (to the driver or to a worker) the ranks agree at the next step boundary to
+checkpoint that step and stop (:mod:`.preempt`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,12 +20,21 @@ import torch
 import torch.distributed as dist
 
 from aim_platform.config import JobConfig, dump_config
-from aim_platform.data.pipeline import train_batches
+from aim_platform.data.batches import train_batches
+from aim_platform.data.consumed import DATA_STATE, ConsumedLog, DataState
 from aim_platform.models.aim import sample_prefix_lengths
 from aim_platform.train import checkpoint as ckpt
+from aim_platform.train import preempt
 from aim_platform.train.paths import RunPaths
+from aim_platform.train.run_storage import (
+    checkpoint_upload,
+    commit_latest,
+    local_copy,
+    named_checkpoint,
+)
 from aim_platform.train.sharding import resolve_precision
 from aim_platform.train.trainer import Trainer, all_reduce_sum
+from aim_platform.train.watchdog import StepWatchdog, maybe_hang
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class LoopArgs:
             None: what a job restarted by name resumes from when Ray Train has no record of
             it (a job stopped after ``latest.json`` was written but before Ray's own snapshot
             of its checkpoints).
+        stop_board: A :class:`~aim_platform.train.preempt.StopBoard` actor: the driver's
+            SIGTERM reaches rank 0 through it, and rank 0 says there where the run stopped.
     """
 
     job: dict[str, Any]
@@ -48,6 +62,7 @@ class LoopArgs:
     run_id: str | None = None
     progress: Any = None
     resume_from: str | None = None
+    stop_board: Any = None
 
 
 def train_loop_per_worker(args: LoopArgs) -> None:
@@ -77,15 +92,24 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     trainer = Trainer.setup(job, device, precision)
     model = trainer.model
     state = ckpt.TrainState(data_seed=job.seed)
-    restored = ray.train.get_checkpoint() or _named_checkpoint(args.resume_from, job)
+    data_state = DataState()  # every rank's trained rows, merged on rank 0 at checkpoints
+    restored = ray.train.get_checkpoint() or named_checkpoint(args.resume_from, job)
     if restored is not None:
-        with restored.as_directory() as folder:
-            state = trainer.restore(Path(folder))
+        with local_copy(restored) as folder:
+            state = trainer.restore(folder)
+            data_state = _read_data_state(Path(folder))
+    # this rank's trained rows since the last checkpoint
+    consumed = ConsumedLog(ordered=job.data.preserve_order and not job.data.local_shuffle_buffer)
 
+    # SIGTERM (a pod deleted, a spot node reclaimed): a checkpoint at the next step boundary
+    preempt.install_worker_handler()
+    vote = preempt.StepVote(args.stop_board, rank, world, device)
+    stop: preempt.Stop | None = None
     board = args.progress if rank == 0 else None  # the driver's display
     if board is not None:
         board.started.remote(state.step)
     logger = None
+    logged_through = 0  # the run's last step already in MLflow (a restart redoes steps)
     if rank == 0 and args.run_id and args.tracking_uri:
         from aim_platform.tracking import DROPPED_METRIC, RunLogger
 
@@ -99,6 +123,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
         )
         if restored is not None:  # a restart (worker failure or job restarted by name)
             logger.log_metrics({"train/resumed_from_step": state.step}, step=state.step)
+            logged_through = _logged_through(logger)
 
     config_yaml = dump_config(job)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -112,7 +137,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     lo, hi = job.model.prefix_range
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    upload = _checkpoint_upload(args.paths, tc.storage_options)
+    upload = checkpoint_upload(args.paths, tc.storage_options)
 
     dropped = 0
     last_val: dict[str, float] = {}
@@ -121,104 +146,182 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     batches = train_batches(
         train_shard, job.data, batch_size=tc.micro_batch_size, seed=job.seed, device=device
     )
-    for batch in batches:
-        data_wait += time.perf_counter() - ready
-        if state.step >= tc.steps:
-            break
-        valid = batch["valid"].bool()
-        dropped += int((~valid).sum())
-        state.epoch = max(state.epoch, int(batch["epoch"].max()))
-        pixels = batch["patches"][valid]  # (B', K, P) uint8, corrupt images dropped
-        # Prefix lengths from (seed, step, rank, micro): reproducible, different per rank.
-        seed = hash((job.seed, state.step, rank, trainer.micro)) % 2**63
-        gen = torch.Generator().manual_seed(seed)
-        prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
-        if not trainer.backward(pixels, prefix, gen):  # gen also draws masked-MIM masks
-            ready = time.perf_counter()
-            continue
+    watchdog = _watchdog(args.progress, tc.step_timeout_s, rank)  # armed by its first beat
+    first_step = state.step  # before this attempt's first step: no rhythm yet (start-up)
+    try:
+        for batch in batches:
+            data_wait += time.perf_counter() - ready
+            if state.step >= tc.steps:
+                break
+            maybe_hang(rank, state.step)  # fault drills only (AIM_FAULT_HANG)
+            if state.step > first_step:
+                watchdog.beat(state.step)  # a batch arrived
+            valid = batch["valid"].bool()
+            dropped += int((~valid).sum())
+            state.epoch = max(state.epoch, int(batch["epoch"].max()))
+            pixels = batch["patches"][valid]  # (B', K, P) uint8, corrupt images dropped
+            # Prefix lengths from (seed, step, rank, micro): reproducible, different per rank.
+            seed = hash((job.seed, state.step, rank, trainer.micro)) % 2**63
+            gen = torch.Generator().manual_seed(seed)
+            prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
+            consumed.add(batch)  # trained from here on, decodable or not
+            if not trainer.backward(pixels, prefix, gen):  # gen also draws masked-MIM masks
+                ready = time.perf_counter()
+                continue
 
-        done = trainer.step()
-        step_loss, grad_norm, lr = done.loss, done.grad_norm, done.lr
-        state.step += 1
-        synchronize(device)
-        now = time.perf_counter()
-        meter.update(tc.global_batch_size, now - step_start)
-        step_start = now
+            done = trainer.step()
+            step_loss, grad_norm, lr = done.loss, done.grad_norm, done.lr
+            state.step += 1
+            synchronize(device)
+            watchdog.beat(state.step)
+            now = time.perf_counter()
+            meter.update(tc.global_batch_size, now - step_start)
+            step_start = now
+            stop = vote()  # collective: every rank gets the same answer
+            if stop is not None and rank == 0 and args.stop_board is not None:
+                args.stop_board.stopping.remote(state.step, stop.who())
 
-        do_log = state.step % tc.log_every == 0 or state.step == tc.steps
-        probe_now = state.step in probe_steps  # a trunk to probe: export it, validate here
-        do_val = state.step % tc.val_every == 0 or state.step == tc.steps or probe_now
-        do_ckpt = state.step % tc.checkpoint_every == 0 or state.step == tc.steps
-        if probe_now:
-            _export_trunk(model, job, args.paths.trunk_at(state.step), rank)
-        if not (do_log or do_val or do_ckpt):
-            if board is not None:
-                board.step.remote(state.step, None, logger.status() if logger else None)
-            ready = time.perf_counter()
-            continue
-        window = time.perf_counter() - window_start
-        loss_sum, dropped_total = all_reduce_sum([step_loss, float(dropped)], device)
-        metrics: dict[str, float] = {
-            "train/loss": loss_sum / world,
-            "train/lr": lr,
-            "train/grad_norm": grad_norm,
-            "train/epoch": float(state.epoch),
-            "train/workers": float(world),
-            "data/dropped_images": dropped_total,
-            **meter.metrics(prefix="perf/"),
-            # share of wall time spent waiting for data: > ~0.1 means the pipeline is the
-            # bottleneck (add decode CPUs), ~0 means the model is
-            "perf/data_wait_fraction": data_wait / window if window > 0 else 0.0,
-        }
-        if do_val:
-            val_batches = train_batches(
-                val_shard, job.data, batch_size=tc.micro_batch_size, device=device, drop_last=False
-            )
-            last_val = trainer.validate(val_batches)
-            metrics.update(last_val)
-        if logger is not None:
-            metrics[DROPPED_METRIC] = float(logger.status().dropped)
-            logger.log_metrics(metrics, step=state.step)
-        if board is not None:
-            board.step.remote(state.step, metrics, logger.status() if logger else None)
-        # Every report carries the latest validation figures (a scheduler such as ASHA on
-        # val/loss needs the metric in each result); MLflow gets them only when measured.
-        report = {**last_val, **metrics, "step": state.step}
-        if do_ckpt:
-            with tempfile.TemporaryDirectory() as tmp:
-                trainer.save(Path(tmp), state, config_yaml, rank)
-                ray.train.report(
-                    report,
-                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                    checkpoint_dir_name=RunPaths.checkpoint_name(state.step),
-                    checkpoint_upload_fn=upload,
+            last = state.step == tc.steps or stop is not None  # a preempted run stops here too
+            do_log = state.step % tc.log_every == 0 or last
+            probe_now = state.step in probe_steps  # a trunk to probe: export it, validate here
+            do_val = state.step % tc.val_every == 0 or state.step == tc.steps or probe_now
+            do_ckpt = state.step % tc.checkpoint_every == 0 or last
+            watchdog.pause()  # trunk exports, validation, checkpoints: no step rhythm
+            if probe_now:
+                _export_trunk(model, job, args.paths.trunk_at(state.step), rank)
+            if not (do_log or do_val or do_ckpt):
+                if board is not None:
+                    board.step.remote(state.step, None, logger.status() if logger else None)
+                watchdog.beat(state.step)
+                ready = time.perf_counter()
+                continue
+            window = time.perf_counter() - window_start
+            loss_sum, dropped_total = all_reduce_sum([step_loss, float(dropped)], device)
+            metrics: dict[str, float] = {
+                "train/loss": loss_sum / world,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/epoch": float(state.epoch),
+                "train/workers": float(world),
+                "data/dropped_images": dropped_total,
+                **meter.metrics(prefix="perf/"),
+                # share of wall time spent waiting for data: > ~0.1 means the pipeline is the
+                # bottleneck (add decode CPUs), ~0 means the model is
+                "perf/data_wait_fraction": data_wait / window if window > 0 else 0.0,
+            }
+            if do_val:
+                val_batches = train_batches(
+                    val_shard,
+                    job.data,
+                    batch_size=tc.micro_batch_size,
+                    device=device,
+                    drop_last=False,
                 )
-            _commit_latest(args.paths, tc.storage_options, state, rank)
-        else:
-            ray.train.report(report)
-        # logging, validation and saving count neither as step time nor as data waiting
-        step_start = window_start = ready = time.perf_counter()
-        data_wait = 0.0
+                last_val = trainer.validate(val_batches)
+                metrics.update(last_val)
+            if logger is not None and state.step > logged_through:  # redone steps: logged once
+                metrics[DROPPED_METRIC] = float(logger.status().dropped)
+                logger.log_metrics(metrics, step=state.step)
+            if board is not None:
+                board.step.remote(state.step, metrics, logger.status() if logger else None)
+            # Every report carries the latest validation figures (a scheduler such as ASHA on
+            # val/loss needs the metric in each result); MLflow gets them only when measured.
+            report = {**last_val, **metrics, "step": state.step}
+            if do_ckpt:
+                saving = time.perf_counter()
+                epochs_done = _merge_consumed(consumed, data_state, rank)  # collective
+                if logger is not None:
+                    for epoch, rows, distinct in epochs_done:
+                        logger.log_metrics(
+                            {"data/epoch_rows": rows, "data/epoch_distinct_rows": distinct},
+                            step=epoch,
+                        )
+                with tempfile.TemporaryDirectory() as tmp:
+                    trainer.save(Path(tmp), state, config_yaml, rank)
+                    if rank == 0:
+                        (Path(tmp) / DATA_STATE).write_text(data_state.to_json())
+                    ray.train.report(
+                        report,
+                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                        checkpoint_dir_name=RunPaths.checkpoint_name(state.step),
+                        checkpoint_upload_fn=upload,
+                    )
+                commit_latest(args.paths, tc.storage_options, state, rank)
+                if stop is not None:  # preempted: latest.json names this step; no final trunk
+                    if rank == 0 and args.stop_board is not None:
+                        args.stop_board.saved.remote(state.step, time.perf_counter() - saving)
+                    break
+            else:
+                ray.train.report(report)
+            # logging, validation and saving count neither as step time nor as data waiting
+            watchdog.beat(state.step)
+            step_start = window_start = ready = time.perf_counter()
+            data_wait = 0.0
+    finally:  # a failed step too: a watchdog left armed would report a rank wrongly
+        watchdog.close()
 
-    if state.step < tc.steps and rank == 0:
-        print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
-    _export_trunk(model, job, args.paths.final, rank)
+    if stop is None:
+        if state.step < tc.steps and rank == 0:
+            print(f"data ran out at step {state.step} of {tc.steps}: raise the epochs")
+        _export_trunk(model, job, args.paths.final, rank)
     if logger is not None:
         _close_logger(logger, board, job.tracking.flush_timeout_s)
 
 
-def _named_checkpoint(url: str | None, job: JobConfig) -> Any:
-    """A ``ray.train.Checkpoint`` for the folder at ``url`` (local or object storage), or None."""
-    if url is None:
-        return None
-    import ray.train
+def _watchdog(board: Any, timeout_s: float, rank: int) -> StepWatchdog:
+    """This rank's :class:`StepWatchdog`; it tells the driver's progress board (when there is
+    one) which rank on which node stopped making steps before it ends the process."""
+    import ray
 
-    from aim_platform.storage import is_remote, pyarrow_filesystem
+    node = ray.util.get_node_ip_address()
 
-    if not is_remote(url):
-        return ray.train.Checkpoint(url)
-    fs, path = pyarrow_filesystem(url, job.train.storage_options)
-    return ray.train.Checkpoint(path, filesystem=fs)
+    def report(what: dict[str, Any]) -> None:
+        if board is not None:
+            with contextlib.suppress(Exception):  # the process ends either way
+                ray.get(board.hung.remote({**what, "rank": rank, "node": node}), timeout=10)
+
+    return StepWatchdog(timeout_s, report)
+
+
+def _read_data_state(folder: Path) -> DataState:
+    """The checkpoint's record of trained rows (an empty one for checkpoints without it)."""
+    path = folder / DATA_STATE
+    return DataState.from_json(path.read_text(), str(path)) if path.exists() else DataState()
+
+
+def _merge_consumed(
+    consumed: ConsumedLog, data_state: DataState, rank: int
+) -> list[tuple[int, int, int]]:
+    """Gather every rank's trained rows since the last checkpoint into rank 0's
+    ``data_state`` (collective) and return the epochs that became complete:
+    (epoch, rows, distinct ids) each; empty on the other ranks."""
+    mine = consumed.take()
+    logs = [mine]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        logs = [None] * dist.get_world_size()
+        dist.all_gather_object(logs, mine)
+    if rank != 0:
+        return []
+    data_state.merge(logs)
+    return data_state.newly_complete()
+
+
+def _logged_through(logger: Any) -> int:
+    """The last step whose ``train/loss`` the run holds (0: none, or MLflow does not answer).
+
+    A restart resumes from the last checkpoint, so the steps after it that the failed attempt
+    had logged are redone: they are not logged again (``train/resumed_from_step`` says where
+    the redo began). Rank 0's writes reach MLflow in order, so every step after this one is
+    missing from the run and is logged when redone. MLflow down: every redone step is logged
+    (a step twice rather than a step missing).
+    """
+    from aim_platform.tracking import TrackingUnavailable
+
+    try:
+        history = logger.tracker.metric_history(logger.run_id, "train/loss")
+    except TrackingUnavailable:
+        return 0
+    return max((step for step, _ in history), default=0)
 
 
 def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
@@ -232,48 +335,6 @@ def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
 
     status, left = logger.close(timeout=0)
     ray.get(board.hand_over.remote(status, left), timeout=max(60.0, flush_timeout))
-
-
-def _checkpoint_upload(paths: RunPaths, storage_options: dict[str, Any]) -> Any:
-    """The ``checkpoint_upload_fn`` of ``ray.train.report``: :func:`ckpt.upload` (copy,
-    check every file, copy again) into ``<run folder>/<checkpoint name>``, the folder Ray
-    Train's own upload would use."""
-    import ray.train
-
-    from aim_platform.storage import pyarrow_filesystem
-
-    fs, root = pyarrow_filesystem(paths.root, storage_options)
-
-    def upload(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-        dest = f"{root}/{dir_name}"
-        ckpt.upload(Path(checkpoint.path), fs, dest)
-        return ray.train.Checkpoint(path=dest, filesystem=fs)
-
-    return upload
-
-
-def _commit_latest(
-    paths: RunPaths, storage_options: dict[str, Any], state: ckpt.TrainState, rank: int
-) -> None:
-    """After every rank's upload returned, rank 0 records the checkpoint as the latest.
-
-    ``latest.json`` is written last and in one piece, so a crash in the middle of a save
-    leaves it naming the previous, complete checkpoint.
-    """
-    if dist.is_initialized():
-        dist.barrier()
-    if rank != 0:
-        return
-    import json
-
-    from aim_platform.storage import filesystem
-
-    fs, latest = filesystem(paths.latest, storage_options)
-    body = json.dumps({"checkpoint": RunPaths.checkpoint_name(state.step), **vars(state)})
-    tmp = f"{latest}.tmp"
-    with fs.open(tmp, "w") as f:
-        f.write(body)
-    fs.mv(tmp, latest)
 
 
 def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None, rank: int) -> None:

@@ -36,6 +36,7 @@ class Snapshot:
     phase: str = "starting"
     tracking: OutboxStatus | None = None  # rank 0's tracking queue
     tracking_replaced: list[OutboxStatus] = field(default_factory=list)  # of replaced rank 0s
+    hung: dict[str, Any] | None = None  # a rank's watchdog ended it: rank, node, step, seconds
 
 
 class ProgressBoard:
@@ -51,6 +52,7 @@ class ProgressBoard:
             self.snap.tracking_replaced.append(self.snap.tracking)
             self.snap.tracking = None
         self.snap.step = self.snap.start_step = step
+        self.snap.hung = None
         self.snap.phase = "training"
         self.snap.updated = time.time()
 
@@ -68,6 +70,14 @@ class ProgressBoard:
         if tracking is not None:
             self.snap.tracking = tracking
         self.snap.updated = time.time()
+
+    def hung(self, what: dict[str, Any]) -> None:
+        """A rank made no step for ``train.step_timeout_s`` and ends its process
+        (:mod:`aim_platform.train.watchdog`): what the driver's console says. Of the reports
+        of an attempt, the one with the oldest last beat stands: the rank that hung (the
+        others blocked later, waiting for it)."""
+        if self.snap.hung is None or what["last_beat"] < self.snap.hung["last_beat"]:
+            self.snap.hung = what
 
     def hand_over(self, tracking: OutboxStatus, writes: list[Any]) -> None:
         """Rank 0 is done: its queue's final state, and the writes it could not make."""

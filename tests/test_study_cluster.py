@@ -1,0 +1,159 @@
+"""Studies on a cluster (issue 28 point 6): a study whose storage is object storage keeps
+everything of its trials there (checkpoints, trunks, Tune's state, the floor, the tables), and
+``aimctl study --resume`` after its driver is killed mid-trial finishes with the table a clean
+run prints. The same journey counts the pre-trainings of trials that differ only in the probe
+(issue 30 point 2): they share one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from aim_platform.jobs.study_spec import STUDIES_DIR
+from aim_platform.storage import filesystem
+
+AIMCTL = str(Path(sys.executable).parent / "aimctl")
+# Three trials of Table 3d, two of them one causal pre-training probed two ways (so two
+# pre-trainings), cut to a few steps with a checkpoint every 2; one worker a trial (the tiny
+# preset's two would need more CPUs than a 2-core machine lends).
+SHARED, OWN = ["causal-pt.causal-probe", "causal-pt.bidir-probe"], "prefix-pt.bidir-probe"
+VARIANTS = [*SHARED, OWN]
+CUT = [
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.val_every=4",
+    "train.log_every=1",
+    "train.num_workers=1",
+    "train.cpus_per_worker=0.4",
+    "data.cpus_per_task=0.5",
+    "probe.steps=5",
+]
+STUDY = [AIMCTL, "study", str(STUDIES_DIR / "attention.yaml"), "--variants", ",".join(VARIANTS)]
+STUDY += ["--scale", "tiny", *[x for c in CUT for x in ("--set", c)]]
+
+
+def _table(output: str) -> list[str]:
+    """The printed table and verdict rows (Markdown lines starting with ``|``)."""
+    return [line.strip() for line in output.splitlines() if line.startswith("|")]
+
+
+def _end_session(sid: int) -> None:
+    """Processes the killed driver left in its session (Ray's agents), started by this test."""
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                p.kill()
+        except (ProcessLookupError, psutil.Error):
+            pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # three studies, each starting Ray: minutes each on a loaded machine
+def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
+    s3_endpoint: dict[str, str], tmp_path: Path
+) -> None:
+    endpoint = s3_endpoint["endpoint_url"]
+    # The endpoint reaches the study through --storage-options only.
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL",)}
+    env.pop("MLFLOW_TRACKING_URI", None)  # each run's own SQLite store under its cwd
+    storage = f"s3://{s3_endpoint['bucket']}/study-{tmp_path.name}"
+    on_s3 = [
+        *STUDY,
+        "--storage",
+        storage,
+        "--storage-options",
+        json.dumps({"endpoint_url": endpoint}),
+    ]
+    fs, root = filesystem(f"{storage}/attention-tiny", {"endpoint_url": endpoint})
+    driver = tmp_path / "driver"  # the driver's working folder: logs and MLflow only
+    driver.mkdir()
+
+    with open(tmp_path / "killed.txt", "w") as out:
+        killed = subprocess.Popen(
+            on_s3, cwd=driver, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 900  # a loaded CI machine
+        saved: list[str] = []
+        while not saved:
+            assert killed.poll() is None, (tmp_path / "killed.txt").read_text()[-3000:]
+            assert time.monotonic() < deadline, (tmp_path / "killed.txt").read_text()[-3000:]
+            time.sleep(0.5)
+            fs.invalidate_cache()
+            saved = fs.glob(f"{root}/trials/*/latest.json")
+        os.kill(killed.pid, signal.SIGKILL)  # the study driver, mid-trial
+        killed.wait(timeout=60)
+    finally:
+        killed.kill()
+        _end_session(killed.pid)
+    first_trial = saved[0].split("/")[-2]  # the first pre-training's run
+    step = json.loads(fs.cat_file(saved[0]))["step"]
+    assert step in (2, 4), step
+    # Nothing of a trial on the driver's disk: its checkpoints are on S3.
+    assert fs.exists(f"{root}/tune") and fs.exists(f"{root}/parent_run.json")
+    assert not [p for p in driver.rglob("*") if p.name in ("latest.json", "trials", "tune")]
+
+    resumed = subprocess.run(
+        [*on_s3, "--resume"], cwd=driver, env=env, capture_output=True, text=True, timeout=1200
+    )
+    (tmp_path / "resumed.txt").write_text(resumed.stdout + resumed.stderr)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    fs.invalidate_cache()  # s3fs keeps the listings it made while polling
+    assert "(2 pre-trainings: trials that differ only in the probe share one)" in resumed.stdout
+    # the resumed study shows its trials as the clean one does (Tune restores its callback)
+    assert all(f"trial {v}: done" in resumed.stdout for v in VARIANTS), resumed.stdout
+    assert f"table: {storage}/attention-tiny/table.md" in resumed.stdout
+    # one pre-training a group: the shared one is named after its first variant
+    runs = sorted(p.rstrip("/").split("/")[-1] for p in fs.ls(f"{root}/trials"))
+    runs = [r for r in runs if r and r != "trials"]  # s3fs lists the folder's own marker
+    assert runs == [f"attention-tiny-{SHARED[0]}", f"attention-tiny-{OWN}"]
+    for variant in (SHARED[0], OWN):
+        trial = f"{root}/trials/attention-tiny-{variant}"
+        assert json.loads(fs.cat_file(f"{trial}/latest.json"))["step"] == 4
+        assert fs.exists(f"{trial}/final/trunk.safetensors")
+    assert {"table.md", "table.csv", "floor.json"} <= {p.split("/")[-1] for p in fs.ls(root)}
+    assert not [p for p in driver.rglob("*") if p.name in ("latest.json", "trials", "tune")]
+
+    # The killed trial went on from its checkpoint, in its own MLflow run, each step once.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{driver / 'runs' / 'mlflow.db'}")
+    parent = json.loads(fs.cat_file(f"{root}/parent_run.json"))["run_id"]
+    exp = client.get_run(parent).info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent}'")
+    pretrainings = [r for r in children if r.info.run_name.startswith("attention-tiny-")]
+    assert len(pretrainings) == 2, [r.info.run_name for r in children]
+    runs = [r for r in pretrainings if r.info.run_name == first_trial]
+    assert len(runs) == 1
+    resumed_at = client.get_metric_history(runs[0].info.run_id, "train/resumed_from_step")
+    assert resumed_at and resumed_at[-1].value >= step, resumed_at
+    logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert len(logged) == len(set(logged)) and {3, 4} <= set(logged), logged
+
+    clean = subprocess.run(
+        [*STUDY, "--storage", str(tmp_path / "clean")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
+    ours, theirs = _table(resumed.stdout), _table(clean.stdout)
+    rows = [line.split("|")[1].strip() for line in theirs]
+    assert {"linear", "attentive", "random trunk (linear)"} <= set(rows)
+    assert theirs[0].split("|")[2:5] == [f" {v} " for v in VARIANTS]  # every trial a column
+    linear = next(line for line in theirs if line.startswith("| linear |"))
+    cells = [c.strip() for c in linear.split("|")[2:5]]
+    assert "failed" not in cells and "-" not in cells, linear  # the shared trial probed too
+    # Same trials, seeds and verdict rows, and the same numbers: the trials are seeded and
+    # a resumed trial goes on from its checkpoint exactly.
+    assert ours == theirs
