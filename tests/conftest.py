@@ -34,8 +34,10 @@ FAST_LANE = os.environ.get("AIM_TEST_FAST") == "1"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "faults: the heaviest fault-injection journeys (S3 through the fault proxy); "
-        "`make test-faults` runs them, `make test` leaves them out to fit its 25 minutes",
+        "faults: the heaviest fault-injection journeys (S3 through the fault proxy, a lost "
+        "node, a head loss, a preemption, exact data resume, a hung rank, a bad shard); "
+        "`make test-faults` runs them (CI too, after `make test`), `make test` leaves them out "
+        "to fit its 25 minutes",
     )
 
 
@@ -53,6 +55,12 @@ HEAVY_FIRST = (
     "test_head_loss.py",
     "test_preemption.py",  # four `aimctl pretrain` runs, each starting Ray
     "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
+    "test_lease.py",  # two `aimctl pretrain` of one name against one head
+    "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
+    "test_exact_resume_journeys.py",  # three `aimctl pretrain` starts, two killed
+    "test_hung_rank.py",  # one `aimctl pretrain`, restarted after a rank hangs
+    "test_durability.py",  # a two-node cluster for one refused job
+    "test_submit_failures.py",  # a head and two failing submitted jobs
     "test_eval_stream.py",
     "test_s3_faults.py",
     "test_services.py",  # three real MLflow servers (one behind basic-auth): about 150 s

@@ -59,7 +59,9 @@ def _job(storage: Path, name: str, data: str, *sets: str):
     )  # fmt: skip
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several job starts: minutes each on a loaded machine
 def test_a_truncated_shard_ends_the_run_or_is_skipped(
     ray_session, truncated: tuple[str, Path], tmp_path: Path
 ) -> None:

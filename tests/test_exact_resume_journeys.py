@@ -85,7 +85,9 @@ SETS = {
 }
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several job starts: minutes each on a loaded machine
 def test_epoch_rows_exactly_once_after_a_killed_worker_and_a_killed_job(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

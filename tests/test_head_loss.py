@@ -50,6 +50,7 @@ def _kill_everything(driver: subprocess.Popen[bytes], nodes: dict) -> None:
         time.sleep(0.3)
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(2700)  # two cluster starts, two job starts: minutes each when loaded

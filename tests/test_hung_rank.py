@@ -15,7 +15,9 @@ from journey_helpers import metric, mlflow_run, start_demo
 from aim_platform.train.watchdog import HANG_ENV
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # several job starts: minutes each on a loaded machine
 def test_a_rank_that_sleeps_is_ended_and_the_job_resumes(tmp_path: Path) -> None:
     storage, log, marker = tmp_path / "runs", tmp_path / "console.log", tmp_path / "hung"
     sets = {

@@ -190,6 +190,7 @@ def _raylet_of(temp_dir: str) -> int:
     raise AssertionError(f"no raylet under {temp_dir}")
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(1800)  # a cluster start and a restart: minutes each on a loaded machine

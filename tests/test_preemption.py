@@ -110,6 +110,7 @@ def _preempted(console: str) -> tuple[str, int, str]:
     return found.group(1), int(found.group(2)), found.group(3)
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(3600)  # four runs, each starting Ray: minutes each on a loaded machine
