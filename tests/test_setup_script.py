@@ -198,9 +198,15 @@ def lock_mismatches(installed: dict[str, str], pins: dict[str, str], simd: str) 
 
 def test_the_environment_make_setup_made_matches_the_lock() -> None:
     """The suite's own environment (.venv, made by `make setup`) holds exactly the lock."""
+    import sysconfig
     from importlib import metadata
 
-    installed = {_canonical(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    # The venv's own site-packages only: another test of this process may have put the base
+    # interpreter's on sys.path (it holds packages the venv does not, e.g. colorama).
+    venv = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {
+        _canonical(d.metadata["Name"]): d.version for d in metadata.distributions(path=venv)
+    }
     problems = lock_mismatches(installed, _lock(), _pillow_simd_version())
     assert not problems, (
         f"{sys.prefix} differs from {LOCK.relative_to(REPO)} (a dependency added to "

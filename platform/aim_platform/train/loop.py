@@ -48,10 +48,12 @@ class LoopArgs:
         run_id: The MLflow run rank 0 writes to (None: no tracking).
         progress: A :class:`~aim_platform.train.progress.ProgressBoard` actor for the driver's
             display, or None.
-        resume_from: The checkpoint ``latest.json`` named when the job started (a URL), or
-            None: what a job restarted by name resumes from when Ray Train has no record of
-            it (a job stopped after ``latest.json`` was written but before Ray's own snapshot
-            of its checkpoints).
+        resume_from: The checkpoint ``latest.json`` named when this training started (a
+            URL), or None. It is what every restart resumes from, before Ray Train's own
+            record: the job builds the data stream from that checkpoint's record of trained
+            rows, and Ray's snapshot of its checkpoints can lag ``latest.json`` (a job stopped
+            after a preemption's checkpoint was committed, before Ray's snapshot: seen in the
+            stop-and-resubmit journey, the model resumed at step 10, the data at step 14).
         stop_board: A :class:`~aim_platform.train.preempt.StopBoard` actor: the driver's
             SIGTERM reaches rank 0 through it, and rank 0 says there where the run stopped.
     """
@@ -93,7 +95,7 @@ def train_loop_per_worker(args: LoopArgs) -> None:
     model = trainer.model
     state = ckpt.TrainState(data_seed=job.seed)
     data_state = DataState()  # every rank's trained rows, merged on rank 0 at checkpoints
-    restored = ray.train.get_checkpoint() or named_checkpoint(args.resume_from, job)
+    restored = named_checkpoint(args.resume_from, job) or ray.train.get_checkpoint()
     if restored is not None:
         with local_copy(restored) as folder:
             state = trainer.restore(folder)
