@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from fault_rows import FaultRow, current_test, record
 
 from aim_platform import tracking
 from aim_platform.jobs.pretrain_outputs import PretrainResult, summary
@@ -148,6 +149,15 @@ def test_a_refused_artifact_is_counted_once_and_holds_up_nothing(
         f"{TOO_BIG} (HTTP 413 Request Entity Too Large)"
     ], lines
     assert not any("writes refused by the server" in line for line in lines), lines
+    record(
+        FaultRow(
+            fault="artifact store answers 500 for a while, 413 for one file",
+            console=[line for line in lines if "refused by the artifact store" in line],
+            steps_redone="0 (writes are queued; the 413 file is tried once)",
+            data_lost=f"{TOO_BIG} only, named once; every other write landed; run FINISHED",
+            test=current_test(),
+        )
+    )
 
 
 def test_4xx_is_permanent_and_5xx_408_429_and_no_answer_are_transient() -> None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_rows import FaultRow, console_lines, current_test, record
 from net_helpers import REPO
 from test_node_loss import (
     cluster_env,
@@ -119,3 +120,12 @@ def test_head_loss_resubmitted_by_name_resumes_from_the_object_store(
     steps = sorted(m.step for m in client.get_metric_history(run_id, "train/loss"))
     assert steps == list(range(1, STEPS + 1)), steps
     assert read_state(f"{run}/latest.json", options)["step"] == STEPS
+    record(
+        FaultRow(
+            fault="head loss (whole cluster SIGKILLed, a new one, the same command run again)",
+            console=console_lines(console, r"resuming from the checkpoint at step", r"^run "),
+            steps_redone=f"{logged - kept} (logged through {logged}, resumed from {kept})",
+            data_lost=f"0: the same MLflow run FINISHED, train/loss at 1..{STEPS} once each",
+            test=current_test(),
+        )
+    )

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_rows import FaultRow, current_test, record
 from net_helpers import REPO
 from test_submit import ray_head  # noqa: F401 - the token-auth head fixture, reused
 
@@ -250,3 +251,12 @@ def test_second_pretrain_of_a_name_is_refused_and_the_first_finishes_untouched(
     assert sorted(steps) == sorted(set(steps)) and max(steps) == STEPS
     assert not client.get_metric_history(run_id, "train/resumed_from_step")
     assert json.loads((storage / "twice" / "latest.json").read_text())["step"] == STEPS
+    record(
+        FaultRow(
+            fault="second writer (two aimctl pretrain of one name on one storage)",
+            console=[f"the second: {said}", f"the first: step {STEPS}/{STEPS}, exit 0"],
+            steps_redone="0",
+            data_lost=f"0: the first run FINISHED, train/loss 1..{STEPS} once each, lease released",
+            test=current_test(),
+        )
+    )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fault_rows import FaultRow, console_lines, current_test, record
 from net_helpers import REPO, free_port
 from test_submit import _stop_head
 
@@ -267,6 +268,15 @@ def test_lost_node_and_its_disk_lose_nothing(
 
     fs, final = filesystem(f"{storage}/lost-node/final/trunk.safetensors", options)
     assert fs.exists(final)
+    record(
+        FaultRow(
+            fault="lost node with its disk (2-node loopback, checkpoints on S3, temp dir deleted)",
+            console=console_lines(console, r"lost 1 of 2 node\(s\)", r"restart 1 of", r"^run "),
+            steps_redone=f"{logged - kept} (logged through {logged}, resumed from {kept})",
+            data_lost=f"0: FINISHED, train/loss at 1..{STEPS} once each, final trunk on S3",
+            test=current_test(),
+        )
+    )
 
 
 def test_a_resumed_rank_0_logs_only_the_steps_the_run_lacks(tmp_path: Path) -> None:

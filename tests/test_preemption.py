@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 import pytest
+from fault_rows import FaultRow, console_lines, current_test, record
 from net_helpers import REPO
 from s3_fault_proxy import FaultProxy
 
@@ -166,6 +167,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_there(
     assert ended.info.status == "KILLED"
     assert ended.data.tags["preempted"] == "true"
     assert ended.data.tags["preempted_at_step"] == str(first)
+    driver_lines = console_lines(console, r"SIGTERM: saving a checkpoint", r"preempted \(SIGTERM")
 
     # 2. the same command: resumes there; SIGTERM to one worker process
     run = Run(tmp_path, env, sets, 2)
@@ -183,6 +185,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_there(
     resumed = client.get_metric_history(run_id, "train/resumed_from_step")
     assert [m.value for m in resumed] == [first]  # at most the step in flight was redone
     assert client.get_run(run_id).data.tags["preempted_at_step"] == str(second)
+    worker_lines = console_lines(console, r"preempted \(SIGTERM to rank")
 
     # 3. every checkpoint upload held by the store; SIGTERM while the final one hangs
     proxy.configure(rate=1.0, kinds=["timeout"], methods={"PUT", "POST"}, path=r"checkpoint_\d")
@@ -199,6 +202,7 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_there(
     assert state["step"] == second
     assert CHECKPOINT_FILES <= {Path(p).name for p in fs.ls(f"{root}/{state['checkpoint']}")}
     assert not fs.exists(f"{root}/final/trunk.safetensors")
+    hung_upload = console_lines(console, r"preempted \(SIGTERM to the driver\) at step")
 
     # 4. the store answers again: the same command resumes from run 2's checkpoint, finishes
     proxy.configure(rate=0.0)
@@ -211,6 +215,24 @@ def test_sigterm_stops_at_a_step_with_a_checkpoint_and_the_run_resumes_there(
     assert done.info.status == "FINISHED"
     assert latest()["step"] == STEPS
     assert fs.exists(f"{root}/final/trunk.safetensors")
+    record(
+        FaultRow(
+            fault="preemption: SIGTERM to the driver, then to one Ray Train worker",
+            console=driver_lines + worker_lines,
+            steps_redone=f"0 (stopped at {first}, resumed from {first}; then {second}, {second})",
+            data_lost="0: run KILLED with preempted=true, then continued to FINISHED",
+            test=current_test(),
+        )
+    )
+    record(
+        FaultRow(
+            fault=f"SIGTERM while the checkpoint upload hangs (preempt_grace_s {GRACE_S})",
+            console=hung_upload,
+            steps_redone=f"{STEPS - second} (the steps since the step-{second} checkpoint)",
+            data_lost=f"0: latest.json still names step {second}, all its files whole",
+            test=current_test(),
+        )
+    )
 
 
 # ------------------------------------------------------------------ the parts, without Ray
