@@ -154,7 +154,6 @@ def pretrain(
     try:
         return _pretrain(
             job,
-            address=address,
             datasets=datasets,
             tags=tags,
             parent_run_id=parent_run_id,
@@ -170,7 +169,6 @@ def pretrain(
 def _pretrain(
     job: JobConfig,
     *,
-    address: str | None = None,
     datasets: Mapping[str, Any] | None = None,
     tags: Mapping[str, str | None] | None = None,
     parent_run_id: str | None = None,
@@ -183,7 +181,8 @@ def _pretrain(
 
     Args:
         job: The validated job config.
-        address: Ray cluster address (``auto``, ``HOST:6379``; the token as
+        address: (of :func:`pretrain`, which joins Ray) Ray cluster address (``auto``,
+            ``HOST:6379``; the token as
             :func:`aim_platform.cluster.connect` finds it); None starts an embedded Ray (or
             uses the one this process already joined).
         datasets: ``{"train": ..., "val": ...}`` Ray Datasets with columns ``patches``
@@ -214,7 +213,7 @@ def _pretrain(
     from aim_platform.data.pipeline import execution_options
     from aim_platform.train.loop import train_loop_per_worker
 
-    connect(address)
+    # Ray is joined (pretrain() connected before taking the lease)
     job = resolve_devices(job)  # train.use_gpu: auto -> a bool, from the cluster's GPUs
     # Built-in sources are ingested into the local cache first (a no-op when up to date).
     probe_url = job.probe.dataset if job.probe else None
