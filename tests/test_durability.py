@@ -102,6 +102,26 @@ def test_rayjobs_resume_from_object_storage_after_a_lost_head() -> None:
         check_durable_storage(job.train)
 
 
+def test_ray_pods_give_a_preempted_job_time_to_checkpoint() -> None:
+    """A deleted pod (a reclaimed spot node) gets SIGTERM and, after
+    terminationGracePeriodSeconds (Kubernetes' default: 30 s), SIGKILL; `jobs stop` gets Ray's
+    RAY_JOB_STOP_WAIT_TIME_S (default 3 s). Both must exceed train.preempt_grace_s, or the
+    checkpoint of the step a job stops at is cut off."""
+    grace = TrainConfig().preempt_grace_s
+    found = 0
+    for path, manifest in [*_manifests("RayJob"), *_manifests("RayCluster")]:
+        cluster = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for group in groups:
+            pod = group["template"]["spec"]
+            where = f"{path.relative_to(REPO)}: {pod['containers'][0]['name']}"
+            assert pod.get("terminationGracePeriodSeconds", 30) > grace, where
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            assert float(env[sub.STOP_WAIT_ENV]) > grace, where
+            found += 1
+    assert found >= 4  # a head and a worker group in each of the two manifests
+
+
 def test_submit_refuses_node_local_storage_before_sending(tmp_path: Path) -> None:
     demo = REPO / "jobs" / "configs" / "demo.yaml"
     nowhere = f"http://127.0.0.1:{free_port()}"

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fault_rows
 import pytest
 from net_helpers import REPO, free_port
 from typer.testing import CliRunner
@@ -335,6 +336,27 @@ def test_submit_waits_for_a_job_agent_that_is_not_up_yet(monkeypatch: pytest.Mon
     assert 2 <= never.calls < 100
 
 
+def test_a_stopped_pretraining_gets_its_preempt_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`aimctl jobs stop` is Ray's SIGTERM, then SIGKILL after RAY_JOB_STOP_WAIT_TIME_S (3 s
+    by default): a submitted pre-training job carries its train.preempt_grace_s plus a
+    margin, so it can save the checkpoint of the step it stops at; a set value is kept."""
+    sent: list[dict[str, Any]] = []
+
+    class Jobs:
+        def submit_job(self, **kwargs: Any) -> str:
+            sent.append(kwargs)
+            return "raysubmit_x"
+
+    monkeypatch.setattr(sub, "client", lambda address, token_file: Jobs())
+    demo = REPO / "jobs" / "configs" / "demo.yaml"
+    shared = "train.storage_shared=true"
+    sub.submit("http://h:8265", demo, overrides=[shared, "train.preempt_grace_s=45"], repo=REPO)
+    sub.submit("http://h:8265", demo, overrides=[shared], env={sub.STOP_WAIT_ENV: "7"}, repo=REPO)
+    sub.submit("http://h:8265", REPO / "jobs" / "studies" / "head.yaml", repo=REPO)
+    waits = [kw["runtime_env"]["env_vars"].get(sub.STOP_WAIT_ENV) for kw in sent]
+    assert waits == [str(45 + sub.STOP_MARGIN_S), "7", None]
+
+
 def test_submit_checks_config_and_address_before_sending(tmp_path: Path) -> None:
     outside = tmp_path / "c.yaml"
     outside.write_text("name: x\n")
@@ -390,6 +412,7 @@ RAW_RAY_LINE = re.compile(
 
 
 JOURNEY_STEPS = 40  # the demo job, stopped after its first checkpoint (step 10), resubmitted
+DIGITS_TRAIN_ROWS = 1717  # builtin:digits' train split: epoch 0 ends at step 27 at batch 64
 
 
 def _journey_args(storage: str) -> list[str]:
@@ -469,6 +492,17 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     saved = _read_json(f"{run_root}/latest.json")
     assert _exists(f"{run_root}/{saved['checkpoint']}", folder=True)
     assert 10 <= saved["step"] < JOURNEY_STEPS
+    # `jobs stop` is a SIGTERM with the job's preempt grace before Ray's SIGKILL: the job
+    # saved a checkpoint of the step it stopped at, so nothing is redone.
+    first_log = sub.logs(address, job_id)
+    preempted = re.search(r"preempted \(SIGTERM to the driver\) at step (\d+): checkpoint saved",
+                          first_log)  # fmt: skip
+    assert preempted and int(preempted[1]) == saved["step"], first_log[-3000:]
+    client = MlflowClient(tracking_uri=journey_env)
+    run_id = _read_json(f"{run_root}/mlflow_run_id.json")["run_id"]
+    stopped_run = client.get_run(run_id)
+    assert stopped_run.info.status == "KILLED", stopped_run.info
+    assert stopped_run.data.tags["preempted_at_step"] == str(saved["step"])
     # A save that crashed half-way (rank 0's files without rank 1's, never committed to
     # latest.json) is newer than the last good one: the restart must not take it.
     fs, half = filesystem(f"{run_root}/checkpoint_00000099")
@@ -498,8 +532,7 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     assert f"resuming from the checkpoint at step {saved['step']}" in log
     assert f"step {JOURNEY_STEPS}/{JOURNEY_STEPS}" in log and "mlflow" in log.lower()
 
-    run_id = _read_json(f"{run_root}/mlflow_run_id.json")["run_id"]
-    client = MlflowClient(tracking_uri=journey_env)
+    assert _read_json(f"{run_root}/mlflow_run_id.json")["run_id"] == run_id  # the same run
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["git_commit"] == git_commit(REPO)  # the commit it was sent from
@@ -510,6 +543,39 @@ def test_demo_submitted_stopped_and_resubmitted_resumes(
     assert losses[0].step <= saved["step"]  # one MLflow run: the steps before the stop too
     assert _exists(f"{run_root}/final/trunk.safetensors")
     assert not _exists(f"{run_root}/lease.json")  # the run's lease, released at its end
+    logged = [m.step for m in losses]
+    assert len(logged) == len(set(logged))  # each logged step once in the one run
+    rows = {m.step: m.value for m in client.get_metric_history(run_id, "data/epoch_rows")}
+    distinct = {
+        m.step: m.value for m in client.get_metric_history(run_id, "data/epoch_distinct_rows")
+    }
+    assert rows.get(0) == distinct.get(0) == DIGITS_TRAIN_ROWS, (rows, distinct)
+    lost = f"0: epoch 0's {DIGITS_TRAIN_ROWS} rows each once (epoch_rows = epoch_distinct_rows)"
+    fault_rows.record(
+        fault_rows.FaultRow(
+            fault="stopped submitted job (`aimctl jobs stop` after its first checkpoint), "
+            "the same `aimctl submit` again",
+            console=[
+                *fault_rows.console_lines(stopped.output, r": STOPPED"),
+                *fault_rows.console_lines(first_log, r"preempted \(SIGTERM"),
+                *fault_rows.console_lines(log, r"resuming from the checkpoint at step"),
+                *[line for line in seen if "SUCCEEDED" in line],
+            ],
+            steps_redone=f"0 (stopped and saved at step {saved['step']}, resumed there)",
+            data_lost=lost,
+            test=fault_rows.current_test(),
+        )
+    )
+    fault_rows.record(
+        fault_rows.FaultRow(
+            fault="half-written checkpoint newer than the last good one (rank 0's "
+            "train_state.json at step 99 and a partial .metadata, never in latest.json)",
+            console=fault_rows.console_lines(log, r"resuming from the checkpoint at step"),
+            steps_redone=f"0 (resumed at {saved['step']}, the last committed step, not 99)",
+            data_lost=lost,
+            test=fault_rows.current_test(),
+        )
+    )
 
 
 @pytest.mark.slow

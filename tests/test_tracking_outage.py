@@ -16,6 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
+import fault_rows
 import pytest
 from net_helpers import free_port
 
@@ -272,3 +273,16 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
     assert f"mlflow: stopped (pid {record.pid})" in down
     assert not services.pid_alive(record.pid, record.proc_start)
     assert all(s.state == "stopped" for s in services.status(state))
+    fault_rows.record(
+        fault_rows.FaultRow(
+            fault="MLflow server stopped mid-run (`aimctl services down` at a logged step), "
+            "started again on the same port and store",
+            console=fault_rows.console_lines(
+                console, r"unreachable since", r"MLflow down since", r"MLflow was unreachable"
+            ),
+            steps_redone="0 (training went on while the server was down)",
+            data_lost=f"0: train/loss at every logged step {log_every}..{steps}, "
+            "dropped writes 0, run FINISHED",
+            test=fault_rows.current_test(),
+        )
+    )

@@ -22,6 +22,7 @@ sending, the Jobs API calls and their error messages); each function is small.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import shlex
@@ -58,6 +59,11 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # A head that has just started answers HTTP before its job agent is up, and Ray refuses a job
 # then ("No available agent to submit job, please try again later"): retried for this long.
 AGENT_WAIT_S = 120.0
+# Ray's job supervisor sends SIGTERM on `jobs stop` and SIGKILL this many seconds later (Ray's
+# default: 3). A pre-training job gets its train.preempt_grace_s plus this margin (the end of
+# the step in flight, closing the MLflow run), so a stopped job saves its checkpoint first.
+STOP_WAIT_ENV = "RAY_JOB_STOP_WAIT_TIME_S"
+STOP_MARGIN_S = 30
 NO_AGENT = "No available agent to submit job"
 
 
@@ -248,12 +254,13 @@ def default_entrypoint(
 
 def _validate(
     config_path: Path, overrides: Sequence[str], scale: str, seeds: int = 1, variants: str = ""
-) -> str | None:
+) -> tuple[str | None, float | None]:
     """Validate a job config or a study spec (and its study options) here, before anything
     is sent.
 
     Returns:
-        ``scale`` when the file is a study spec (it has ``variants``), else None.
+        ``scale`` when the file is a study spec (it has ``variants``), else None; and a
+        pre-training job's ``train.preempt_grace_s`` (None for a study).
     """
     import yaml
 
@@ -273,16 +280,17 @@ def _validate(
             if seeds < 1:
                 raise ConfigError(f"--seeds: {seeds} must be at least 1")
             spec.job(next(iter(spec.variants)), scale, list(overrides))
-            return scale
+            return scale, None
         if seeds != 1 or variants:
             raise ConfigError("--seeds and --variants apply to study specs (jobs/studies/)")
         from aim_platform.jobs.durable import check_durable_storage
 
         # The job runs on the cluster, on whichever node: never with node-local checkpoints.
-        check_durable_storage(load_config(config_path, list(overrides)).train)
+        train = load_config(config_path, list(overrides)).train
+        check_durable_storage(train)
     except ConfigError as exc:
         raise SubmitError(str(exc)) from None
-    return None
+    return None, train.preempt_grace_s
 
 
 def submit(
@@ -327,11 +335,12 @@ def submit(
         SubmitError: invalid input, unreachable cluster, missing or wrong token.
     """
     metadata = {"aim.submitter": "aimctl"}
+    grace: float | None = None  # a pre-training job's train.preempt_grace_s
     if entrypoint is None:
         if config is None:
             raise SubmitError("give a CONFIG (a job or a study spec) or an --entrypoint")
         config_rel = _config_in_repo(config, repo)
-        study_scale = _validate(repo / config_rel, overrides, scale, seeds, variants)
+        study_scale, grace = _validate(repo / config_rel, overrides, scale, seeds, variants)
         entrypoint = default_entrypoint(
             config_rel, overrides, study_scale=study_scale, seeds=seeds, variants=variants
         )
@@ -340,6 +349,8 @@ def submit(
         raise SubmitError("--set applies to the default entrypoint; put them in --entrypoint")
     commit = git_commit(repo)
     extra_env = dict(env or {})
+    if grace is not None and STOP_WAIT_ENV not in extra_env:  # `jobs stop` lets it checkpoint
+        extra_env[STOP_WAIT_ENV] = str(math.ceil(grace) + STOP_MARGIN_S)
     if commit:
         metadata["aim.git_commit"] = commit
         extra_env[GIT_COMMIT_ENV] = commit  # runs of the job record the submitted commit

@@ -361,6 +361,13 @@ def ingest(
             markup=False,
             highlight=False,
         )
+        if m.get("resumed_groups"):
+            term.print(
+                f"resumed an interrupted ingest: {m['resumed_groups']} finished group(s) kept, "
+                "not redone",
+                markup=False,
+                highlight=False,
+            )
         for r in m["rejected"][:20]:
             term.print(f"  rejected {r['id']}: {r['reason']}", markup=False, highlight=False)
 

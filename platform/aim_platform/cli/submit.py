@@ -125,9 +125,13 @@ def jobs_stop(
     job_id: str,
     address: str | None = _ADDRESS_OPT,
     token_file: Path | None = _TOKEN_OPT,
-    wait: float = typer.Option(30.0, help="seconds to wait for the job to stop (0: don't)"),
+    wait: float = typer.Option(
+        120.0,
+        help="seconds to wait for the job to end (0: don't); a pre-training job first saves a "
+        "checkpoint at its next step, within its train.preempt_grace_s",
+    ),
 ) -> None:
-    """Stop a running job."""
+    """Stop a running job (SIGTERM: a pre-training job checkpoints, then ends)."""
     from aim_platform import submit as sub
 
     state = sub.stop(address, job_id, token_file, wait=wait)
