@@ -160,8 +160,9 @@ def study(
     )
     groups = pretraining_groups(parsed, scale, set_, seeds)
     if len(groups) < len(parsed.variants):
+        n = len(groups) * seeds
         header += (
-            f" ({len(groups) * seeds} pre-trainings: trials that differ only in the probe "
+            f" ({n} pre-training{'s' if n > 1 else ''}: trials that differ only in the probe "
             "share one)"
         )
     names = [trial_name(v, i, seeds) for v in parsed.variants for i in range(seeds)]
