@@ -64,15 +64,24 @@ def record(row: FaultRow) -> Path:
     return path
 
 
+_LONG_PATH = re.compile(r"(?<![\w:/.])/(?:[^\s/;,()`|]+/){3,}([^\s/;,()`|]+/[^\s/;,()`|]+)")
+
+
+def short_paths(line: str) -> str:
+    """``line`` with each absolute path of 5 or more parts cut to ``.../`` and its last two
+    (a test's temporary folders say nothing to a reader)."""
+    return _LONG_PATH.sub(r".../\1", line)
+
+
 def render(folder: Path) -> str:
-    """The Markdown table of every recorded row, sorted by fault."""
+    """The Markdown table of every recorded row, sorted by fault (long paths shortened)."""
     rows = [FaultRow(**json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))]
     out = [
         "| fault | what the console shows | steps redone | data lost | test |",
         "|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.fault):
-        shown = " → ".join(f"`{line.replace('|', '/')}`" for line in r.console)
+        shown = " → ".join(f"`{short_paths(line).replace('|', '/')}`" for line in r.console)
         out.append(f"| {r.fault} | {shown} | {r.steps_redone} | {r.data_lost} | `{r.test}` |")
     return "\n".join(out)
 

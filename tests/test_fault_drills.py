@@ -24,7 +24,7 @@ from fault_drills import (
     conclude,
     restart_row,
 )
-from fault_rows import FaultRow, render
+from fault_rows import FaultRow, render, short_paths
 
 TRAIN_ROWS = 1717  # builtin:digits' train rows
 
@@ -300,3 +300,18 @@ def test_a_passing_drill_records_its_row_under_its_command_line(
     assert json.loads(saved.read_text())["test"] == test
     table = render(tmp_path)
     assert "| killed worker |" in table and f"`{test}`" in table and "| 11 (failed at" in table
+
+
+def test_the_table_shortens_temporary_paths_only() -> None:
+    line = (
+        "resuming from the checkpoint at step 11; log: /tmp/aimray1/session_2/runtime_resources/"
+        "_ray_pkg_9d/runs/journey/logs/pretrain-1.log"
+    )
+    assert short_paths(line) == (
+        "resuming from the checkpoint at step 11; log: .../logs/pretrain-1.log"
+    )
+    kept = "run x: 30 steps, storage s3://aim-test/a/b/c/d/head-loss; MLflow at http://h:5/a/b/c"
+    assert short_paths(kept) == kept  # URLs and short paths as they are
+    assert short_paths("shard /tmp/p/gw0/bad0/data/train/part-2.parquet (4 rows)") == (
+        "shard .../train/part-2.parquet (4 rows)"
+    )
