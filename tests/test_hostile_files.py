@@ -152,6 +152,43 @@ def test_dcp_metadata_that_runs_code_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_dcp_metadata_with_enums_pickled_by_name_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Some Pythons (3.11.2, Debian's) pickle an enum member as ``getattr(cls, name)``: a
+    checkpoint saved there loads anywhere; ``getattr`` on anything but a member of DCP's
+    metadata enums is refused."""
+    from torch.distributed.checkpoint.metadata import _MEM_FORMAT_ENCODING
+
+    from aim_platform.train import checkpoint as ckpt
+
+    monkeypatch.setattr(
+        _MEM_FORMAT_ENCODING,
+        "__reduce_ex__",
+        lambda self, proto: (getattr, (type(self), self.name)),
+    )
+    folder = tmp_path / "checkpoint_00000010"
+    saved = _app()
+    ckpt.save(folder, saved, ckpt.TrainState(step=10, epoch=1), "name: x\n", rank=0)
+    assert b"getattr" in (folder / ".metadata").read_bytes()
+    monkeypatch.undo()
+    restored = _app()
+    assert ckpt.load(folder, restored) == ckpt.TrainState(step=10, epoch=1)
+    assert torch.equal(restored.model.weight, saved.model.weight)
+
+    class Crafted:
+        def __reduce__(self) -> tuple:  # getattr(Metadata, "__init__"): no enum member
+            from torch.distributed.checkpoint.metadata import Metadata
+
+            return getattr, (Metadata, "__init__")
+
+    (folder / ".metadata").write_bytes(pickle.dumps(Crafted()))
+    with pytest.raises(UnsafeFile) as exc:
+        ckpt.load(folder, _app())
+    assert "getattr(Metadata, '__init__')" in _refused(exc, folder / ".metadata")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_dcp_byte_item_that_runs_code_is_refused(tmp_path: Path) -> None:
     """A shard's non-tensor item (here the optimizer's ``lr``) replaced by a crafted pickle:
     torch's own planner would unpickle it with ``weights_only=False`` and run it."""

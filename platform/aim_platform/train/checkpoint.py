@@ -23,6 +23,7 @@ containers and tensors only) and refuses anything else with one line naming the 
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import logging
@@ -136,9 +137,28 @@ class _MetadataUnpickler(pickle.Unpickler):
             return super().find_class(module, name)
         if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
             return getattr(torch, name)
+        if (module, name) == ("builtins", "getattr"):  # an enum member pickled by its name
+            return self._enum_member
         raise UnsafeFile(
             f"{self.path}: refused: it names {module}.{name}, which checkpoint metadata never "
             "holds (loading it could run code)"
+        )
+
+    def _enum_member(self, cls: Any, name: Any) -> Any:
+        """``getattr(cls, name)`` where it names a member of one of DCP's metadata enums (Python
+        3.12 pickles enum members as ``getattr(cls, name)``, and so may a process whose enum
+        pickling another library changed); any other use of ``getattr`` is refused."""
+        if (
+            isinstance(cls, type)
+            and issubclass(cls, enum.Enum)
+            and (cls.__module__, cls.__name__) in _METADATA_GLOBALS
+            and isinstance(name, str)
+            and name in cls.__members__
+        ):
+            return cls[name]
+        raise UnsafeFile(
+            f"{self.path}: refused: it calls getattr({getattr(cls, '__name__', type(cls))!s}, "
+            f"{name!r}), which is no member of checkpoint metadata (loading it could run code)"
         )
 
 
