@@ -74,7 +74,7 @@ test-fast: setup
 	AIM_TEST_FAST=1 $(PY) -m pytest -m "not slow and not cluster" $(PYTEST_ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check platform tests jobs
+	$(VENV)/bin/ruff check platform tests jobs infra
 
 doctor: setup
 	$(VENV)/bin/aimctl doctor
