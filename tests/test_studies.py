@@ -306,3 +306,44 @@ def test_gpus_per_trial_shares_a_gpu_between_one_worker_trials() -> None:
         app, ["study", str(STUDIES_DIR / "head.yaml"), "--scale", "tiny", "--gpus-per-trial", "0.5"]
     )
     assert out.exit_code != 0 and "--gpus-per-trial: 0.5 GPUs for 2 workers" in out.output
+
+
+def test_a_study_split_over_sessions_runs_named_seed_indices_whose_csvs_concatenate() -> None:
+    """``--only-seeds``: one seed index of a 3-seed study at a time (a CPU session cannot hold
+    all three); each part's trials are named and seeded as in the whole study, and the parts'
+    per-seed CSVs, concatenated, give the whole study's table."""
+    from typer.testing import CliRunner
+
+    from aim_platform.cli import app
+    from aim_platform.jobs.study_results import read_trials_csv, trials_csv
+    from aim_platform.jobs.study_table import StudyResult, TrialOutcome, seed_indices
+
+    assert seed_indices(3) == [0, 1, 2] and seed_indices(3, [2, 0, 2]) == [0, 2]
+    with pytest.raises(ConfigError, match=r"--only-seeds: \[3\]: give seed indices of 0..2"):
+        seed_indices(3, [1, 3])
+    with pytest.raises(ConfigError, match="--seeds: 0 must be at least 1"):
+        seed_indices(0)
+    study = str(STUDIES_DIR / "attention.yaml")
+    out = CliRunner().invoke(app, ["study", study, "--seeds", "2", "--only-seeds", "2"])
+    assert out.exit_code != 0 and "--only-seeds: [2]: give seed indices of 0..1" in out.output
+    out = CliRunner().invoke(app, ["study", study, "--only-seeds", "one"])
+    assert out.exit_code != 0 and "--only-seeds: 'one' is not a comma-separated" in out.output
+
+    spec = load_study(STUDIES_DIR / "head.yaml")
+    variants = list(spec.variants)
+
+    def part(seeds: list[int]) -> str:  # what one session's study writes as trials.csv
+        trials = [
+            TrialOutcome(v, None, {"probe/linear_top1": (40 + i + s) / 100, "step": 9}, None, s)
+            for i, v in enumerate(variants)
+            for s in seeds
+        ]
+        floor = {v: {s: {"probe/linear_top1": 0.3}} for v in variants for s in seeds}
+        return trials_csv(StudyResult(spec, "small", None, "", trials, floor))
+
+    whole = part([0, 1, 2])
+    parts = part([0, 1]) + "".join(part([2]).splitlines(keepends=True)[1:])  # header once
+    assert (
+        read_trials_csv(spec, parts, "small").markdown()
+        == read_trials_csv(spec, whole, "small").markdown()
+    )

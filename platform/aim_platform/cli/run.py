@@ -102,6 +102,11 @@ def study(
     ),
     resume: bool = typer.Option(False, help="continue an interrupted study"),
     seeds: int = typer.Option(1, help="trials per variant (seeds 0..N-1); the table: mean ± std"),
+    only_seeds: str = typer.Option(
+        "",
+        help="run only these seed indices of --seeds, comma-separated (a study split over "
+        "sessions or machines: each part's trials.csv holds its seeds' rows)",
+    ),
     concurrent: int = typer.Option(None, help="trials at once; default: the spec's"),
     gpus_per_trial: float = typer.Option(
         None,
@@ -126,14 +131,14 @@ def study(
     from aim_platform.jobs.lease import acquire as hold_name
     from aim_platform.jobs.study import check_gpus_per_trial, run_study
     from aim_platform.jobs.study_spec import load_study, pretraining_groups, select_variants
-    from aim_platform.jobs.study_table import trial_name
+    from aim_platform.jobs.study_table import seed_indices, trial_name
     from aim_platform.storage import is_remote, parse_storage_options
     from aim_platform.train.paths import storage_url
 
     if scale not in SCALES:
         raise ConfigError(f"--scale: {scale!r} is not one of {', '.join(SCALES)}")
-    if seeds < 1:
-        raise ConfigError(f"--seeds: {seeds} must be at least 1")
+    only = _int_list(only_seeds, "--only-seeds") if only_seeds else None
+    indices = seed_indices(seeds, only)
     try:
         parsed = load_study(spec)
     except yaml.YAMLError as exc:  # safe_load: a Python-object tag is only ever this error
@@ -156,16 +161,18 @@ def study(
     log = None if verbose else log_path(folder, "study")
     header = (
         f"study {parsed.name} (Table {parsed.table}), scale {scale}: "
-        f"{len(parsed.variants) * seeds} trials of {first.train.steps} steps"
+        f"{len(parsed.variants) * len(indices)} trials of {first.train.steps} steps"
     )
+    if only is not None:
+        header += f" (seed indices {', '.join(map(str, indices))} of 0..{seeds - 1})"
     groups = pretraining_groups(parsed, scale, set_, seeds)
     if len(groups) < len(parsed.variants):
-        n = len(groups) * seeds
+        n = len(groups) * len(indices)
         header += (
             f" ({n} pre-training{'s' if n > 1 else ''}: trials that differ only in the probe "
             "share one)"
         )
-    names = [trial_name(v, i, seeds) for v in parsed.variants for i in range(seeds)]
+    names = [trial_name(v, i, seeds) for v in parsed.variants for i in indices]
     with run_console("the study", header, log, address=address, token_file=token_file) as term:
         # One driver per study folder (aim_platform.jobs.lease), held until the study ends.
         held = hold_name(
@@ -189,6 +196,7 @@ def study(
                 concurrent=concurrent,
                 floor=floor,
                 gpus_per_trial=gpus_per_trial,
+                only_seeds=only,
             )
         finally:
             display.close()
@@ -207,6 +215,16 @@ def study(
         )
         for line in _study_tracking_lines(result, seeds):
             term.print(line, markup=False, highlight=False)
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    """``"0,2"`` -> ``[0, 2]``; a clear error naming ``option`` for anything else."""
+    from aim_platform.config import ConfigError
+
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of integers") from None
 
 
 def _study_tracking_lines(result: Any, seeds: int) -> list[str]:

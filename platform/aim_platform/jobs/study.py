@@ -29,7 +29,13 @@ from aim_platform.failures import root_cause
 from aim_platform.jobs.study_floor import random_trunk_floor
 from aim_platform.jobs.study_results import trials_csv
 from aim_platform.jobs.study_spec import pretraining_groups, trial_job
-from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recipe, trial_name
+from aim_platform.jobs.study_table import (
+    StudyResult,
+    TrialOutcome,
+    probe_recipe,
+    seed_indices,
+    trial_name,
+)
 from aim_platform.models.losses import VAL_CHUNKS
 from aim_platform.storage import filesystem, is_remote, pyarrow_filesystem, read_json
 
@@ -162,6 +168,7 @@ def run_study(
     floor: bool = True,
     storage_options: dict[str, Any] | None = None,
     gpus_per_trial: float | None = None,
+    only_seeds: list[int] | None = None,
 ) -> StudyResult:
     """Run (or resume) a study; every trial's failure is reported, not fatal.
 
@@ -191,13 +198,14 @@ def run_study(
             ``train.storage_options``.
         gpus_per_trial: GPUs each trial's workers take together; a fraction (one-worker
             trials) puts several trials on one GPU. None: as the jobs say (``train.use_gpu``).
+        only_seeds: Run only these seed indices of ``seeds`` (named and seeded as in the
+            whole study): a study split over sessions or machines, one seed at a time.
 
     Variants whose jobs differ only in the probe (Table 3d's probe attention) share one
     trial: one pre-training, probed with each variant's probe
     (:func:`~.study_spec.pretraining_groups`).
     """
-    if seeds < 1:
-        raise ConfigError(f"--seeds: {seeds} must be at least 1")
+    indices = seed_indices(seeds, only_seeds)
     from aim_platform.cluster import connect
     from aim_platform.jobs.ingest import prepare_sources
     from aim_platform.train.paths import storage_url
@@ -234,6 +242,8 @@ def run_study(
             "variants": ",".join(spec.variants),
             "seeds": seeds,
         }
+        if only_seeds is not None:  # a part of the study: which seed indices
+            params["only_seeds"] = ",".join(map(str, indices))
         parent = tracker.start_run(
             first.tracking.experiment,
             f"study-{spec.name}-{scale}",
@@ -274,7 +284,7 @@ def run_study(
                 "variant": tune.grid_search([g[0] for g in groups]),
                 "groups": {g[0]: g for g in groups},
                 "gpus_per_trial": gpus_per_trial,
-                "seed": tune.grid_search(list(range(seeds))),
+                "seed": tune.grid_search(indices),
                 "seeds": seeds,
             },
             tune_config=tune.TuneConfig(
@@ -314,7 +324,7 @@ def run_study(
             [
                 (v, seed, trial_job(spec, v, scale, extra, seed, seeds))
                 for v in spec.variants
-                for seed in range(seeds)
+                for seed in indices
             ],
             seeds,
             f"{root}/floor.json",

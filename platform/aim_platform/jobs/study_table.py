@@ -10,7 +10,7 @@ import io
 import math
 from dataclasses import dataclass, field
 
-from aim_platform.config import ProbeConfig, StudySpec
+from aim_platform.config import ConfigError, ProbeConfig, StudySpec
 from aim_platform.eval.paired import paired_difference
 from aim_platform.jobs.study_verdicts import (
     CLEAR_POINTS,
@@ -42,6 +42,22 @@ class TrialOutcome:
 def trial_name(variant: str, seed: int, seeds: int) -> str:
     """A trial's name in tables, displays and run names: the variant, ``/s<i>`` with seeds."""
     return f"{variant}/s{seed}" if seeds > 1 else variant
+
+
+def seed_indices(seeds: int, only: list[int] | None = None) -> list[int]:
+    """The seed indices a study runs: 0 .. seeds-1, or ``only`` those of them (a study split
+    over machines or sessions, one seed index at a time; its per-seed CSVs concatenate)."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds: {seeds} must be at least 1")
+    if only is None:
+        return list(range(seeds))
+    outside = sorted({i for i in only if not 0 <= i < seeds})
+    if not only or outside:
+        raise ConfigError(
+            f"--only-seeds: {outside or 'none given'}: give seed indices of 0..{seeds - 1} "
+            f"(--seeds {seeds})"
+        )
+    return sorted(set(only))
 
 
 def seed_overrides(job_seed: int, probe_seed: int, seed: int) -> list[str]:
