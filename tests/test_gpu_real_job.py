@@ -73,3 +73,15 @@ def test_the_real_job_path_runs_on_a_cpu(tmp_path: Path) -> None:
     assert "real job over bench step:" in done.stdout
     # the job went through aimctl with MLflow: its run is in the case's SQLite store
     assert (tmp_path / "w" / "smoke-large" / "mlflow.db").exists()
+
+
+def test_cifar_split_archive_unpacks_to_its_class_folders(tmp_path: Path) -> None:
+    import tarfile
+
+    rj.make_jpegs(tmp_path / "src" / "test", 4, 32)
+    with tarfile.open(tmp_path / "test.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "src" / "test", arcname="test")
+    folder = rj.cifar_folder(tmp_path / "test.tar.gz", tmp_path / "out")
+    assert folder == tmp_path / "out" / "test"
+    assert sorted(p.name for p in folder.iterdir()) == ["c0", "c1", "c2", "c3"]
+    assert rj.cifar_folder(folder, tmp_path / "unused") == folder  # a folder as it is
