@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="folder with train/ and test/ (or .tar.gz)")
     parser.add_argument("--scale", default="cifar10", choices=SCALES)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument(
+        "--only-seeds", default="", help="0,2: run only these seed indices of --seeds"
+    )
     parser.add_argument("--variants", default=None, help="a,b: run only these variants")
     parser.add_argument("--parallel", type=int, default=2, help="trial processes at once")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results and tables folder")
     args = parser.parse_args(argv)
 
+    try:
+        only_seeds = [int(x) for x in args.only_seeds.split(",") if x.strip()] or None
+    except ValueError:
+        parser.error(f"--only-seeds: {args.only_seeds!r} is not a comma-separated list of integers")
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -57,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         args.scale,
         args.data,
         seeds=args.seeds,
+        only_seeds=only_seeds,
         extra=extra,
         parallel=args.parallel,
         device=device,

@@ -146,3 +146,18 @@ def test_past_the_deadline_no_trial_starts_and_the_script_says_so(tmp_path: Path
     assert "| linear | failed | failed |\n" in out.stdout  # the two variants asked for
     assert "none/s0" not in out.stdout
     assert json.loads((tmp_path / "results.json").read_text())
+
+
+def test_only_some_seed_indices_are_planned_named_and_seeded_as_in_the_whole_study() -> None:
+    from aim_platform.config import ConfigError
+    from aim_platform.jobs.local_study import plan_tasks
+
+    spec = load_study(STUDIES_DIR / "attention.yaml")
+    whole, _ = plan_tasks([spec], "tiny", 3, [])
+    part, floor_of = plan_tasks([spec], "tiny", 3, [], only_seeds=[2])
+    assert {t.seed for t in part} == {2} and all(t.seeds == 3 for t in part)
+    # the same jobs, seeds and names (a Task compares by identity: it keys the results)
+    assert [repr(t) for t in part] == [repr(t) for t in whole if t.seed == 2]
+    assert set(floor_of["attention"]) == {(v, 2) for v in spec.variants}
+    with pytest.raises(ConfigError, match="--only-seeds"):
+        plan_tasks([spec], "tiny", 2, [], only_seeds=[2])

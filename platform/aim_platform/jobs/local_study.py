@@ -45,7 +45,13 @@ from aim_platform.data.transforms import decode_batch
 from aim_platform.jobs.study_floor import floor_key
 from aim_platform.jobs.study_results import trials_csv
 from aim_platform.jobs.study_spec import pretraining_key, trial_job
-from aim_platform.jobs.study_table import StudyResult, TrialOutcome, probe_recipe, trial_name
+from aim_platform.jobs.study_table import (
+    StudyResult,
+    TrialOutcome,
+    probe_recipe,
+    seed_indices,
+    trial_name,
+)
 
 # Images per forward of the frozen trunk, and so rows per feature-cache shard: the probes read
 # a few shards at a time in a seeded order, so shards as small as the platform's (its feature
@@ -227,15 +233,19 @@ def run_task(
 
 
 def plan_tasks(
-    specs: list[StudySpec], scale: Scale, seeds: int, extra: list[str]
+    specs: list[StudySpec],
+    scale: Scale,
+    seeds: int,
+    extra: list[str],
+    only_seeds: list[int] | None = None,
 ) -> tuple[list[Task], dict[str, dict[tuple[str, int], str]]]:
     """Every pre-training (shared by the trials whose jobs differ only in the probe) and every
     distinct floor, seed by seed (so that a deadline leaves whole seeds), and per study which
-    floor each (variant, seed) reads."""
+    floor each (variant, seed) reads; ``only_seeds``: those seed indices of ``seeds`` only."""
     tasks: list[Task] = []
     floor_of: dict[str, dict[tuple[str, int], str]] = {s.name: {} for s in specs}
     floors: set[str] = set()
-    for seed in range(seeds):
+    for seed in seed_indices(seeds, only_seeds):
         for spec in specs:
             groups: dict[str, list[tuple[str, JobConfig]]] = {}
             for variant in spec.variants:
@@ -263,6 +273,7 @@ def run_local_studies(
     data_root: str,
     *,
     seeds: int = 1,
+    only_seeds: list[int] | None = None,
     extra: list[str] | None = None,
     parallel: int = 2,
     device: str = "cpu",
@@ -278,7 +289,7 @@ def run_local_studies(
     # One process a trial: the whole global batch in one step (a preset's worker count, e.g.
     # the tiny scale's 2, would otherwise be checked against batch sizes it no longer splits).
     extra = [*(extra or []), "train.num_workers=1"]
-    tasks, floor_of = plan_tasks(specs, scale, seeds, extra)
+    tasks, floor_of = plan_tasks(specs, scale, seeds, extra, only_seeds)
     read_image_folders(data_root)  # a missing or malformed folder: one clear error, here
     deadline = time.time() + (deadline_s if deadline_s is not None else 1e9)
     trials = sum(len(t.variants) for t in tasks if t.kind == "trial")
