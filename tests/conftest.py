@@ -65,6 +65,7 @@ HEAVY_FIRST = (
     "test_s3_faults.py",
     "test_services.py",  # three real MLflow servers (one behind basic-auth): about 150 s
     "test_perf.py",
+    "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU
     "test_objectives.py",
     "test_tracking.py",
     "test_artifact_store_errors.py",
