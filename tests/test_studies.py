@@ -341,6 +341,11 @@ def test_a_study_split_over_sessions_runs_named_seed_indices_whose_csvs_concaten
         floor = {v: {s: {"probe/linear_top1": 0.3}} for v in variants for s in seeds}
         return trials_csv(StudyResult(spec, "small", None, "", trials, floor))
 
+    # a part's own table says how many seeds it holds, not the whole study's count
+    seed2 = read_trials_csv(spec, part([2]), "small")
+    assert seed2.seeds == 3 and seed2.seeds_run == 1
+    assert "Mean ± standard deviation over" not in seed2.markdown()
+    assert "over 2 seeds" in read_trials_csv(spec, part([0, 2]), "small").markdown()
     whole = part([0, 1, 2])
     parts = part([0, 1]) + "".join(part([2]).splitlines(keepends=True)[1:])  # header once
     assert (

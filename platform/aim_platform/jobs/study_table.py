@@ -108,7 +108,14 @@ class StudyResult:
 
     @property
     def seeds(self) -> int:
+        """The study's seed count as its trials are named (``/s<i>``): 1 + the highest index."""
         return 1 + max((t.seed for t in self.trials), default=0)
+
+    @property
+    def seeds_run(self) -> int:
+        """How many seed indices have trials here (fewer than :attr:`seeds` for a study run
+        with ``--only-seeds``)."""
+        return len({t.seed for t in self.trials}) or 1
 
     def per_seed(self, row: str) -> dict[str, dict[int, float]]:
         """Variant -> seed index -> value (as logged: top-1 as a fraction, or the loss) of
@@ -224,9 +231,9 @@ class StudyResult:
         out = [f"### Table {self.spec.table}: {self.spec.description} (scale {self.scale})", ""]
         out += _md_table([*rows, *self.paper_rows()], bold_marked=True)
         notes = []
-        if self.seeds > 1:
+        if self.seeds_run > 1:
             notes.append(
-                f"Mean ± standard deviation over {self.seeds} seeds (pre-training and probe)."
+                f"Mean ± standard deviation over {self.seeds_run} seeds (pre-training and probe)."
             )
         if self.floor:
             notes.append(
