@@ -34,7 +34,10 @@ def test_a_rank_that_sleeps_is_ended_and_the_job_resumes(tmp_path: Path) -> None
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     assert marker.exists(), "the fault did not happen: rank 1 never slept"
     console = log.read_text()
-    line = r"rank 1 on node \S+ made no step for 20 s after step 6 \(train.step_timeout_s\)"
+    line = (
+        r"rank 1 on node \S+ made no step for 20 s after step 6, waiting for its next batch "
+        r"\(train.step_timeout_s\)"
+    )
     assert re.search(line, console), console[-3000:]
     assert "restart 1 of 1: resuming from the checkpoint at step 4" in console
     client, run_id = mlflow_run(storage / "hung")

@@ -352,8 +352,8 @@ def _pretrain(
                     h = snap.hung
                     say(
                         f"rank {h['rank']} on node {h['node']} made no step for "
-                        f"{h['seconds']:g} s after step {h['step']} (train.step_timeout_s): "
-                        "ended it"
+                        f"{h['seconds']:g} s after step {h['step']}, "
+                        f"{h['where']} (train.step_timeout_s): ended it"
                     )
                 previous = latest_train_state(job)
                 workers = restarts.restart(

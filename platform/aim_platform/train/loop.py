@@ -34,7 +34,7 @@ from aim_platform.train.run_storage import (
 )
 from aim_platform.train.sharding import resolve_precision
 from aim_platform.train.trainer import Trainer, all_reduce_sum
-from aim_platform.train.watchdog import StepWatchdog, maybe_hang
+from aim_platform.train.watchdog import REPORT_TIMEOUT_S, StepWatchdog, maybe_hang
 
 
 @dataclass(frozen=True)
@@ -156,8 +156,8 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             if state.step >= tc.steps:
                 break
             maybe_hang(rank, state.step)  # fault drills only (AIM_FAULT_HANG)
-            if state.step > first_step:
-                watchdog.beat(state.step)  # a batch arrived
+            if state.step > first_step:  # a batch arrived: into the step, batch in hand
+                watchdog.beat(state.step, holding_batch=True)
             valid = batch["valid"].bool()
             dropped += int((~valid).sum())
             state.epoch = max(state.epoch, int(batch["epoch"].max()))
@@ -168,6 +168,8 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             prefix = sample_prefix_lengths(pixels.shape[0], lo, hi, gen)
             consumed.add(batch)  # trained from here on, decodable or not
             if not trainer.backward(pixels, prefix, gen):  # gen also draws masked-MIM masks
+                if state.step > first_step:
+                    watchdog.beat(state.step)  # a micro-batch done: reads the next one
                 ready = time.perf_counter()
                 continue
 
@@ -276,11 +278,17 @@ def _watchdog(board: Any, timeout_s: float, rank: int) -> StepWatchdog:
     import ray
 
     node = ray.util.get_node_ip_address()
+    if board is not None:  # a first call resolves the actor: a report later goes straight out
+        with contextlib.suppress(Exception):
+            ray.get(board.ping.remote(), timeout=REPORT_TIMEOUT_S)
 
     def report(what: dict[str, Any]) -> None:
         if board is not None:
             with contextlib.suppress(Exception):  # the process ends either way
-                ray.get(board.hung.remote({**what, "rank": rank, "node": node}), timeout=10)
+                ray.get(
+                    board.hung.remote({**what, "rank": rank, "node": node}),
+                    timeout=REPORT_TIMEOUT_S,
+                )
 
     return StepWatchdog(timeout_s, report)
 

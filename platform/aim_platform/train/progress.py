@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aim_platform.outbox import OutboxStatus
+from aim_platform.train.watchdog import IN_STEP
 
 #: Metrics the display shows, besides the step (all optional in a snapshot).
 SHOWN = ("train/loss", "perf/images_per_s", "perf/mfu", "perf/data_wait_fraction", "val/loss")
@@ -74,10 +75,14 @@ class ProgressBoard:
     def hung(self, what: dict[str, Any]) -> None:
         """A rank made no step for ``train.step_timeout_s`` and ends its process
         (:mod:`aim_platform.train.watchdog`): what the driver's console says. Of the reports
-        of an attempt, the one with the oldest last beat stands: the rank that hung (the
-        others blocked later, waiting for it)."""
-        if self.snap.hung is None or what["last_beat"] < self.snap.hung["last_beat"]:
+        of an attempt, the one that stands is the rank that hung, not one blocked waiting for
+        it: a rank that was reading its next batch before one that was in a step (its
+        collectives wait on the others), then the older last beat."""
+        if self.snap.hung is None or _hung_order(what) < _hung_order(self.snap.hung):
             self.snap.hung = what
+
+    def ping(self) -> None:
+        """Nothing: a rank calls it once at start so that its handle is warm when it reports."""
 
     def hand_over(self, tracking: OutboxStatus, writes: list[Any]) -> None:
         """Rank 0 is done: its queue's final state, and the writes it could not make."""
@@ -91,6 +96,11 @@ class ProgressBoard:
 
     def get(self) -> Snapshot:
         return self.snap
+
+
+def _hung_order(what: dict[str, Any]) -> tuple[bool, float]:
+    """Sort key of hung reports: reading before in a step, then the older last beat."""
+    return (what.get("where") == IN_STEP, what["last_beat"])
 
 
 def create_board(total: int) -> Any:
