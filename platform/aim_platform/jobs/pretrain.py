@@ -336,6 +336,9 @@ def _pretrain(
                 if preemption.active:  # no restart: a signalled worker died before its save
                     reason = f"training failed first: {restarts.failure_reason(exc)}"
                     raise preempt.GaveUp(reason) from exc
+                if tracker and run_id:  # the failed rank 0's queue: in MLflow before a redo
+                    tracker.enqueue(take_handover(board).writes)
+                    tracker.flush()
                 if own_datasets and bad_shards.on_failure(job, exc, bad, shard_rows, say):
                     previous = latest_train_state(job)  # a bad shard: its own budget
                     resume = join(root, previous["checkpoint"]) if previous else None
