@@ -114,3 +114,45 @@ def test_no_address_starts_this_process_own_ray_not_the_last_ray_start_cluster(
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
     assert connect(None) is True
     assert calls == ["local", None]
+
+
+SLOW_AGENT = """
+import os, sys, time
+from pathlib import Path
+marker = Path(os.environ["SLOW_AGENT_MARKER"])
+if any(a.endswith(os.path.join("dashboard", "agent.py")) for a in sys.argv) and not marker.exists():
+    marker.touch()
+    time.sleep(30)  # past the raylet's 15 s wait for the agent's port files
+"""
+
+START = """
+import ray
+from aim_platform.cluster import start_embedded
+start_embedded(num_cpus=1)
+print("answer", ray.get(ray.remote(lambda: 41 + 1).remote()), flush=True)
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_an_embedded_ray_whose_agent_starts_too_slowly_is_started_again(tmp_path: Path) -> None:
+    """Ray's raylet aborts when its dashboard agent writes its ports after 15 s
+    (ray-project/ray#65983): two CI runs on a loaded 2-core box failed a job at start with
+    "The current node timed out during startup". Here the first agent sleeps 30 s."""
+    (tmp_path / "sitecustomize.py").write_text(SLOW_AGENT)
+    marker = tmp_path / "agent-slept"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        "SLOW_AGENT_MARKER": str(marker),
+    }
+    env.pop("RAY_ADDRESS", None)
+    out = subprocess.run(
+        [sys.executable, "-c", START], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=540,
+    )  # fmt: skip
+    assert marker.exists(), "the fault did not happen: no dashboard agent slept"
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "answer 42" in out.stdout
+    assert "Ray's local node did not start (try 1 of 3" in out.stderr, out.stderr[-3000:]

@@ -143,6 +143,46 @@ def _stderr_captured() -> Iterator[Path]:
             os.close(saved)
 
 
+#: How many times an embedded Ray is started before its failure stands. Ray's raylet gives its
+#: dashboard agent a fixed 15 s to write its port files and aborts when the agent is later
+#: (ray-project/ray#65983; no setting lengthens it): on a loaded machine (two test processes
+#: on 2 cores, seen twice in one evening) the agent's first imports take longer, and
+#: ``ray.init`` fails with "The current node timed out during startup". A second start finds
+#: those imports in the page cache.
+EMBEDDED_START_TRIES = 3
+_SLOW_START = "timed out during startup"
+
+
+def start_embedded(tries: int = EMBEDDED_START_TRIES, **init_args: object) -> None:
+    """``ray.init(address="local", **init_args)``, started again (up to ``tries`` times, with
+    a line on stderr each time) when Ray's node dies during its start-up; what the failed
+    start left running (its GCS, dashboard, log monitor: this process's children) is ended
+    first. Other failures are raised at once."""
+    import psutil
+    import ray
+
+    for attempt in range(1, tries + 1):
+        before = {c.pid for c in psutil.Process().children()}
+        try:
+            ray.init(address="local", **init_args)
+            return
+        except Exception as exc:
+            if _SLOW_START not in str(exc) or attempt == tries:
+                raise
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            for child in psutil.Process().children(recursive=True):
+                if child.pid not in before:
+                    with contextlib.suppress(psutil.Error):
+                        child.kill()
+            print(
+                f"Ray's local node did not start (try {attempt} of {tries}: its dashboard agent "
+                "was too slow, ray-project/ray#65983 on a loaded machine); starting it again",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def connect(address: str | None, token_file: str | Path | None = None) -> bool:
     """Join the Ray cluster at ``address`` (``auto``, ``HOST:6379``), or start an embedded
     local Ray when ``address`` is None; a no-op when this process is already connected.
@@ -165,7 +205,10 @@ def connect(address: str | None, token_file: str | Path | None = None) -> bool:
 
         if ray.is_initialized():
             return False
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init()
+        else:
+            start_embedded()
         _quiet_ray_data()
         return True
     if address.startswith(("http://", "https://")):

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from aim_platform.cluster import start_embedded
 from aim_platform.data.transforms import random_resized_crop_box, train_image
 
 Echo = Callable[[str], None]
@@ -131,7 +132,7 @@ def ray_rate(root: str, cpus: int, epochs: int = 1) -> dict[str, float]:
     from aim_platform.config import DataConfig, ModelConfig
     from aim_platform.data.pipeline import build_train_dataset
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_embedded(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         data = DataConfig(sources=[{"url": root}], cpus_per_task=1.0)
         model = ModelConfig(size="aim-600M")
@@ -200,7 +201,7 @@ def _pipeline(n: int, echo: Echo) -> dict[str, object]:
     root = str(Path(cache) / f"bench-photos-{n}")
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_embedded(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         m = ingest("builtin:photos", root, num_photos=n, val_fraction=0.0, shard_size_mb=16)
     finally:
@@ -325,7 +326,7 @@ def ingest_throughput(src: str, dest: str, cpus: int, shard_size_mb: float) -> d
     from aim_platform.jobs.ingest import ingest
 
     shutil.rmtree(dest, ignore_errors=True)
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_embedded(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         with _RssSampler() as rss:
             t0 = time.perf_counter()
@@ -396,7 +397,7 @@ def first_batch(root: str, cpus: int, batch_size: int = 64) -> dict[str, float]:
     from aim_platform.config import DataConfig, ModelConfig
     from aim_platform.data.pipeline import build_train_dataset
 
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    start_embedded(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     try:
         data = DataConfig(sources=[{"url": root}])
         model = ModelConfig(size="aim-tiny")
