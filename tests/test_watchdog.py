@@ -10,11 +10,19 @@ from aim_platform.train.progress import ProgressBoard
 from aim_platform.train.watchdog import EXIT_HUNG, IN_STEP, READING, StepWatchdog
 
 
-def _watch(board: ProgressBoard, rank: int, ended: list[tuple[int, int]]) -> StepWatchdog:
+def _watch(
+    board: ProgressBoard,
+    rank: int,
+    ended: list[tuple[int, int]],
+    timeout_s: float = 0.5,
+    grace_s: float = 0.3,
+    defer_s: float | None = None,
+) -> StepWatchdog:
     return StepWatchdog(
-        0.5,
+        timeout_s,
         lambda what: board.hung({**what, "rank": rank, "node": "n"}),
-        grace_s=0.3,
+        grace_s=grace_s,
+        defer_s=defer_s,
         end=lambda code: ended.append((rank, code)),
     )
 
@@ -36,13 +44,7 @@ def test_a_rank_in_a_step_defers_to_a_reading_rank_whose_beat_is_later() -> None
     which beat is older is a race; where each rank was is not."""
     board, ended = ProgressBoard(10), []
     # rank 0 in a step, waiting on rank 1; its watchdog would fire first on timing alone
-    waiting = StepWatchdog(
-        0.5,
-        lambda what: board.hung({**what, "rank": 0, "node": "n"}),
-        grace_s=0.3,
-        defer_s=0.0,
-        end=lambda code: ended.append((0, code)),
-    )
+    waiting = _watch(board, 0, ended, defer_s=0.0)
     waiting.beat(6, holding_batch=True)
     time.sleep(0.1)
     hung = _watch(board, 1, ended)
@@ -56,13 +58,7 @@ def test_a_rank_in_a_step_defers_to_a_reading_rank_whose_beat_is_later() -> None
 
 def test_a_rank_in_a_step_waits_longer_before_it_fires() -> None:
     board, ended = ProgressBoard(10), []
-    dog = StepWatchdog(
-        0.4,
-        lambda what: board.hung({**what, "rank": 0, "node": "n"}),
-        grace_s=0.1,
-        defer_s=0.4,
-        end=lambda code: ended.append((0, code)),
-    )
+    dog = _watch(board, 0, ended, timeout_s=0.4, grace_s=0.1, defer_s=0.4)
     dog.beat(3, holding_batch=True)
     time.sleep(0.6)  # past the timeout, not past timeout + defer
     assert ended == [] and board.get().hung is None
