@@ -262,8 +262,12 @@ def train_loop_per_worker(args: LoopArgs) -> None:
             step_start = window_start = ready = time.perf_counter()
             data_wait = 0.0
     except BaseException:  # a peer died, a collective failed: the job restarts
-        if logger is not None:  # what rank 0 still holds for MLflow goes to the driver
-            _hand_over_on_failure(logger, board)
+        if logger is not None and board is not None:
+            # what rank 0 still holds for MLflow goes to the driver, which writes it before
+            # the restart (not lost with this process, redone steps not logged twice); best
+            # effort: the process may be ended first
+            with contextlib.suppress(Exception):
+                _close_logger(logger, board, flush_timeout=0)
         raise
     finally:  # a failed step too: a watchdog left armed would report a rank wrongly
         watchdog.close()
@@ -349,19 +353,6 @@ def _close_logger(logger: Any, board: Any, flush_timeout: float) -> None:
 
     status, left = logger.close(timeout=0)
     ray.get(board.hand_over.remote(status, left), timeout=max(60.0, flush_timeout))
-
-
-def _hand_over_on_failure(logger: Any, board: Any) -> None:
-    """This attempt failed: rank 0's queued writes go to the driver (through the board), which
-    writes them before the restart, so they are not lost with this process and the redone
-    steps after them are not logged twice. Best effort: the process may be ended first."""
-    if board is None:
-        return
-    import ray
-
-    with contextlib.suppress(Exception):
-        status, left = logger.close(timeout=0)
-        ray.get(board.hand_over.remote(status, left), timeout=REPORT_TIMEOUT_S)
 
 
 def _export_trunk(model: torch.nn.Module, job: JobConfig, final_dir: str | None, rank: int) -> None:
