@@ -221,8 +221,10 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        # a loaded machine starts the raylet slowly (Ray's default wait is 60 s)
-        env={**env, "MLFLOW_TRACKING_URI": uri, "RAY_raylet_start_wait_time_s": "900"},
+        # no RAY_raylet_start_wait_time_s here: Ray's node-info wait loops that long once the
+        # raylet has died at start-up (15 minutes at 900), before cluster.start_embedded's
+        # retry can start it again
+        env={**env, "MLFLOW_TRACKING_URI": uri},
         cwd=tmp_path,
         start_new_session=True,
     )
