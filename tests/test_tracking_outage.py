@@ -229,6 +229,8 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
         start_new_session=True,
     )
     seen: list[str] = []
+    record: services.ServiceRecord | None = None
+    down = ""
     try:
         lines = _lines(proc)
         stopped_at = int(_wait_for(lines, seen, r"step (\d+)/")[1])
@@ -243,36 +245,37 @@ tracking: {{experiment: outage, flush_timeout_s: 900}}
         while (line := lines.get(timeout=1800)) is not None:
             seen.append(line)
         assert proc.wait(timeout=600) == 0, "\n".join(seen)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 9)
-        subprocess.run(
-            [sys.executable, "-c", AIMCTL, "services", "down"], env=env, capture_output=True
-        )
-    console = "\n".join(seen)
-    (tmp_path / "console.txt").write_text(console)  # what the user saw, for the record
-    assert len(re.findall(r"unreachable since .*: training goes on", console)) == 1, console
-    clock = r"\d\d:\d\d:\d\d"
-    assert re.search(
-        rf"MLflow was unreachable 1 time\(s\), between {clock} and {clock}; training went on, "
-        "and every buffered write went in afterwards",
-        console,
-    ), console
-    assert "not written" not in console and "writes dropped" not in console
-    assert "no per-chunk loss plot" not in console  # made once the server answered
-    run_id = re.search(r"MLflow run (\w+):", console)[1]
-    _aimctl("services", "up", "--mlflow-port", str(port), "--timeout", "900", env=env)
-    record = services.read_record(state, "mlflow")
-    try:
+        console = "\n".join(seen)
+        (tmp_path / "console.txt").write_text(console)  # what the user saw, for the record
+        assert len(re.findall(r"unreachable since .*: training goes on", console)) == 1, console
+        clock = r"\d\d:\d\d:\d\d"
+        assert re.search(
+            rf"MLflow was unreachable 1 time\(s\), between {clock} and {clock}; training went "
+            "on, and every buffered write went in afterwards",
+            console,
+        ), console
+        assert "not written" not in console and "writes dropped" not in console
+        assert "no per-chunk loss plot" not in console  # made once the server answered
+        run_id = re.search(r"MLflow run (\w+):", console)[1]
+        # read back from the server started again mid-run, still up (no third start)
+        record = services.read_record(state, "mlflow")
         reader = tracking.Tracker(uri)
         logged = [s for s, _ in reader.metric_history(run_id, "train/loss")]
         assert logged == list(range(log_every, steps + 1, log_every))  # every logged step
         assert reader.run_status(run_id) == "FINISHED"
         assert reader.metric_history(run_id, tracking.DROPPED_METRIC)[-1] == (steps, 0.0)
     finally:
-        down = _aimctl("services", "down", env=env)
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+        down = subprocess.run(
+            [sys.executable, "-c", AIMCTL, "services", "down"],
+            env=env,
+            capture_output=True,
+            text=True,
+        ).stdout
     # `services down` leaves nothing running
-    assert f"mlflow: stopped (pid {record.pid})" in down
+    assert record is not None
+    assert f"mlflow: stopped (pid {record.pid})" in down, down
     assert not services.pid_alive(record.pid, record.proc_start)
     assert all(s.state == "stopped" for s in services.status(state))
     fault_rows.record(
