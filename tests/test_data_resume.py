@@ -15,8 +15,9 @@ from fault_rows import FaultRow, console_lines, current_test, record
 
 GROUPS = 30  # 60 photos at 0.3 MB a shard: groups of 2 photos
 RUNNER = """
-import sys, ray
-ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
+import sys
+from aim_platform.cluster import start_embedded  # started again when Ray's agent is too slow
+start_embedded(num_cpus=1, include_dashboard=False, log_to_driver=False)
 from aim_platform.cli import app
 app(sys.argv[1:])
 """
