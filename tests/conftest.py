@@ -22,6 +22,10 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# No test reads Ray's own metrics: every Ray process the tests start (theirs and their
+# subprocesses') skips collecting them. A 4-step demo pretrain alone, 2 cores: 90 core-s
+# without against 97 with (six and three runs alternated, 2026-12-07; BENCHMARKS.md).
+os.environ.setdefault("RAY_enable_metrics_collection", "0")
 
 from net_helpers import free_port, wait_for_http  # noqa: E402
 

@@ -94,6 +94,7 @@ def ray_head(s3_endpoint: dict[str, str]) -> Iterator[dict[str, str]]:
         RAY_USAGE_STATS_ENABLED="0",
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
         RAY_ENABLE_UV_RUN_RUNTIME_ENV="0",
+        RAY_enable_metrics_collection="0",  # as tests/conftest.py: no test reads Ray's metrics
     )
     dash = free_port()
     ports = {
