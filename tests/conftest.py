@@ -39,7 +39,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "faults: the heaviest fault-injection journeys (S3 through the fault proxy, a lost "
-        "node, a head loss, a preemption, exact data resume, a hung rank, a bad shard); "
+        "node, a head loss, a preemption, exact data resume, a hung rank, a bad shard, a study "
+        "driver killed mid-trial); "
         "`make test-faults` runs them (CI too, after `make test`), `make test` leaves them out "
         "to fit its 25 minutes",
     )
@@ -48,17 +49,18 @@ def pytest_configure(config: pytest.Config) -> None:
 # The files whose journeys take minutes, heaviest first (test seconds per file in a `make
 # test` run on 2 cores, 2026-12-04, with the CIFAR-10 study journey since moved from
 # test_studies.py into test_submit.py: submit about 800, train 500, tracking outage 230, node
-# loss 190, probe streaming 180, S3 faults 120, perf 100, then under 80 each). pytest-xdist
+# loss 190, probe streaming 180, S3 faults 120, perf 100, then under 80 each; the fault lane
+# on 2026-12-07: killed study 488, preemption 385, head loss 375, lost node 307). pytest-xdist
 # hands out whole files in this order (`--no-loadscope-reorder` in the Makefile), so no long
 # file starts last while the other process has nothing left; the rest keep collection order.
 HEAVY_FIRST = (
     "test_submit.py",
     "test_train.py",
     "test_tracking_outage.py",
-    "test_node_loss.py",
-    "test_head_loss.py",
-    "test_preemption.py",  # four `aimctl pretrain` runs, each starting Ray
     "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
+    "test_preemption.py",  # three `aimctl pretrain` runs, each starting Ray
+    "test_head_loss.py",
+    "test_node_loss.py",
     "test_lease.py",  # two `aimctl pretrain` of one name against one head
     "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
     "test_exact_resume_journeys.py",  # three `aimctl pretrain` starts, two killed

@@ -2,7 +2,10 @@
 everything of its trials there (checkpoints, trunks, Tune's state, the floor, the tables), and
 ``aimctl study --resume`` after its driver is killed mid-trial finishes with the table a clean
 run prints. The same journey counts the pre-trainings of trials that differ only in the probe
-(issue 30 point 2): they share one (the two trials here, one pre-training)."""
+(issue 30 point 2): they share one (the two trials here, one pre-training).
+
+A fault journey (a SIGKILLed driver, three studies each starting Ray: the heaviest test of
+all), so it runs in `make test-faults` and records its row of the fault table."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from fault_rows import FaultRow, console_lines, current_test, record
 
 from aim_platform.jobs.study_spec import STUDIES_DIR
 from aim_platform.storage import filesystem
@@ -55,6 +59,7 @@ def _end_session(sid: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.timeout(3600)  # three studies, each starting Ray: minutes each on a loaded machine
 def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
     s3_endpoint: dict[str, str], tmp_path: Path
@@ -155,3 +160,18 @@ def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
     # Same trials, seeds and verdict rows, and the same numbers: the trials are seeded and
     # a resumed trial goes on from its checkpoint exactly.
     assert ours == theirs
+    resumed_from = int(resumed_at[-1].value)
+    record(
+        FaultRow(
+            fault="study driver (`aimctl study`, storage on S3) SIGKILLed mid-trial, the same "
+            "command with `--resume`",
+            console=console_lines(resumed.stdout, r"trial .*: done", r"^table: "),
+            steps_redone=(
+                f"the steps after {resumed_from} run before the kill (killed as step {step}'s "
+                f"checkpoint appeared; `train/resumed_from_step` {resumed_from}); each logged "
+                "step once in the trial's one MLflow run"
+            ),
+            data_lost="0: the resumed study's table equals a clean study's, number for number",
+            test=current_test(),
+        )
+    )
