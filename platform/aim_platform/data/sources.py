@@ -46,6 +46,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import bracex
@@ -515,10 +516,23 @@ def _hf_class_names(schema: pa.Schema, label_column: str) -> list[str]:
 
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    """scikit-learn's digits, read from the CSV file it ships: ``import sklearn`` (scipy with
+    it) costs a fresh process about 2 s of CPU, which every ``aimctl pretrain`` of the demo
+    paid; the values equal ``load_digits()``'s (tests/test_data_sources.py)."""
+    import gzip
+    import importlib.util
 
-    d = load_digits()
-    return d.images, d.target  # (N, 8, 8) values 0..16, (N,)
+    spec = importlib.util.find_spec("sklearn")  # finds the package without running it
+    path = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else Path()
+    csv = path / "datasets" / "data" / "digits.csv.gz"
+    if not csv.is_file():  # another layout: scikit-learn's own loader
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        return d.images, d.target
+    with gzip.open(csv, "rt") as f:
+        data = np.loadtxt(f, delimiter=",")  # (N, 65): 64 pixels, then the class
+    return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(int)  # (N, 8, 8) 0..16, (N,)
 
 
 @lru_cache(maxsize=1)
