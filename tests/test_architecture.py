@@ -236,3 +236,18 @@ def test_requires_python_is_what_the_tests_need() -> None:
         assert (major, minor) >= (3, 11), f"requires-python {claimed}, but tomllib needs 3.11"
     assert PROJECT["tool"]["ruff"]["target-version"] == f"py{major}{minor}"
     assert sys.version_info >= (major, minor)
+
+
+def test_what_torchtrainer_is_handed_imports_neither_torch_nor_ray() -> None:
+    """Ray Train's controller unpickles the entry point and its LoopArgs: importing their
+    module must not pull torch and DCP into that process (about 2 s of CPU at every start
+    of training); the workers import the loop when they run it."""
+    import subprocess
+    import sys
+
+    code = "import sys, aim_platform.train.entry; "
+    code += (
+        "print(sorted(m for m in ('torch', 'ray', 'aim_platform.train.loop') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

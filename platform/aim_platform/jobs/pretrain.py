@@ -41,7 +41,7 @@ from aim_platform.jobs.pretrain_outputs import (
 )
 from aim_platform.storage import filesystem, is_remote, join, pyarrow_filesystem, read_json
 from aim_platform.train import preempt
-from aim_platform.train.loop import LoopArgs
+from aim_platform.train.entry import LoopArgs
 from aim_platform.train.paths import RunPaths, storage_url
 from aim_platform.train.progress import Snapshot, create_board, read_board, take_handover
 
@@ -211,7 +211,7 @@ def _pretrain(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from aim_platform.data.pipeline import execution_options
-    from aim_platform.train.loop import train_loop_per_worker
+    from aim_platform.train.entry import train_loop_per_worker
 
     # Ray is joined (pretrain() connected before taking the lease)
     job = resolve_devices(job)  # train.use_gpu: auto -> a bool, from the cluster's GPUs
