@@ -26,6 +26,12 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 # subprocesses') skips collecting them. A 4-step demo pretrain alone, 2 cores: 90 core-s
 # without against 97 with (six and three runs alternated, 2026-12-07; BENCHMARKS.md).
 os.environ.setdefault("RAY_enable_metrics_collection", "0")
+# Nobody opens the dashboard of the embedded Rays the tests' jobs start (`aimctl pretrain`,
+# a study): AIM_RAY_DASHBOARD=0 leaves it out (aim_platform.cluster.start_embedded). A 4-step
+# demo pretrain alone, 2 cores: 78.5 core-s without it against 85.4 with (four runs each,
+# alternated, 2026-12-07; BENCHMARKS.md). The submit journeys' heads keep theirs: jobs go
+# through it.
+os.environ.setdefault("AIM_RAY_DASHBOARD", "0")
 
 from net_helpers import free_port, wait_for_http  # noqa: E402
 

@@ -156,3 +156,27 @@ def test_an_embedded_ray_whose_agent_starts_too_slowly_is_started_again(tmp_path
     assert out.returncode == 0, out.stderr[-3000:]
     assert "answer 42" in out.stdout
     assert "Ray's local node did not start (try 1 of 3" in out.stderr, out.stderr[-3000:]
+
+
+def test_aim_ray_dashboard_0_starts_an_embedded_ray_without_its_dashboard(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`AIM_RAY_DASHBOARD=0` (CI, a shared box): no dashboard, about 5 core-s a start less;
+    unset or 1: Ray's default; an explicit argument wins; anything else is refused."""
+    import ray
+
+    from aim_platform.cluster import ClusterError, embedded_dashboard, start_embedded
+
+    seen: list[object] = []
+    monkeypatch.setattr(
+        ray, "init", lambda address=None, **kw: seen.append(kw["include_dashboard"])
+    )
+    for value, expected in (("0", False), ("off", False), ("1", None), ("", None)):
+        monkeypatch.setenv("AIM_RAY_DASHBOARD", value)
+        assert embedded_dashboard() is expected
+        start_embedded(num_cpus=1)
+    start_embedded(num_cpus=1, include_dashboard=True)
+    assert seen == [False, False, None, None, True]
+    monkeypatch.setenv("AIM_RAY_DASHBOARD", "maybe")
+    with pytest.raises(ClusterError, match="AIM_RAY_DASHBOARD='maybe': use 0"):
+        start_embedded()

@@ -153,14 +153,34 @@ EMBEDDED_START_TRIES = 3
 _SLOW_START = "timed out during startup"
 
 
+#: ``AIM_RAY_DASHBOARD=0`` starts an embedded Ray without its dashboard (its web server and
+#: nine module processes: about 5 core-s at each start, 2.4 core-s a minute idle), for CI and
+#: shared machines where nobody opens it. Unset or ``1``: Ray's default (the dashboard on
+#: http://127.0.0.1:8265 when its packages are installed).
+DASHBOARD_ENV = "AIM_RAY_DASHBOARD"
+
+
+def embedded_dashboard() -> bool | None:
+    """``include_dashboard`` for an embedded Ray from ``$AIM_RAY_DASHBOARD`` (None: Ray's
+    default)."""
+    value = os.environ.get(DASHBOARD_ENV, "").strip().lower()
+    if value in ("", "1", "true", "yes", "on"):
+        return None
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ClusterError(f"{DASHBOARD_ENV}={value!r}: use 0 (no dashboard) or 1 (Ray's default)")
+
+
 def start_embedded(tries: int = EMBEDDED_START_TRIES, **init_args: object) -> None:
     """``ray.init(address="local", **init_args)``, started again (up to ``tries`` times, with
     a line on stderr each time) when Ray's node dies during its start-up; what the failed
     start left running (its GCS, dashboard, log monitor: this process's children) is ended
-    first. Other failures are raised at once."""
+    first. Other failures are raised at once. Without ``include_dashboard`` in
+    ``init_args`` it follows ``$AIM_RAY_DASHBOARD`` (:func:`embedded_dashboard`)."""
     import psutil
     import ray
 
+    init_args.setdefault("include_dashboard", embedded_dashboard())
     for attempt in range(1, tries + 1):
         before = {c.pid for c in psutil.Process().children()}
         try:
