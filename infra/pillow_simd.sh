@@ -92,6 +92,23 @@ codec_warning() {
 
 has_webp() { "$PY" -c 'from PIL import features; raise SystemExit(not features.check("webp"))' 2>/dev/null; }
 
+# The folder of this build's cached wheel: one per Pillow-SIMD version, Python, platform, CPU
+# flags and WebP (so a wheel built without libwebp never comes back where its headers now are).
+# A second set-up on this machine (another clone, each CI run) installs it instead of compiling
+# again: the build is about 45 s (81 core-s) of a 2-core machine's set-up. $AIM_WHEEL_CACHE
+# moves the cache; deleting it builds again.
+wheel_cache() {
+    local root=${AIM_WHEEL_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/aim-platform/wheels} tag
+    tag=$("$PY" -c 'import sys, sysconfig; print(f"cp{sys.version_info[0]}{sys.version_info[1]}-{sysconfig.get_platform()}")') \
+        || return 1
+    echo "$root/pillow-simd-$VERSION-$tag-${flags:-plain}-$(webp_headers && echo webp || echo nowebp)"
+}
+
+# Whether $1 is a whole wheel (a zip whose members all read back).
+whole_wheel() {
+    [[ -f $1 ]] && "$PY" -c 'import sys, zipfile; sys.exit(zipfile.ZipFile(sys.argv[1]).testzip() is not None)' "$1" 2>/dev/null
+}
+
 swap() {
     install_webp_headers
     active=$("$PY" -c 'import PIL; print(PIL.__version__)' 2>/dev/null || echo none)
@@ -103,18 +120,33 @@ swap() {
         echo "pillow-simd: Pillow-SIMD $active has no WebP; rebuilding with libwebp"
     fi
 
-    # Build the wheel before touching Pillow, so that a failed build leaves a working PIL.
+    # Build the wheel (or take this machine's cached one) before touching Pillow, so that a
+    # failed build leaves a working PIL.
     wheels=$(mktemp -d)
     trap 'rm -rf "$wheels"' EXIT
     flags=""
     grep -qw avx2 /proc/cpuinfo 2>/dev/null && flags="-mavx2"
-    # --no-cache-dir: a wheel cached from a build without libwebp would come back without WebP.
-    if CC="${CC:-cc} $flags" "$PY" -m pip wheel -q --no-deps --no-cache-dir --no-binary pillow-simd \
+    cache=$(wheel_cache) || cache=""
+    cached=$(ls "$cache"/*.whl 2>/dev/null | head -1)
+    # pip's --no-cache-dir: its cache would give back a wheel built without libwebp; ours
+    # (wheel_cache) tells the two apart.
+    if [[ -n $cache ]] && whole_wheel "$cached"; then
+        cp "$cached" "$wheels"/
+        how=", a wheel built before on this machine: $cache"
+    elif CC="${CC:-cc} $flags" "$PY" -m pip wheel -q --no-deps --no-cache-dir --no-binary pillow-simd \
             -w "$wheels" "pillow-simd==$VERSION" >"$wheels/build.log" 2>&1; then
+        how=""
+        if [[ -n $cache ]] && mkdir -p "$cache" && cp "$wheels"/*.whl "$cache/.partial" 2>/dev/null; then
+            mv "$cache/.partial" "$cache/$(basename "$wheels"/*.whl)"  # whole or absent
+        fi
+    else
+        how=failed
+    fi
+    if [[ $how != failed ]]; then
         "$PY" -m pip uninstall -y -q pillow pillow-simd >/dev/null 2>&1
         "$PY" -m pip install -q --no-deps "$wheels"/*.whl
         echo "pillow-simd: Pillow $active replaced by Pillow-SIMD $("$PY" -c 'import PIL; print(PIL.__version__)')" \
-             "($(has_webp && echo with || echo without) WebP)"
+             "($(has_webp && echo with || echo without) WebP$how)"
     else
         echo "pillow-simd: could not build Pillow-SIMD $VERSION (needs a C compiler and libjpeg/zlib headers);" \
              "keeping Pillow $active. Build log tail:" >&2

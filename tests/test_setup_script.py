@@ -330,3 +330,75 @@ def test_readme_versions_table_agrees_with_the_lock_and_manifests() -> None:
     assert schemas.name == f"v{table['KubeRay']}"
     helm = f"kuberay/kuberay-operator --version {table['KubeRay']}"
     assert helm in (REPO / "infra" / "README.md").read_text()
+
+
+# A fake Python for swap(): pip builds a tiny wheel (a real zip) and installs nothing; PIL is
+# Pillow 13.0.0 with WebP; every call is recorded.
+FAKE_PY = """#!/usr/bin/env bash
+echo "$*" >> "$FAKES/py-calls"
+case "$*" in
+    *"-m pip wheel"*)
+        prev=""; for a in "$@"; do [[ $prev == -w ]] && out=$a; prev=$a; done
+        exec "$REAL_PY" -c 'import sys, zipfile; zipfile.ZipFile(sys.argv[1], "w").writestr("PIL/x", "1")' \\
+            "$out/pillow_simd-12.1.1.post0-cp311-cp311-linux_x86_64.whl" ;;
+    *"-m pip"*) exit 0 ;;
+    *sysconfig*) echo "cp311-linux_x86_64" ;;
+    *testzip*) exec "$REAL_PY" "$@" ;;
+    *PIL.__version__*) echo "13.0.0" ;;
+    *) exit 0 ;;
+esac
+"""
+
+
+def _swap(tmp_path: Path, webp: bool) -> tuple[str, list[str]]:
+    """infra/pillow_simd.sh's swap with the fake Python; what it said and the fake's calls."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PY)
+    fake.chmod(0o755)
+    calls = tmp_path / "py-calls"
+    calls.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "FAKES": str(tmp_path),
+        "REAL_PY": sys.executable,
+        "AIM_WHEEL_CACHE": str(tmp_path / "cache"),
+    }
+    code = (
+        f"source {SCRIPT}\nPY={fake}\n"
+        "install_webp_headers() { :; }\n"
+        f"webp_headers() {{ {'true' if webp else 'false'}; }}\n"
+        "swap\n"
+    )
+    out = subprocess.run(["bash", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out.stdout + out.stderr, calls.read_text().splitlines()
+
+
+def test_a_second_setup_installs_the_wheel_built_before_instead_of_compiling(
+    tmp_path: Path,
+) -> None:
+    """Each clean-clone set-up (CI) compiled Pillow-SIMD again: about 45 s of a 2-core
+    machine. The wheel is kept per version, Python, flags and WebP; a damaged one, or one
+    built without WebP where the headers are now there, is built again."""
+    said, calls = _swap(tmp_path, webp=True)
+    assert any(c.startswith("-m pip wheel") for c in calls), calls
+    assert "replaced by Pillow-SIMD" in said and "built before" not in said
+    (cached,) = (tmp_path / "cache").glob("*/pillow_simd-*.whl")
+    assert cached.parent.name.endswith("-webp") and "12.1.1.post0-cp311-linux_x86_64" in str(cached)
+
+    said, calls = _swap(tmp_path, webp=True)  # the next clone: no compiler
+    assert not any(c.startswith("-m pip wheel") for c in calls), calls
+    assert any(c.startswith("-m pip install -q --no-deps") and c.endswith(".whl") for c in calls)
+    assert f"a wheel built before on this machine: {cached.parent}" in said, said
+
+    cached.write_bytes(cached.read_bytes()[:20])  # cut short: built again, and kept whole
+    _, calls = _swap(tmp_path, webp=True)
+    assert any(c.startswith("-m pip wheel") for c in calls), calls
+    assert len(cached.read_bytes()) > 20
+
+    _, calls = _swap(tmp_path, webp=False)  # no WebP headers: not the WebP build's wheel
+    assert any(c.startswith("-m pip wheel") for c in calls), calls
+    assert sorted(p.name.rsplit("-", 1)[1] for p in (tmp_path / "cache").iterdir()) == [
+        "nowebp",
+        "webp",
+    ]
