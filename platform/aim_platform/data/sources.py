@@ -523,9 +523,9 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     import importlib.util
 
     spec = importlib.util.find_spec("sklearn")  # finds the package without running it
-    path = Path(next(iter(spec.submodule_search_locations or []), "")) if spec else Path()
-    csv = path / "datasets" / "data" / "digits.csv.gz"
-    if not csv.is_file():  # another layout: scikit-learn's own loader
+    roots = list(spec.submodule_search_locations or []) if spec else []
+    csv = Path(roots[0], "datasets", "data", "digits.csv.gz") if roots else None
+    if csv is None or not csv.is_file():  # another layout: scikit-learn's own loader
         from sklearn.datasets import load_digits
 
         d = load_digits()
