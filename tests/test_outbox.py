@@ -140,3 +140,17 @@ def test_close_with_the_service_down_hands_back_what_is_left_in_order() -> None:
     box._thread.join(60)
     assert not box._thread.is_alive() and service.written == []
     assert service.tries <= tries + 1  # at most the try that was under way
+
+
+def test_status_copies_the_waiting_writes_only_when_asked_and_few() -> None:
+    service = FakeService()
+    service.up.clear()
+    box = _outbox(service)
+    for i in range(3):
+        box.put(i)
+    _until(lambda: box.status().down, "the outbox never noticed the outage")
+    assert box.status().waiting == ()  # not asked: the counters only
+    assert box.status(copy=3).waiting == (0, 1, 2)  # in order, the one being tried first
+    assert box.status(copy=2).waiting == ()  # more than asked for: none (buffered counts them)
+    assert box.status(copy=2).buffered == 3
+    box.close(0.05)

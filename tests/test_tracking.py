@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from aim_platform import tracking
+from aim_platform.outbox import OutboxStatus
 from aim_platform.tracking import Tracker
+from aim_platform.tracking.report import TrackingReport
+from aim_platform.tracking.run_logger import STATUS_COPY
+from aim_platform.train.progress import ProgressBoard
 
 
 @pytest.fixture
@@ -182,3 +186,55 @@ def test_ui_url_opens_the_run_in_the_training_view(store: str) -> None:
     assert tracker.latest_run(exp) == run and tracker.latest_run(exp, parent=True) is None
     child = tracker.start_run("exp", "child", parent_run_id=run)
     assert tracker.latest_run(exp) == run != child and tracker.latest_run(exp, parent=True) == run
+
+
+def _rank0_status(run_id: str, steps: list[int]) -> OutboxStatus:
+    """Rank 0's last report to the board while its writes were still queued: a RunLogger
+    whose server refuses connections, so that nothing it logs goes in."""
+    logger = tracking.RunLogger("http://127.0.0.1:9", run_id)  # port 9: nothing listens
+    for step in steps:
+        logger.log_metrics({"train/loss": 1.0 / step}, step=step)
+    deadline = time.monotonic() + 120
+    while not logger.status().down:
+        assert time.monotonic() < deadline, "the refused connection was never noticed"
+        time.sleep(0.05)
+    status = logger.status()
+    logger.close(timeout=0)  # the process ends without handing its queue over
+    return status
+
+
+def test_writes_of_a_rank_0_ended_before_its_hand_over_are_made_by_the_driver(store) -> None:
+    """The hung-rank journey once said "1 buffered writes lost" though every step was in the
+    run: Ray Train ended rank 0 before it could hand its queue over, and its last report said 1
+    was waiting. The report carries a copy of those writes; the driver makes them (some may
+    have gone in meanwhile: not twice) and nothing is counted as lost."""
+    tracker = Tracker(store)
+    run_id = tracker.start_run("exp", "hung")
+    status = _rank0_status(run_id, [2, 4, 6])
+    assert status.buffered == 3 and len(status.waiting) == 3
+    tracker.enqueue(status.waiting[:1])  # step 2 had gone in before rank 0 ended
+    assert tracker.flush(60)
+    board = ProgressBoard(12)
+    board.started(0)
+    board.step(6, {"train/loss": 1 / 6}, status)  # rank 0's last report; no hand-over
+    tracker.enqueue(board.take_leftover())  # the driver, before the restart
+    assert tracker.flush(60)
+    board.started(4)  # the restart: the failed rank 0's queue is a replaced one
+    report = TrackingReport.of(board.get().tracking_replaced, [], tracker.status())
+    assert report.lost == 0 and report.complete
+    assert tracker.metric_history(run_id, "train/loss") == [(s, 1.0 / s) for s in (2, 4, 6)]
+    assert board.take_leftover() == []  # once
+
+
+def test_writes_beyond_the_copy_of_a_report_are_counted_lost() -> None:
+    """While MLflow is down rank 0's queue outgrows the copy its reports carry: what it held
+    when it ended without a hand-over is lost with it, and the summary says how many."""
+    board = ProgressBoard(12)
+    board.started(0)
+    board.step(6, None, OutboxStatus(buffered=STATUS_COPY + 4))  # too many to copy
+    assert board.take_leftover() == []
+    board.started(4)
+    report = TrackingReport.of(board.get().tracking_replaced, [], OutboxStatus())
+    assert report.lost == STATUS_COPY + 4
+    line = f"MLflow: {STATUS_COPY + 4} buffered writes lost with a replaced worker"
+    assert line in report.lines("http://x", 60)

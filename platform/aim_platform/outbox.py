@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 W = TypeVar("W")
 
@@ -48,6 +48,9 @@ class OutboxStatus:
         last_up: When the last outage that ended, ended.
         last_error: The last error, one line.
         refused: The writes refused for good that ``describe`` named, each once, in order.
+        waiting: A copy of the writes waiting, in order, when :meth:`Outbox.status` was asked
+            for it and they were few enough (else empty): what another process makes should
+            this one end before it can hand its queue over.
     """
 
     buffered: int = 0
@@ -61,6 +64,7 @@ class OutboxStatus:
     last_up: float | None = None
     last_error: str = ""
     refused: tuple[str, ...] = ()
+    waiting: tuple[Any, ...] = ()
 
     @property
     def down(self) -> bool:
@@ -135,8 +139,9 @@ class Outbox(Generic[W]):
             self._cond.notify_all()
             return True
 
-    def status(self) -> OutboxStatus:
-        """A snapshot of the counters (cheap; safe from any thread)."""
+    def status(self, copy: int = 0) -> OutboxStatus:
+        """A snapshot of the counters (cheap; safe from any thread), with a copy of the waiting
+        writes when there are at most ``copy`` of them."""
         with self._cond:
             return OutboxStatus(
                 buffered=len(self._queue),
@@ -150,6 +155,7 @@ class Outbox(Generic[W]):
                 last_up=self._last_up,
                 last_error=self._last_error,
                 refused=tuple(self._refused),
+                waiting=tuple(self._queue) if len(self._queue) <= copy else (),
             )
 
     def flush(self, timeout: float, *, until_down: bool = False) -> bool:

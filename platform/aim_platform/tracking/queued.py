@@ -91,9 +91,10 @@ class QueuedWriter:
             else:
                 self._outbox.put(write, essential=True)
 
-    def status(self) -> OutboxStatus:
-        """The queue's counters (all zero for a synchronous tracker)."""
-        return self._outbox.status() if self._outbox is not None else OutboxStatus()
+    def status(self, copy: int = 0) -> OutboxStatus:
+        """The queue's counters (all zero for a synchronous tracker), with a copy of the
+        waiting writes when there are at most ``copy`` of them."""
+        return self._outbox.status(copy) if self._outbox is not None else OutboxStatus()
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to ``timeout`` seconds (default ``flush_timeout``) for the queued writes;

@@ -10,6 +10,11 @@ from aim_platform.tracking.queued import BUFFER_SIZE, Write
 from aim_platform.tracking.system_metrics import SystemMetrics
 from aim_platform.tracking.tracker import Tracker
 
+#: Up to this many waiting writes ride along in each :meth:`RunLogger.status` (a step's metrics
+#: are one or two): should rank 0 end before it hands its queue over, the driver makes them.
+#: More are waiting only while MLflow is down; they are then counted as lost with the process.
+STATUS_COPY = 16
+
 
 class RunLogger:
     """Metrics into one existing run (rank 0 only), optionally with system metrics, through a
@@ -38,8 +43,9 @@ class RunLogger:
         self.tracker.log_metrics(self.run_id, metrics, step)
 
     def status(self) -> OutboxStatus:
-        """The queue's counters: down since when, buffered, dropped."""
-        return self.tracker.status()
+        """The queue's counters (down since when, buffered, dropped) and, when there are at
+        most :data:`STATUS_COPY`, a copy of the writes waiting."""
+        return self.tracker.status(copy=STATUS_COPY)
 
     def close(self, timeout: float | None = None) -> tuple[OutboxStatus, list[Write]]:
         """Stop the system-metrics sampling, wait up to ``timeout`` seconds for the queue;

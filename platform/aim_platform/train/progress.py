@@ -86,12 +86,20 @@ class ProgressBoard:
 
     def hand_over(self, tracking: OutboxStatus, writes: list[Any]) -> None:
         """Rank 0 is done: its queue's final state, and the writes it could not make."""
-        self.snap.tracking = dataclasses.replace(tracking, buffered=0)  # the driver has them
+        # the driver has them
+        self.snap.tracking = dataclasses.replace(tracking, buffered=0, waiting=())
         self.leftover.extend(writes)
 
     def take_leftover(self) -> list[Any]:
-        """The writes rank 0 handed over (once)."""
-        out, self.leftover = self.leftover, []
+        """The writes rank 0 handed over (once). Without a hand-over (rank 0 ended first, as
+        when Ray Train ends it with a failed peer), the copy of the writes its last report
+        still held: some may have gone in since, harmlessly, as writes are idempotent; they
+        are no longer counted as lost with it."""
+        tracking, out, self.leftover = self.snap.tracking, self.leftover, []
+        if tracking is not None and tracking.waiting:
+            out = [*tracking.waiting, *out]
+            left = tracking.buffered - len(tracking.waiting)
+            self.snap.tracking = dataclasses.replace(tracking, buffered=left, waiting=())
         return out
 
     def get(self) -> Snapshot:
@@ -131,7 +139,7 @@ class Handover:
     Attributes:
         ranks: The last rank 0's queue status (empty when it never reported).
         replaced: The queues of rank 0 processes replaced after a failure (their buffered
-            writes died with them).
+            writes died with them, but for those the driver took from their last report).
         writes: The writes rank 0 handed over, to be made by the driver.
     """
 
