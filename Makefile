@@ -65,7 +65,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest $(XDIST) --durations=15 -m "not faults" $(PYTEST_ARGS)
 
-# The heaviest fault journeys (S3 through the fault proxy: about 8 minutes), outside `make test`.
+# The fault journeys (each restarts, kills or stops something: minutes each), outside `make test`.
 test-faults: setup
 	$(PY) -m pytest $(XDIST) --durations=15 -m faults $(PYTEST_ARGS)
 

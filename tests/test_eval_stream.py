@@ -92,9 +92,10 @@ def test_cache_batches_cover_every_row_and_iterate_in_order(tmp_path) -> None:
 def test_probe_job_memory_through_the_trunk_is_bounded_independent_of_n(tmp_path) -> None:
     """The whole probe job (images decoded, block outputs of a frozen trunk computed by the
     Ray Data actor pool, streamed into the sharded cache, probes trained on it) at 1.5k and
-    15k images, each in fresh processes: the driver's own memory (private pages, Ray's shared
+    10k images, each in fresh processes: the driver's own memory (private pages, Ray's shared
     object store excluded), where the features would pile up, stays within a bound measured at
-    1.5k. Holding the features of 15k images would take 15k x 16 x 256 x 2 B = 117 MiB.
+    1.5k. Holding the features of 10k images would take 10k x 16 x 256 x 2 B = 78 MiB, twice
+    the bound's 40 MiB of slack.
     The feature actors' peak is not asserted: set by their start-up, it moves by up to 150 MiB
     between runs at the same N (BENCHMARKS.md: 281 and 430 MiB at 2k), more than the 117 MiB
     it would have to reveal; a `make test` run saw 289 MiB at 1.5k and 395 MiB at 15k. The
@@ -103,7 +104,7 @@ def test_probe_job_memory_through_the_trunk_is_bounded_independent_of_n(tmp_path
 
     width = ["model.embed_dim=256"]
     small = measure(1500, tmp_path / "1.5k", width)
-    large = measure(15000, tmp_path / "15k", width)
-    assert (small["rows"], large["rows"]) == (1500, 15000)
+    large = measure(10000, tmp_path / "10k", width)
+    assert (small["rows"], large["rows"]) == (1500, 10000)
     assert large["driver_peak_own_mib"] <= small["driver_peak_own_mib"] + 40, (small, large)
     assert large["actor_peak_own_mib"] > 0 and small["actor_peak_own_mib"] > 0  # sampled

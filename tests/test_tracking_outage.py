@@ -185,6 +185,7 @@ def _aimctl(*args: str, env: dict[str, str]) -> str:
     return out.stdout
 
 
+@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 @pytest.mark.cluster
 @pytest.mark.timeout(5400)  # three server starts, Ray and 40 steps on a shared 2-core machine
