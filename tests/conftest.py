@@ -52,40 +52,42 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-# The files whose journeys take minutes, heaviest first (test seconds per file in a `make
-# test` run on 2 cores, 2026-12-04, with the CIFAR-10 study journey since moved from
-# test_studies.py into test_submit.py: submit about 800, train 500, tracking outage 230, node
-# loss 190, probe streaming 180, S3 faults 120, perf 100, then under 80 each; the fault lane
-# on 2026-12-07: killed study 488, preemption 385, head loss 375, lost node 307). pytest-xdist
-# hands out whole files in this order (`--no-loadscope-reorder` in the Makefile), so no long
-# file starts last while the other process has nothing left; the rest keep collection order.
+# The files whose journeys take minutes, heaviest first. pytest-xdist hands out whole files in
+# this order (`--no-loadscope-reorder` in the Makefile), so no long file starts last while the
+# other process has nothing left; the rest keep collection order. One order serves both lanes
+# (test seconds of each file's tests in the lane, clean-clone runs of 2026-12-07): `make test`:
+# submit about 800, train 330, probe streaming 180, S3 faults 150, real job 130, then under 100
+# each; `make test-faults`: lost node then head 420 (estimated: the two journeys were 229 and
+# 312), killed study 345, S3 faults 320, preemption 317, tracking outage 240, hung rank 185,
+# lease 160, bad shards 150, exact resume 150. Longest first, as greedy list scheduling on two
+# processes wants: a 320-s file handed out last had ended the fault lane 250 s after the
+# other process.
 HEAVY_FIRST = (
     "test_submit.py",
+    "test_head_loss.py",  # a lost node, then the whole cluster: two cluster and job starts
+    "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
+    "test_s3_faults.py",
+    "test_preemption.py",  # three `aimctl pretrain` runs, each starting Ray
     "test_train.py",
     "test_tracking_outage.py",
-    "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
-    "test_preemption.py",  # three `aimctl pretrain` runs, each starting Ray
-    "test_head_loss.py",
-    "test_node_loss.py",
-    "test_lease.py",  # two `aimctl pretrain` of one name against one head
-    "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
-    "test_exact_resume_journeys.py",  # three `aimctl pretrain` starts, two killed
     "test_hung_rank.py",  # one `aimctl pretrain`, restarted after a rank hangs
+    "test_lease.py",  # two `aimctl pretrain` of one name, each with its own Ray
+    "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
+    "test_exact_resume_journeys.py",  # one `aimctl pretrain`, a worker killed
+    "test_eval_stream.py",
+    "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU
     "test_durability.py",  # a two-node cluster for one refused job
     "test_submit_failures.py",  # a head and two failing submitted jobs
-    "test_eval_stream.py",
-    "test_s3_faults.py",
     "test_services.py",  # three real MLflow servers (one behind basic-auth): about 150 s
     "test_perf.py",
-    "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU
+    "test_data_s3.py",
     "test_objectives.py",
     "test_tracking.py",
     "test_artifact_store_errors.py",
-    "test_data_s3.py",
     "test_data_pipeline.py",
+    "test_data_resume.py",
     "test_data_ingest.py",
     "test_cli.py",
-    "test_data_resume.py",
 )
 
 
