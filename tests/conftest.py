@@ -55,25 +55,24 @@ def pytest_configure(config: pytest.Config) -> None:
 # The files whose journeys take minutes, heaviest first. pytest-xdist hands out whole files in
 # this order (`--no-loadscope-reorder` in the Makefile), so no long file starts last while the
 # other process has nothing left; the rest keep collection order. One order serves both lanes
-# (test seconds of each file's tests in the lane, clean-clone runs of 2026-12-07): `make test`:
-# submit about 800, train 330, probe streaming 180, S3 faults 150, real job 130, then under 100
-# each; `make test-faults`: lost node then head 420 (estimated: the two journeys were 229 and
-# 312), killed study 345, S3 faults 320, preemption 317, tracking outage 240, hung rank 185,
-# lease 160, bad shards 150, exact resume 150. Longest first, as greedy list scheduling on two
-# processes wants: a 320-s file handed out last had ended the fault lane 250 s after the
-# other process.
+# (test seconds of each file's tests in the lane, the clean-clone run of `a8333ba`): `make
+# test`: submit about 780, train 470, probe streaming 190, S3 faults 150, real job 120, then
+# under 100 each; `make test-faults`: killed study 440, lost node then head 404, preemption
+# 343, S3 faults 342, exact resume 178, hung rank 177, lease 163, tracking outage 138, bad
+# shards 123. Longest first, as greedy list scheduling on two processes wants: a 320-s file
+# handed out last had ended the fault lane 250 s after the other process.
 HEAVY_FIRST = (
     "test_submit.py",
-    "test_head_loss.py",  # a lost node, then the whole cluster: two cluster and job starts
     "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
-    "test_s3_faults.py",
+    "test_head_loss.py",  # a lost node, then the whole cluster: two cluster and job starts
     "test_preemption.py",  # three `aimctl pretrain` runs, each starting Ray
+    "test_s3_faults.py",
     "test_train.py",
-    "test_tracking_outage.py",
+    "test_exact_resume_journeys.py",  # one `aimctl pretrain`, a worker killed
     "test_hung_rank.py",  # one `aimctl pretrain`, restarted after a rank hangs
     "test_lease.py",  # two `aimctl pretrain` of one name, each with its own Ray
+    "test_tracking_outage.py",
     "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
-    "test_exact_resume_journeys.py",  # one `aimctl pretrain`, a worker killed
     "test_eval_stream.py",
     "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU
     "test_durability.py",  # a two-node cluster for one refused job

@@ -92,10 +92,11 @@ def test_lost_node_then_lost_head_resume_from_the_object_store(
     run = f"{storage}/lost"
 
     def driver(gcs: str, console: Path) -> subprocess.Popen[bytes]:
+        # from tmp_path: the driver's own log goes to ./runs/lost/logs (its storage is S3)
         return subprocess.Popen(
-            [str(Path(sys.executable).parent / "aimctl"), "pretrain", "jobs/configs/demo.yaml",
-             "--address", gcs, *args],
-            cwd=REPO, env=env, stdout=console.open("w"), stderr=subprocess.STDOUT,
+            [str(Path(sys.executable).parent / "aimctl"), "pretrain",
+             str(REPO / "jobs" / "configs" / "demo.yaml"), "--address", gcs, *args],
+            cwd=tmp_path, env=env, stdout=console.open("w"), stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
