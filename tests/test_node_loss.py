@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,13 +67,19 @@ def _node_count(env: dict[str, str], gcs: str) -> int:
 
 
 def _up(
-    args: list[str], env: dict[str, str], temp_dir: str, gcs: str, nodes: int
+    args: list[str] | Callable[[], list[str]],
+    env: dict[str, str],
+    temp_dir: str,
+    gcs: str,
+    nodes: int,
 ) -> subprocess.Popen[bytes]:
     """``ray start --block ARGS`` until the cluster counts ``nodes`` nodes; a start that dies
     (on a loaded machine the raylet can give up waiting for its agents, Ray's own wait for
-    a node to register is 30 s) is tried again."""
+    a node to register is 30 s) is tried again, with ports of its own when ``args`` is a
+    function (a port picked minutes before may have been taken since: a head once failed six
+    tries in a row with the same ports, and started at the next run)."""
     for _ in range(6):
-        proc = _start(args, env, temp_dir)
+        proc = _start(args() if callable(args) else args, env, temp_dir)
         while proc.poll() is None and _node_count(env, gcs) < nodes:
             time.sleep(2)
         if proc.poll() is None:
@@ -109,12 +115,15 @@ def local_cluster(env: dict[str, str]) -> Iterator[dict[str, Any]]:
     head = node = None
     try:
         head = _up(
-            ["--head", "--port", str(gcs_port), "--include-dashboard", "false",
-             "--temp-dir", head_dir, *_ports("--ray-client-server-port", "--dashboard-port"),
-             *_node_args()],
+            lambda: ["--head", "--port", str(gcs_port), "--include-dashboard", "false",
+                     "--temp-dir", head_dir,
+                     *_ports("--ray-client-server-port", "--dashboard-port"), *_node_args()],
             env, head_dir, gcs, 1,
         )  # fmt: skip
-        node = _up(["--address", gcs, "--temp-dir", node_dir, *_node_args()], env, node_dir, gcs, 2)
+        node = _up(
+            lambda: ["--address", gcs, "--temp-dir", node_dir, *_node_args()],
+            env, node_dir, gcs, 2,
+        )  # fmt: skip
         yield {"gcs": gcs, "head_dir": head_dir, "node_dir": node_dir, "procs": [head, node]}
     finally:
         left = []
