@@ -124,13 +124,19 @@ def test_put_returns_while_a_write_hangs() -> None:
     box.close(1)
 
 
-def test_close_with_the_service_down_hands_back_what_is_left_in_order() -> None:
+def _down_with(n: int) -> tuple[FakeService, Outbox[object]]:
+    """An outbox whose service is down, holding the writes 0..n-1 (the outage noticed)."""
     service = FakeService()
     service.up.clear()
     box = _outbox(service)
-    for i in range(4):
+    for i in range(n):
         box.put(i)
     _until(lambda: box.status().down, "the outbox never noticed the outage")
+    return service, box
+
+
+def test_close_with_the_service_down_hands_back_what_is_left_in_order() -> None:
+    service, box = _down_with(4)
     status, left = box.close(0.05)
     assert left == [0, 1, 2, 3] and isinstance(status, OutboxStatus)
     assert status.buffered == 4 and status.down
@@ -143,12 +149,7 @@ def test_close_with_the_service_down_hands_back_what_is_left_in_order() -> None:
 
 
 def test_status_copies_the_waiting_writes_only_when_asked_and_few() -> None:
-    service = FakeService()
-    service.up.clear()
-    box = _outbox(service)
-    for i in range(3):
-        box.put(i)
-    _until(lambda: box.status().down, "the outbox never noticed the outage")
+    _, box = _down_with(3)
     assert box.status().waiting == ()  # not asked: the counters only
     assert box.status(copy=3).waiting == (0, 1, 2)  # in order, the one being tried first
     assert box.status(copy=2).waiting == ()  # more than asked for: none (buffered counts them)
