@@ -32,7 +32,8 @@ PROJECT = "aim-platform"
 HEADER = """\
 # The lock: every package `make setup` installs, pinned (pip constraints). `make setup`,
 # infra/Dockerfile and CI (.ci/run -> make test -> make setup) all install with
-# `pip install -c infra/constraints.txt`; tests/test_setup_script.py checks that .venv matches.
+# `pip install -c infra/constraints.txt` (make setup: `uv pip install -c ...`, uv pinned here);
+# tests/test_setup_script.py checks that .venv matches.
 # torch is pinned without its build label: the CPU wheel (make setup's default) and the CUDA
 # wheel (TORCH_BUILD=cuda, the Dockerfile) both match. Pillow is swapped for Pillow-SIMD after
 # the install (infra/pillow_simd.sh), so an environment holds pillow-simd instead of pillow;

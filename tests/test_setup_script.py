@@ -287,14 +287,18 @@ def test_make_setup_installs_from_the_lock_with_the_torch_build_the_machine_want
 ) -> None:
     torch_version = _lock()["torch"]
     cpu = _make_setup_dry(tmp_path, None)
-    assert len(cpu) == 2 and all("-c infra/constraints.txt" in ln for ln in cpu), cpu
+    assert len(cpu) == 3 and all("-c infra/constraints.txt" in ln for ln in cpu), cpu
     assert cpu[0].endswith(f'"torch=={torch_version}"') and "--index-url" not in cpu[0]
-    assert cpu[1].endswith('-e ".[dev,server]"'), cpu
+    # uv, pinned by the lock, installs the package and the rest of the lock into the venv
+    assert " -m pip install " in cpu[1] and cpu[1].endswith(" uv"), cpu
+    assert cpu[2].startswith(f"{tmp_path / 'venv'}/bin/uv pip install "), cpu
+    assert f"--python {tmp_path / 'venv'}/bin/python" in cpu[2], cpu
+    assert cpu[2].endswith('-e ".[dev,server]"'), cpu
 
     gpu = _make_setup_dry(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
     assert gpu[0].endswith(f'"torch=={torch_version}+cu128"'), gpu
     assert "--no-deps --index-url https://download.pytorch.org/whl/cu128" in gpu[0]
-    assert "-c infra/constraints.txt" in gpu[1]  # torch's own dependencies: the lock's
+    assert "-c infra/constraints.txt" in gpu[2]  # torch's own dependencies: the lock's
 
     chosen = _make_setup_dry(tmp_path, "GPU 0: NVIDIA H100", "TORCH_BUILD=cpu")
     assert chosen == cpu
