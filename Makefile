@@ -44,13 +44,16 @@ setup: $(STAMP)
 # torch first, with pip (from TORCH_INDEX without its dependencies, which come from PyPI with
 # the rest, pinned by the lock; pip also finds the CPU wheel on a machine's local disk), then uv
 # (itself pinned by the lock), which installs the package and every dependency the lock pins:
-# about 10 s where pip takes 2.5 min on a fresh 2-core machine (CI's set-up). uv keeps the torch
-# just installed (it satisfies the lock's torch==...). Then the Pillow-SIMD swap, last.
+# about 35 s where pip takes 2.5 min on a fresh 2-core machine (CI's set-up). uv keeps the torch
+# just installed (it satisfies the lock's torch==...). Both compile the bytecode as they install:
+# where PYTHONDONTWRITEBYTECODE is set (this CI's machines) nothing else would, and every Ray
+# worker would compile torch, Ray and MLflow again at each import (the suite took twice as long).
+# Then the Pillow-SIMD swap, last.
 $(STAMP): pyproject.toml Makefile infra/pillow_simd.sh $(LOCK) $(TORCH_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --no-compile $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX),-c $(LOCK)) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(if $(TORCH_INDEX),--no-deps --index-url $(TORCH_INDEX),-c $(LOCK)) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -c $(LOCK) uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -c $(LOCK) -e ".[$(SETUP_EXTRAS)]"
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -c $(LOCK) -e ".[$(SETUP_EXTRAS)]"
 	bash infra/pillow_simd.sh $(PY)
 	touch $(STAMP)
 

@@ -294,6 +294,9 @@ def test_make_setup_installs_from_the_lock_with_the_torch_build_the_machine_want
     assert cpu[2].startswith(f"{tmp_path / 'venv'}/bin/uv pip install "), cpu
     assert f"--python {tmp_path / 'venv'}/bin/python" in cpu[2], cpu
     assert cpu[2].endswith('-e ".[dev,server]"'), cpu
+    # bytecode compiled at install (pip's default; uv's on request): where PYTHONDONTWRITEBYTECODE
+    # is set, each process would otherwise compile every module it imports, every time
+    assert "--compile-bytecode" in cpu[2] and "--no-compile" not in cpu[0], cpu
 
     gpu = _make_setup_dry(tmp_path, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)")
     assert gpu[0].endswith(f'"torch=={torch_version}+cu128"'), gpu
