@@ -46,8 +46,8 @@ setup: $(STAMP)
 # (itself pinned by the lock), which installs the package and every dependency the lock pins:
 # about 35 s where pip takes 2.5 min on a fresh 2-core machine (CI's set-up). uv keeps the torch
 # just installed (it satisfies the lock's torch==...). Both compile the bytecode as they install:
-# where PYTHONDONTWRITEBYTECODE is set (this CI's machines) nothing else would, and every Ray
-# worker would compile torch, Ray and MLflow again at each import (the suite took twice as long).
+# where PYTHONDONTWRITEBYTECODE is set (as on the development box) nothing else would, and every
+# Ray worker would compile torch, Ray and MLflow again at each import (journeys 2-2.5x as long).
 # Then the Pillow-SIMD swap, last.
 $(STAMP): pyproject.toml Makefile infra/pillow_simd.sh $(LOCK) $(TORCH_STAMP)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
