@@ -55,31 +55,30 @@ def pytest_configure(config: pytest.Config) -> None:
 # The files whose journeys take minutes, heaviest first. pytest-xdist hands out whole files in
 # this order (`--no-loadscope-reorder` in the Makefile), so no long file starts last while the
 # other process has nothing left; the rest keep collection order. One order serves both lanes
-# (test seconds of each file's tests in the lane, the clean-clone run of `a8333ba`): `make
-# test`: submit about 780, train 470, probe streaming 190, S3 faults 150, real job 120, then
-# under 100 each; `make test-faults`: killed study 440, lost node then head 404, preemption
-# 343, S3 faults 342, exact resume 178, hung rank 177, lease 163, tracking outage 138, bad
-# shards 123. Longest first, as greedy list scheduling on two processes wants: a 320-s file
-# handed out last had ended the fault lane 250 s after the other process.
+# (test seconds of each file's tests in the lane, working-tree runs of 2026-12-08): `make
+# test`: submit about 680, train 300, S3 faults 175, probe streaming 155, S3 data 130, real
+# job 125, then under 100 each; `make test-faults`: lost node then head about 380, S3 faults
+# 330, the exact-resume journey (with the second writer and the hung rank) 280, killed study
+# 270, preemption 210, bad shards 190, tracking outage 90. Longest first, as greedy list
+# scheduling on two processes wants: a 320-s file handed out last had ended the fault lane
+# 250 s after the other process.
 HEAVY_FIRST = (
     "test_submit.py",
-    "test_study_cluster.py",  # three tiny `aimctl study` runs (one killed), each starting Ray
     "test_head_loss.py",  # a lost node, then the whole cluster: two cluster and job starts
-    "test_preemption.py",  # three `aimctl pretrain` runs, each starting Ray
-    "test_s3_faults.py",
+    "test_exact_resume_journeys.py",  # a second writer, a killed worker, a hung rank: one run
+    "test_study_cluster.py",  # two tiny `aimctl study` runs (one killed), each starting Ray
     "test_train.py",
-    "test_exact_resume_journeys.py",  # one `aimctl pretrain`, a worker killed
-    "test_hung_rank.py",  # one `aimctl pretrain`, restarted after a rank hangs
-    "test_lease.py",  # two `aimctl pretrain` of one name, each with its own Ray
+    "test_s3_faults.py",
+    "test_preemption.py",  # two `aimctl pretrain` runs, each starting Ray
+    "test_bad_shards.py",  # two in-process pre-trainings, both meeting a truncated shard
     "test_tracking_outage.py",
-    "test_bad_shards.py",  # three in-process pre-trainings, two of them failing
     "test_eval_stream.py",
+    "test_data_s3.py",
     "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU
     "test_durability.py",  # a two-node cluster for one refused job
     "test_submit_failures.py",  # a head and two failing submitted jobs
     "test_services.py",  # three real MLflow servers (one behind basic-auth): about 150 s
     "test_perf.py",
-    "test_data_s3.py",
     "test_objectives.py",
     "test_tracking.py",
     "test_artifact_store_errors.py",

@@ -1,16 +1,15 @@
 """One writer per run: the lease on ``<storage>/<name>/lease.json`` (aim_platform.jobs.lease).
 
-Unit tests call the lease functions with short TTLs (no Ray); the journey runs two
-``aimctl pretrain`` of one name on one storage, each with its own Ray (two clusters sharing a
-bucket, the case a lease exists for): the second is refused naming the first, which finishes
-untouched.
+Unit tests call the lease functions with short TTLs (no Ray). The journey, two ``aimctl
+pretrain`` of one name on one storage, each with its own Ray (two clusters sharing a bucket,
+the case a lease exists for), is part of tests/test_exact_resume_journeys.py: the second is
+refused naming the first, which goes on through its faults and finishes.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,8 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-from fault_rows import FaultRow, current_test, record
-from net_helpers import REPO
 
 from aim_platform.errors import UnsafeFile
 from aim_platform.jobs import lease
@@ -184,77 +181,3 @@ def test_a_record_that_is_not_a_lease_is_refused_by_name(tmp_path: Path) -> None
     (tmp_path / "lease.json").write_text('{"holder": 1}')
     with pytest.raises(UnsafeFile, match="lease.json: not a lease record"):
         lease.acquire(str(tmp_path), ttl=60, settle_s=0)
-
-
-# ------------------------------------------------------------------ two aimctl pretrain
-
-STEPS = 30
-
-
-@pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
-@pytest.mark.slow
-def test_second_pretrain_of_a_name_is_refused_and_the_first_finishes_untouched(
-    tmp_path: Path,
-) -> None:
-    from mlflow.tracking import MlflowClient
-
-    storage = tmp_path / "runs"
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    sets = {
-        "name": "twice",
-        "train.steps": STEPS,
-        "train.checkpoint_every": 10,
-        "train.val_every": 30,
-        "train.storage_path": str(storage),
-        "tracking.tracking_uri": tracking,
-    }
-    args = [item for k, v in sets.items() for item in ("--set", f"{k}={v}")]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each its own Ray
-    env.update(HOME=str(tmp_path), AIM_DATA_CACHE=str(tmp_path / "c"))
-    cmd = [str(Path(sys.executable).parent / "aimctl"), "pretrain", "jobs/configs/demo.yaml"]
-    cmd += args
-    out = open(tmp_path / "first.txt", "w")  # noqa: SIM115 - closed below
-    first = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    lease_file = storage / "twice" / "lease.json"
-    try:
-        while not lease_file.exists():
-            assert first.poll() is None, (tmp_path / "first.txt").read_text()[-3000:]
-            time.sleep(0.5)
-        second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-        first.wait(timeout=1200)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-        out.close()
-    console = (tmp_path / "first.txt").read_text()
-    said = " ".join(second.stdout.split())
-    assert second.returncode == 2, second.stdout + second.stderr
-    assert "error: run twice is held by Ray job " in said, said
-    assert f"on host {socket.gethostname()}, pid {first.pid}, last heartbeat" in said, said
-    assert "Traceback" not in second.stdout + second.stderr
-    assert "step 1/" not in said and "step 10/" not in said
-
-    assert first.returncode == 0, console[-4000:]
-    assert f"step {STEPS}/{STEPS}" in console
-    assert not lease_file.exists()  # released at the end
-    run_id = json.loads((storage / "twice" / "mlflow_run_id.json").read_text())["run_id"]
-    client = MlflowClient(tracking_uri=tracking)
-    run = client.get_run(run_id)
-    assert run.info.status == "FINISHED" and "restarts" not in run.data.tags
-    # one run in the experiment: the refused one never opened its own
-    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
-    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
-    assert sorted(steps) == sorted(set(steps)) and max(steps) == STEPS
-    assert not client.get_metric_history(run_id, "train/resumed_from_step")
-    assert json.loads((storage / "twice" / "latest.json").read_text())["step"] == STEPS
-    record(
-        FaultRow(
-            fault="second writer (two aimctl pretrain of one name on one storage)",
-            console=[f"the second: {said}", f"the first: step {STEPS}/{STEPS}, exit 0"],
-            steps_redone="0",
-            data_lost=f"0: the first run FINISHED, train/loss 1..{STEPS} once each, lease released",
-            test=current_test(),
-        )
-    )

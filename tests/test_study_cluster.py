@@ -1,16 +1,23 @@
 """Studies on a cluster (issue 28 point 6): a study whose storage is object storage keeps
 everything of its trials there (checkpoints, trunks, Tune's state, the floor, the tables), and
-``aimctl study --resume`` after its driver is killed mid-trial finishes with the table a clean
-run prints. The same journey counts the pre-trainings of trials that differ only in the probe
-(issue 30 point 2): they share one (the two trials here, one pre-training).
+``aimctl study --resume`` after its driver is killed mid-trial finishes the killed trial from
+its checkpoint, each step once, and prints the whole table. The same journey counts the
+pre-trainings of trials that differ only in the probe (issue 30 point 2): they share one (the
+two trials here, one pre-training).
 
-A fault journey (a SIGKILLed driver, three studies each starting Ray: the heaviest test of
-all), so it runs in `make test-faults` and records its row of the fault table."""
+That a resumed pre-training goes on exactly as an uninterrupted one would, number for number,
+is tests/test_train.py's checkpoint test (model, optimizer and schedule) and
+tests/test_data_exact_resume.py's (the data stream); a clean third study to compare tables
+with cost this journey a third of its 430 s and is left out to keep CI within its budget.
+
+A fault journey (a SIGKILLed driver, two studies each starting Ray), so it runs in
+`make test-faults` and records its row of the fault table."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -60,8 +67,8 @@ def _end_session(sid: int) -> None:
 
 @pytest.mark.slow
 @pytest.mark.faults  # `make test-faults` (CI runs it after `make test`)
-@pytest.mark.timeout(3600)  # three studies, each starting Ray: minutes each on a loaded machine
-def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
+@pytest.mark.timeout(2400)  # two studies, each starting Ray: minutes each on a loaded machine
+def test_study_on_s3_killed_mid_trial_resumes_its_trial_from_the_checkpoint(
     s3_endpoint: dict[str, str], tmp_path: Path
 ) -> None:
     endpoint = s3_endpoint["endpoint_url"]
@@ -141,25 +148,15 @@ def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
     logged = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
     assert len(logged) == len(set(logged)) and {3, 4} <= set(logged), logged
 
-    clean = subprocess.run(
-        [*STUDY, "--storage", str(tmp_path / "clean")],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1200,
-    )
-    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr[-3000:]
-    ours, theirs = _table(resumed.stdout), _table(clean.stdout)
-    rows = [line.split("|")[1].strip() for line in theirs]
-    assert {"linear", "attentive", "random trunk (linear)"} <= set(rows)
-    assert theirs[0].split("|")[2:4] == [f" {v} " for v in VARIANTS]  # every trial a column
-    linear = next(line for line in theirs if line.startswith("| linear |"))
-    cells = [c.strip() for c in linear.split("|")[2:4]]
-    assert "failed" not in cells and "-" not in cells, linear  # the shared trial probed too
-    # Same trials, seeds and verdict rows, and the same numbers: the trials are seeded and
-    # a resumed trial goes on from its checkpoint exactly.
-    assert ours == theirs
+    # The whole table: both trials probed (the shared pre-training too), the floor beside them.
+    table = _table(resumed.stdout)
+    rows = [line.split("|")[1].strip() for line in table]
+    assert {"linear", "attentive", "random trunk (linear)"} <= set(rows), resumed.stdout
+    assert table[0].split("|")[2:4] == [f" {v} " for v in VARIANTS]  # every trial a column
+    for name in ("linear", "attentive"):
+        line = next(x for x in table if x.startswith(f"| {name} |"))
+        cells = [c.strip() for c in line.split("|")[2:4]]
+        assert all(re.fullmatch(r"\**\d+\.\d\**", c) for c in cells), line  # not failed or -
     resumed_from = int(resumed_at[-1].value)
     record(
         FaultRow(
@@ -171,7 +168,8 @@ def test_study_on_s3_killed_mid_trial_resumes_to_the_clean_table(
                 f"checkpoint appeared; `train/resumed_from_step` {resumed_from}); each logged "
                 "step once in the trial's one MLflow run"
             ),
-            data_lost="0: the resumed study's table equals a clean study's, number for number",
+            data_lost="0: the killed trial resumed from its checkpoint, each step logged once; "
+            "every cell of the table a number",
             test=current_test(),
         )
     )

@@ -104,51 +104,44 @@ def test_pretrain_two_workers_logs_to_mlflow_server(ray_session, mlflow_server, 
 
 
 @pytest.mark.slow
-def test_two_fsdp_workers_match_one_process(ray_session, tmp_path) -> None:
-    """One optimizer step on the same global batch: 2 FSDP workers == 1 process.
+def test_two_fsdp_workers_match_one_process(tmp_path) -> None:
+    """One optimizer step on the same global batch: 2 FSDP2 ranks (gloo, spawned processes,
+    each its half) == 1 process without FSDP (the whole batch).
 
-    Causal attention (no sampled prefix) makes the loss of every sample identical in both
-    runs. The logged global grad norm catches averaged reductions coming out summed
-    (pytorch/pytorch#162338); the parameters catch everything else.
+    Causal attention (no prefix) makes the loss of every sample identical in both runs. The
+    global grad norm catches averaged reductions coming out summed (pytorch/pytorch#162338);
+    the parameters catch everything else. The ranks run what Ray Train's workers run
+    (``Trainer.setup``, ``Trainer.train_step``), without Ray: the two-worker journey above
+    covers the launcher.
     """
-    common = [
-        "train.steps=1",
-        "train.global_batch_size=8",
-        "model.attention=causal",
-        "optim.warmup_steps=0",
-        "optim.weight_decay=0.0",
-        "optim.grad_clip=null",
-    ]
-    two = tiny_job(
-        str(tmp_path / "a"), "two", *common, "train.micro_batch_size=4", "train.num_workers=2"
-    )
-    one = tiny_job(
-        str(tmp_path / "b"),
-        "one",
-        *common,
-        "train.micro_batch_size=8",
-        "train.num_workers=1",
-        "train.cpus_per_worker=1",
-    )
-    results = []
-    for job in (two, one):
-        data = digits_datasets(job, n_train=8, n_val=8, epochs=1)
-        results.append(pretrain(job, datasets=data, track=False))
-    r2, r1 = results
-    assert r2.steps == r1.steps == 1
-    assert r2.metrics["train/grad_norm"] == pytest.approx(r1.metrics["train/grad_norm"], rel=1e-4)
-    assert r2.metrics["train/loss"] == pytest.approx(r1.metrics["train/loss"], rel=1e-5)
-    t2, _ = read_trunk(str(Path(r2.storage) / "final"))
-    t1, _ = read_trunk(str(Path(r1.storage) / "final"))
-    for (name, a), (_, b) in zip(t2.state_dict().items(), t1.state_dict().items(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    import torch.multiprocessing as mp
+    from net_helpers import free_port
+    from train_helpers import fsdp_batch, fsdp_step_rank
+
+    from aim_platform.train.trainer import Trainer
+
+    job = tiny_job(
+        str(tmp_path), "fsdp", "train.steps=1", "train.global_batch_size=8",
+        "train.micro_batch_size=4", "model.attention=causal", "optim.warmup_steps=0",
+        "optim.weight_decay=0.0", "optim.grad_clip=null",
+    )  # fmt: skip
+    out = tmp_path / "two.pt"
+    mp.spawn(fsdp_step_rank, args=(2, free_port(), job, str(out)), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+
+    one = Trainer.setup(job, torch.device("cpu"), "fp32")  # no process group: no sharding
+    assert not torch.distributed.is_initialized()
+    init = {n: p.detach().clone() for n, p in one.model.named_parameters()}
+    pixels = fsdp_batch(job)  # (8, K, P) uint8
+    done = one.train_step(pixels, torch.full((8,), job.model.prefix_range[0]))
+    assert two["grad_norm"] == pytest.approx(done.grad_norm, rel=1e-4)
+    assert two["loss"] == pytest.approx(done.loss, rel=1e-5)
+    params = dict(one.model.named_parameters())
+    assert set(two["params"]) == set(params)
+    for name, p in params.items():
+        torch.testing.assert_close(two["params"][name], p.detach(), rtol=1e-4, atol=1e-6, msg=name)
     # and the step moved the weights: the comparison is not between two initializations
-    torch.manual_seed(one.seed)
-    init = AIMForPretraining(one.model).trunk
-    moved = max(
-        (a - b).abs().max().item()
-        for a, b in zip(t1.state_dict().values(), init.state_dict().values(), strict=True)
-    )
+    moved = max((params[n].detach() - init[n]).abs().max().item() for n in params)
     assert moved > 1e-4
 
 
@@ -192,6 +185,44 @@ def _check_trainer_setup_and_validate(job: JobConfig, digits_patches) -> None:
     a.train_step(patches[:8], torch.full((8,), 4))
     assert a.validate([{"patches": patches, "valid": valid}])["val/loss"] != one["val/loss"]
     assert a.model.training  # validate leaves the model in training mode
+
+
+def test_a_restored_trainer_goes_on_exactly_as_one_never_stopped(tmp_path) -> None:
+    """Save after 2 of 4 steps, restore into a trainer that took another step meanwhile: the
+    last 2 steps give the same losses, norms, learning rates and weights, bit for bit, as the
+    trainer that never stopped (model, AdamW moments and the schedule come back whole). With
+    the data stream's own exact resume (tests/test_data_exact_resume.py) this is what lets
+    a resumed run or study trial go on number for number."""
+    from aim_platform.models.aim import sample_prefix_lengths
+    from aim_platform.selfcheck import digits_patches
+    from aim_platform.train.checkpoint import TrainState
+    from aim_platform.train.trainer import Trainer
+
+    job = tiny_job(
+        str(tmp_path), "exact", "train.steps=4", "train.num_workers=1", "train.global_batch_size=8"
+    )
+    lo, hi = job.model.prefix_range
+    pixels = digits_patches(job.model.img_size, job.model.patch_size)[:40]  # (40, K, P) uint8
+
+    def step(trainer: Trainer, i: int) -> tuple[float, float, float]:
+        gen = torch.Generator().manual_seed(100 + i)
+        prefix = sample_prefix_lengths(8, lo, hi, gen)  # (8,)
+        done = trainer.train_step(pixels[8 * i : 8 * (i + 1)], prefix, gen)
+        return done.loss, done.grad_norm, done.lr
+
+    straight = Trainer.setup(job, torch.device("cpu"), "fp32")
+    step(straight, 0), step(straight, 1)
+    straight.save(tmp_path / "ckpt", TrainState(step=2), "name: exact\n", 0)
+    expected = [step(straight, 2), step(straight, 3)]
+
+    resumed = Trainer.setup(job, torch.device("cpu"), "fp32")
+    step(resumed, 4)  # elsewhere meanwhile: the restore must overwrite all of it
+    assert resumed.restore(tmp_path / "ckpt").step == 2
+    assert [step(resumed, 2), step(resumed, 3)] == expected
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
 
 
 def test_lr_schedule_and_param_groups() -> None:

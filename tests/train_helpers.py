@@ -50,3 +50,40 @@ def digits_datasets(
         "train": ray.data.from_items(rows(train_idx, epochs)),
         "val": ray.data.from_items(rows(val_idx, 1)),
     }
+
+
+def fsdp_step_rank(rank: int, world: int, port: int, job: JobConfig, out: str) -> None:
+    """One rank of a ``world``-rank FSDP2 group (gloo, CPU) taking one optimizer step on its
+    equal share of the first ``global_batch_size`` digits (what Ray Train's workers run:
+    :meth:`Trainer.setup` and :meth:`Trainer.train_step`). Rank 0 writes the mean loss, the
+    global grad norm and every full parameter to ``out`` (``torch.save``).
+    Run by ``torch.multiprocessing.spawn`` (the first argument is the rank)."""
+    import torch
+    import torch.distributed as dist
+
+    from aim_platform.train.trainer import Trainer, all_reduce_sum
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        torch.set_num_threads(1)
+        trainer = Trainer.setup(job, torch.device("cpu"), "fp32")
+        pixels = fsdp_batch(job)  # (G, K, P) uint8
+        share = pixels.shape[0] // world
+        mine = pixels[rank * share : (rank + 1) * share]  # (G / world, K, P)
+        lo, hi = job.model.prefix_range
+        prefix = torch.full((share,), lo, dtype=torch.long)  # causal: no sampled prefix
+        done = trainer.train_step(mine, prefix)
+        (loss,) = all_reduce_sum([done.loss], torch.device("cpu"))
+        params = {n: p.full_tensor() for n, p in trainer.model.named_parameters()}  # collective
+        if rank == 0:
+            torch.save({"loss": loss / world, "grad_norm": done.grad_norm, "params": params}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def fsdp_batch(job: JobConfig) -> Any:
+    """The global batch of the FSDP comparison: the first ``global_batch_size`` digits as
+    (G, K, P) uint8 patches."""
+    return digits_patches(job.model.img_size, job.model.patch_size)[: job.train.global_batch_size]
