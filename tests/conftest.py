@@ -56,22 +56,23 @@ def pytest_configure(config: pytest.Config) -> None:
 # this order (`--no-loadscope-reorder` in the Makefile), so no long file starts last while the
 # other process has nothing left; the rest keep collection order. One order serves both lanes
 # (test seconds of each file's tests in the lane, working-tree runs of 2026-12-08): `make
-# test`: submit about 680, train 300, S3 faults 175, probe streaming 155, S3 data 130, real
-# job 125, then under 100 each; `make test-faults`: lost node then head about 380, S3 faults
-# 330, the exact-resume journey (with the second writer and the hung rank) 280, killed study
-# 270, preemption 210, bad shards 190, tracking outage 90. Longest first, as greedy list
+# test`: submit about 680, train 300, probe streaming 155, S3 data 130, real job 125, then
+# under 100 each; `make test-faults`: S3 faults about 450, lost node then head 350, killed
+# study 270, the exact-resume journey (with the second writer and the hung rank) 240,
+# preemption 230, bad shards 190, tracking outage 90, killed ingest 65. Longest first, as greedy list
 # scheduling on two processes wants: a 320-s file handed out last had ended the fault lane
 # 250 s after the other process.
 HEAVY_FIRST = (
     "test_submit.py",
+    "test_s3_faults.py",  # faults: the demo through the proxy, uploads retried and failing
     "test_head_loss.py",  # a lost node, then the whole cluster: two cluster and job starts
-    "test_exact_resume_journeys.py",  # a second writer, a killed worker, a hung rank: one run
     "test_study_cluster.py",  # two tiny `aimctl study` runs (one killed), each starting Ray
+    "test_exact_resume_journeys.py",  # a second writer, a killed worker, a hung rank: one run
     "test_train.py",
-    "test_s3_faults.py",
     "test_preemption.py",  # two `aimctl pretrain` runs, each starting Ray
     "test_bad_shards.py",  # two in-process pre-trainings, both meeting a truncated shard
     "test_tracking_outage.py",
+    "test_data_resume.py",  # faults: a killed ingest and its own Ray
     "test_eval_stream.py",
     "test_data_s3.py",
     "test_gpu_real_job.py",  # one `aimctl ingest` + `aimctl pretrain` + bench step on a CPU

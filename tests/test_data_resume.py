@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from fault_rows import FaultRow, console_lines, current_test, record
 
 GROUPS = 30  # 60 photos at 0.3 MB a shard: groups of 2 photos
@@ -23,6 +24,7 @@ app(sys.argv[1:])
 """
 
 
+@pytest.mark.faults  # a fault journey: `make test-faults` (CI runs it after `make test`)
 def test_killed_ingest_resumes_without_redoing_finished_shards(tmp_path: Path) -> None:
     dest = tmp_path / "photos"
     cmd = [sys.executable, "-c", RUNNER, "ingest", "builtin:photos", str(dest)]

@@ -245,6 +245,7 @@ def _rows(url: str, options: dict[str, Any]) -> list[tuple[str, int, bool]]:
     return [(r["id"], int(r["epoch"]), bool(r["valid"])) for r in ds.iter_rows()]
 
 
+@pytest.mark.faults  # a fault journey: `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 def test_pipeline_reads_survive_faults_without_losing_rows(
     ray_session, proxy: FaultProxy, digits_on_s3: str
@@ -291,6 +292,7 @@ def _checkpoint_files(endpoint: str, folder: str) -> set[str]:
     return {p.rsplit("/", 1)[-1] for p in _s3fs(endpoint).find(folder)}
 
 
+@pytest.mark.faults  # a fault journey: `make test-faults` (CI runs it after `make test`)
 @pytest.mark.slow
 def test_failed_checkpoint_uploads_are_retried(ray_session, proxy: FaultProxy, s3_endpoint) -> None:
     """Every upload request of one checkpoint fails for a while (more than the SDK's own

@@ -412,7 +412,7 @@ RAW_RAY_LINE = re.compile(
 )
 
 
-JOURNEY_STEPS = 40  # the demo job, stopped after its first checkpoint (step 10), resubmitted
+JOURNEY_STEPS = 30  # the demo job, stopped after its first checkpoint (step 10), resubmitted
 DIGITS_TRAIN_ROWS = 1717  # builtin:digits' train split: epoch 0 ends at step 27 at batch 64
 
 
