@@ -44,9 +44,9 @@ FAST_LANE = os.environ.get("AIM_TEST_FAST") == "1"
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "faults: the heaviest fault-injection journeys (S3 through the fault proxy, a lost "
-        "node, a head loss, a preemption, exact data resume, a hung rank, a bad shard, a study "
-        "driver killed mid-trial); "
+        "faults: the fault-injection journeys (S3 through the fault proxy, an MLflow outage, "
+        "a lost node, a head loss, a preemption, a second writer, a killed worker, a hung "
+        "rank, a bad shard, a killed ingest, a study driver killed mid-trial); "
         "`make test-faults` runs them (CI too, after `make test`), `make test` leaves them out "
         "to fit its 25 minutes",
     )
