@@ -211,7 +211,8 @@ def test_a_restored_trainer_goes_on_exactly_as_one_never_stopped(tmp_path) -> No
         return done.loss, done.grad_norm, done.lr
 
     straight = Trainer.setup(job, torch.device("cpu"), "fp32")
-    step(straight, 0), step(straight, 1)
+    for i in (0, 1):
+        step(straight, i)
     straight.save(tmp_path / "ckpt", TrainState(step=2), "name: exact\n", 0)
     expected = [step(straight, 2), step(straight, 3)]
 

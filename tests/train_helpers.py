@@ -72,8 +72,7 @@ def fsdp_step_rank(rank: int, world: int, port: int, job: JobConfig, out: str) -
         pixels = fsdp_batch(job)  # (G, K, P) uint8
         share = pixels.shape[0] // world
         mine = pixels[rank * share : (rank + 1) * share]  # (G / world, K, P)
-        lo, hi = job.model.prefix_range
-        prefix = torch.full((share,), lo, dtype=torch.long)  # causal: no sampled prefix
+        prefix = torch.full((share,), job.model.prefix_range[0])  # causal: prefix unused
         done = trainer.train_step(mine, prefix)
         (loss,) = all_reduce_sum([done.loss], torch.device("cpu"))
         params = {n: p.full_tensor() for n, p in trainer.model.named_parameters()}  # collective
